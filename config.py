@@ -1,0 +1,235 @@
+"""Every setting of the experiment, in one typed dataclass.
+
+Edit the defaults here, or override any field on the command line as ``--field value``
+(lists take several values: ``--ranks 1 2 4``). Importing this module does nothing else:
+no seeding, no I/O, no printing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import re
+from dataclasses import dataclass, field
+
+# Names the sweep accepts. The method registry in methods.py is the authority on what each
+# method does; config.py only knows the names so that it can reject a typo early.
+METHODS = ("lora", "cola", "asymmetric_lora", "rac_lora")
+METHOD_CHOICES = METHODS + ("all",)
+SKETCHES = ("left", "right")
+SKETCH_CHOICES = SKETCHES + ("both",)
+SCALINGS = ("alpha", "alpha/r", "alpha/sqrt(r)")
+RANDOM_INITS = ("gaussian", "kaiming")  # the non-zero factor; the other one always starts at zero
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A setting that is out of range or of the wrong kind; the message says what is allowed."""
+
+
+@dataclass
+class Config:
+    # --- what to run ---
+    method: str = "rac_lora"  # lora | cola | asymmetric_lora | rac_lora | all
+    sketch: str = "left"  # left: B random, A zero+trained ("(Zero, Gaussian)"); right: A random, B trained; both
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # adapter ranks to sweep
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each method x rank
+    run_fpft: bool = True  # also train the full fine-tuning reference (one run per seed)
+    # --- adapters ---
+    merge_every: int = 1  # epochs between merges, for the methods that merge (cola, rac_lora)
+    scaling: str = "alpha"  # scale of B@A: "alpha" (published code), "alpha/r" (LoRA), "alpha/sqrt(r)" (rsLoRA)
+    lora_alpha: float = 1.0  # alpha in the scaling rule above
+    random_init: str = "gaussian"  # init of the non-zero factor: gaussian = N(0, 1); kaiming = nn.Linear's default
+    reset_optimizer_on_merge: bool = False  # clear AdamW's moments at each merge (published code: no)
+    # --- optimisation (base model, FPFT and adapters alike) ---
+    lr: float = 2e-4  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    batch_size: int = 128  # examples per step
+    max_epochs: int = 50  # upper limit on epochs per run
+    patience: int = 10  # early stopping: epochs without a lower validation loss before stopping
+    dropout: float = 0.1  # dropout probability after each hidden layer
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # hidden widths of the 784-...-5 MLP
+    # --- data ---
+    data_dir: str = "./data"  # torchvision root; the raw files live in <data_dir>/MNIST/raw
+    val_size: int = 5000  # images held out of the 60k training set for validation
+    split_seed: int = 0  # seed of the train/validation split (the same for every run)
+    base_seed: int = 0  # seed of the base model (trained once on digits 0-4, then cached)
+    # --- where things go ---
+    results_dir: str = "./results"  # runs.csv, curves.csv, checkpoints/
+    plots_dir: str = "./plots"  # the three PNG figures
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    resume: bool = True  # skip runs already recorded in runs.csv under the same config hash
+    plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
+    progress: bool = True  # show tqdm progress bars
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field and what it may be."""
+        _choice("method", self.method, METHOD_CHOICES)
+        _choice("sketch", self.sketch, SKETCH_CHOICES)
+        _choice("scaling", self.scaling, SCALINGS)
+        _choice("random_init", self.random_init, RANDOM_INITS)
+        _choice("device", self.device, DEVICES)
+        if not self.ranks:
+            raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
+        max_rank = max_useful_rank(self.hidden)
+        for r in self.ranks:
+            if not 1 <= r <= max_rank:
+                raise ConfigError(
+                    f"rank {r} is out of range: ranks must be integers from 1 to {max_rank} "
+                    f"(the largest min(in, out) among the model's layers)"
+                )
+        if not self.seeds:
+            raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
+        _positive("lr", self.lr)
+        _positive("batch_size", self.batch_size)
+        _positive("max_epochs", self.max_epochs)
+        _positive("patience", self.patience)
+        _positive("merge_every", self.merge_every)
+        _positive("lora_alpha", self.lora_alpha)
+        _positive("val_size", self.val_size)
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden must be one or more positive widths, got {self.hidden}")
+        if self.val_size >= 60000:
+            raise ConfigError(f"val_size must be below 60000 (the MNIST training set), got {self.val_size}")
+
+    # --- what a run is made of ---
+    def selected_methods(self) -> list[str]:
+        return list(METHODS) if self.method == "all" else [self.method]
+
+    def selected_sketches(self) -> list[str]:
+        return list(SKETCHES) if self.sketch == "both" else [self.sketch]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that do not change what a run computes, so they stay out of every hash.
+_NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "plots_only", "progress",
+                "method", "sketch", "ranks", "seeds", "run_fpft"}
+# Fields that only adapters read; the base model and FPFT do not depend on them.
+_ADAPTER_FIELDS = {"merge_every", "scaling", "lora_alpha", "random_init", "reset_optimizer_on_merge"}
+
+
+def settings_hash(cfg: Config, device: str, kind: str = "adapter") -> str:
+    """Hash of every field that changes a run's numbers, apart from what names the run itself.
+
+    ``kind`` is "adapter" (all settings), or "base"/"fpft", which ignore adapter-only fields.
+    ``device`` is the resolved device type ("cpu", "cuda", ...): random streams differ by device.
+    """
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_HASH}
+    if kind != "adapter":
+        d = {k: v for k, v in d.items() if k not in _ADAPTER_FIELDS}
+    d["device"] = device
+    return stable_hash(d)
+
+
+def stable_hash(obj) -> str:
+    """First 12 hex digits of the SHA-256 of obj's canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def max_useful_rank(hidden: list[int], n_in: int = 784, n_out: int = 5) -> int:
+    """Largest min(in, out) over the MLP's layers: a higher rank adds nothing anywhere."""
+    dims = [n_in, *hidden, n_out]
+    return max(min(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _positive(name: str, value) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def _field_comments() -> dict[str, str]:
+    """The one-line comment after each field of Config, for --help (read from this file's source)."""
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool,
+          "list[int]": int, "list[float]": float, "list[str]": str}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", _parse_bool: "true or false"}
+
+
+def from_argv(argv: list[str] | None = None) -> Config:
+    """Config from the defaults above plus ``--field value`` overrides; ConfigError on anything unknown.
+
+    Fields are named with underscores or dashes (``--max_epochs`` or ``--max-epochs``); a bool
+    flag alone (``--plots-only``) means true.
+    """
+    defaults = Config()
+    comments = _field_comments()
+    parser = _Parser(prog="main.py", description="RAC-LoRA MNIST suite. Every Config field can be overridden.",
+                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = str(f.type)
+        conv = _TYPES[kind]
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kw = dict(dest=f.name, type=_typed(f.name, conv), default=getattr(defaults, f.name),
+                  help=comments.get(f.name, " "), metavar=kind.upper().replace("[", "_").replace("]", ""))
+        if kind.startswith("list"):
+            kw["nargs"] = "+"
+        elif conv is _parse_bool:
+            kw["nargs"] = "?"
+            kw["const"] = True
+        parser.add_argument(*names, **kw)
+    args = parser.parse_args(argv)
+    return Config(**vars(args))
+
+
+def _typed(name: str, conv):
+    def convert(text: str):
+        try:
+            return conv(text)
+        except ValueError:
+            raise ConfigError(f"--{name} expects {_TYPE_WORDS[conv]}, got {text!r}") from None
+    return convert
+
+
+def _allowed_fields() -> str:
+    return ", ".join(f"--{f.name}" for f in dataclasses.fields(Config))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors raised as ConfigError instead of usage + exit."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            bad = message.split(":", 1)[1].strip()
+            raise ConfigError(f"unknown option {bad}; allowed: {_allowed_fields()} (see --help)")
+        raise ConfigError(f"{message} (see --help)")
+
+    def _get_value(self, action, arg_string):
+        # argparse turns a ValueError from `type` into its own message; keep ours, which says what is allowed
+        try:
+            return action.type(arg_string) if callable(action.type) else arg_string
+        except ConfigError:
+            raise

@@ -1,0 +1,138 @@
+"""The low-rank adapter: what the update is, never when it is merged (that is the method's job).
+
+A LoRALinear wraps a frozen ``nn.Linear`` W0 (out x in) and adds ``scale * B @ A`` with
+A: (r, in) and B: (out, r). Which factor is random, which trains and when to merge are
+decided by a method strategy (methods.py); the layer only knows *roles*:
+
+- the ``zero`` factor starts at zero, so the adapted model equals the base model at init;
+- the ``random`` factor is drawn by ``random_init``.
+
+``sketch`` maps roles to factors: "left" = B random, A zero (the paper's "(Zero, Gaussian)":
+the update B @ A lies in the column space of the random B, a left sketch); "right" = A random,
+B zero ("(Gaussian, Zero)": the update's rows lie in the row space of A).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lora_scale(scaling: str, alpha: float, rank: int) -> float:
+    """The factor in front of B @ A: "alpha" (published RAC-LoRA code), "alpha/r" (LoRA), "alpha/sqrt(r)" (rsLoRA)."""
+    if scaling == "alpha":
+        return float(alpha)
+    if scaling == "alpha/r":
+        return alpha / rank
+    if scaling == "alpha/sqrt(r)":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"unknown scaling {scaling!r}; allowed: alpha, alpha/r, alpha/sqrt(r)")
+
+
+def init_factor_(t: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``t`` in place, drawing only from ``generator``.
+
+    zero:     all zeros.
+    gaussian: N(0, 1), as the published RAC-LoRA code draws its random factor.
+    kaiming:  ``kaiming_uniform_(a=sqrt(5))`` with fan_in = t.shape[1], i.e. U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
+              That is nn.Linear's own default weight init, the one microsoft/LoRA and PEFT use for
+              lora_A: treating the factor as a Linear weight keeps its output at the scale of its
+              input, where N(0, 1) grows it by sqrt(fan_in).
+    """
+    with torch.no_grad():
+        if kind == "zero":
+            return t.zero_()
+        if kind == "gaussian":
+            return t.normal_(0.0, 1.0, generator=generator)
+        if kind == "kaiming":
+            return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    raise ValueError(f"unknown initialiser {kind!r}; allowed: zero, gaussian, kaiming")
+
+
+ROLES = {  # sketch -> (factor that starts at zero, factor that is drawn at random)
+    "left": ("A", "B"),
+    "right": ("B", "A"),
+}
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * (x @ A.T) @ B.T`` with the base Linear frozen.
+
+    Contract: ``merge()`` then ``reset()`` leaves the function unchanged (up to float rounding),
+    because merge moves ``delta_weight()`` into the base weight and reset makes the zero factor
+    zero again.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, sketch: str = "left",
+                 random_init: str = "gaussian"):
+        super().__init__()
+        if sketch not in ROLES:
+            raise ValueError(f"unknown sketch {sketch!r}; allowed: {', '.join(ROLES)}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        w = base.weight
+        self.A = nn.Parameter(torch.zeros(rank, base.in_features, device=w.device, dtype=w.dtype))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))  # (out, r)
+        self.rank = rank
+        self.scale = scale
+        self.sketch = sketch
+        self.random_init = random_init
+        self.zero_name, self.random_name = ROLES[sketch]
+
+    @property
+    def zero_factor(self) -> nn.Parameter:
+        return getattr(self, self.zero_name)
+
+    @property
+    def random_factor(self) -> nn.Parameter:
+        return getattr(self, self.random_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
+        return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        return self.scale * (self.B @ self.A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + scale * B @ A. The factors are left as they are: call reset() next."""
+        self.base.weight += self.delta_weight()
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None:
+        """Zero the zero factor; re-draw the random factor from ``generator`` if asked."""
+        init_factor_(self.zero_factor, "zero", None)
+        if resample_random:
+            init_factor_(self.random_factor, self.random_init, generator)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}, sketch={self.sketch}, random_init={self.random_init}"
+
+
+def wrap_linears(model: nn.Module, rank: int, scale: float, sketch: str, random_init: str,
+                 generator: torch.Generator | None) -> list[LoRALinear]:
+    """Replace every nn.Linear in ``model`` (in place) by a LoRALinear around it, freeze all
+    other parameters, draw the random factors from ``generator`` and return the adapters in
+    module order."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    adapters = []
+    for name, linear in targets:
+        adapter = LoRALinear(linear, rank, scale, sketch, random_init)
+        adapter.reset(generator)
+        _set_submodule(model, name, adapter)
+        adapters.append(adapter)
+    return adapters
+
+
+def adapters_of(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def _set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

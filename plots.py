@@ -1,0 +1,171 @@
+"""The three figures, drawn only from results/runs.csv and results/curves.csv (never by training).
+
+Error bars are the sample standard deviation over seeds; a point from a single seed has none.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from methods import METHODS  # noqa: E402
+from results import group, mean_std  # noqa: E402
+
+SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
+SKETCH_STYLE = {"left": "-", "right": "--"}
+COLORS = {name: f"C{i}" for i, name in enumerate(METHODS)}
+FPFT_COLOR, BASE_COLOR = "black", "grey"
+
+
+def label(method: str, sketch: str | None) -> str:
+    if method == "fpft":
+        return "FPFT"
+    name = METHODS[method].label if method in METHODS else method
+    return f"{name} {SKETCH_LABEL.get(sketch, sketch)}"
+
+
+def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+    """Write every figure the rows allow into ``plots_dir``; return the paths written."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = [rank_vs_accuracy(runs, plots_dir / "rank_vs_accuracy.png"),
+               accuracy_vs_epoch(runs, curves, plots_dir / "accuracy_vs_epoch.png"),
+               methods_rank1(runs, plots_dir / "methods_rank1.png")]
+    return [p for p in written if p is not None]
+
+
+def _adapter_rows(runs):
+    return [r for r in runs if r["method"] not in ("base", "fpft")]
+
+
+def _reference_lines(ax, runs):
+    """FPFT on task B (mean, band of ± std) and the base model's accuracy on task A, both dashed."""
+    fpft = mean_std([r["test_acc_b"] for r in runs if r["method"] == "fpft"])
+    if not math.isnan(fpft[0]):
+        ax.axhline(100 * fpft[0], color=FPFT_COLOR, ls="--", lw=1.2,
+                   label=f"FPFT on digits 5-9: {100 * fpft[0]:.1f}%")
+        if not math.isnan(fpft[1]):
+            ax.axhspan(100 * (fpft[0] - fpft[1]), 100 * (fpft[0] + fpft[1]), color=FPFT_COLOR, alpha=0.08)
+    base = [r["test_acc_a"] for r in runs if r["method"] == "base"]
+    if base:
+        ax.axhline(100 * base[0], color=BASE_COLOR, ls=":", lw=1.5,
+                   label=f"base model on digits 0-4 (task A): {100 * base[0]:.1f}%")
+
+
+def rank_vs_accuracy(runs: list[dict], path: Path) -> Path | None:
+    rows = _adapter_rows(runs)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items()):
+        by_rank = group(rs, ("rank",))
+        ranks = sorted(k[0] for k in by_rank)
+        stats = [mean_std([r["test_acc_b"] for r in by_rank[(k,)]]) for k in ranks]
+        ax.errorbar(ranks, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
+                    color=COLORS.get(method), ls=SKETCH_STYLE.get(sketch, "-"), marker="o", capsize=3,
+                    label=label(method, sketch))
+    _reference_lines(ax, runs)
+    all_ranks = sorted({r["rank"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
+    ax.set_xlabel("adapter rank r")
+    ax.set_ylabel("test accuracy on digits 5-9 (%)")
+    ax.set_title("Accuracy on task B by rank (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path | None:
+    rows = _adapter_rows(runs)
+    if not rows:
+        return None
+    keep = {r["config_hash"] for r in runs}
+    curves = [c for c in curves if c["config_hash"] in keep]
+    by_run = group(curves, ("config_hash",))
+    ranks = sorted({r["rank"] for r in rows})
+    ncols = min(len(ranks), 2)
+    nrows = math.ceil(len(ranks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
+    fpft_runs = [r for r in runs if r["method"] == "fpft"]
+    for ax, rank in zip(axes.flat, ranks):
+        series = [(("fpft", None), fpft_runs)] + sorted(
+            group([r for r in rows if r["rank"] == rank], ("method", "sketch")).items())
+        for (method, sketch), rs in series:
+            if not rs:
+                continue
+            epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in rs])
+            color = FPFT_COLOR if method == "fpft" else COLORS.get(method)
+            ls = "--" if method == "fpft" else SKETCH_STYLE.get(sketch, "-")
+            ax.plot(epochs, 100 * m, color=color, ls=ls, label=label(method, sketch))
+            ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color=color, alpha=0.12)
+        ax.set_title(f"rank {rank}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy on digits 5-9 (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(ranks):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Test accuracy on task B per epoch (mean ± std over the seeds still running)")
+    return _save(fig, path)
+
+
+def _mean_curve(run_curves: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per epoch, mean and std of test accuracy over the runs that reached it (early stopping ends runs)."""
+    n = max(len(c) for c in run_curves)
+    epochs, means, stds = [], [], []
+    for e in range(1, n + 1):
+        vals = [c["test_acc_b"] for rc in run_curves for c in rc if c["epoch"] == e]
+        m, s = mean_std(vals)
+        epochs.append(e), means.append(m), stds.append(0.0 if math.isnan(s) else s)
+    return np.array(epochs), np.array(means), np.array(stds)
+
+
+def methods_rank1(runs: list[dict], path: Path) -> Path | None:
+    """The paper's Table 3 as bars: every method x sketch at rank 1, with FPFT."""
+    rows = [r for r in _adapter_rows(runs) if r["rank"] == 1]
+    if not rows:
+        return None
+    bars = [(label("fpft", None), [r["test_acc_b"] for r in runs if r["method"] == "fpft"], FPFT_COLOR)]
+    order = {name: i for i, name in enumerate(METHODS)}
+    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(),
+                                       key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] != "right")):
+        bars.append((label(method, sketch), [r["test_acc_b"] for r in rs], COLORS.get(method)))
+    bars = [b for b in bars if b[1]]
+    stats = [mean_std(v) for _, v, _ in bars]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 5))
+    x = np.arange(len(bars))
+    means = [100 * m for m, _ in stats]
+    errs = [0 if math.isnan(s) else 100 * s for _, s in stats]
+    ax.bar(x, means, yerr=errs, capsize=4, color=[c for *_, c in bars], alpha=0.85)
+    for xi, m, (_, v, _) in zip(x, means, bars):
+        ax.text(xi, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [b[0].replace(" (", "\n(") for b in bars], fontsize=8)
+    ax.set_ylabel("test accuracy on digits 5-9 (%)")
+    ax.set_ylim(0, 105)
+    n_seeds = sorted({len(v) for _, v, _ in bars})
+    ax.set_title(f"Rank 1, every method and sketch (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Save atomically: a half-written PNG never replaces a good one."""
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,96 @@
+"""One plain training loop: AdamW, seeded mini-batches, early stopping on validation loss.
+
+It knows nothing about adapters. A method that merges does so through ``on_epoch_end``, which
+the loop calls after each epoch's training and before its evaluation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import Split, Task, batches
+
+
+@dataclass
+class Record:
+    """What one training run did. ``curve`` has one dict per epoch."""
+    curve: list[dict] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based epoch whose weights were kept
+    best_val_loss: float = float("inf")
+    epochs: int = 0  # epochs actually run (early stopping may end before max_epochs)
+    merges: int = 0  # how many times on_epoch_end reported a merge
+    wall_s: float = 0.0  # seconds spent in the loop, evaluations included
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) of ``model`` on ``split``, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    logits = model(split.x)
+    loss = F.cross_entropy(logits, split.y).item()
+    acc = (logits.argmax(1) == split.y).float().mean().item()
+    model.train(was_training)
+    return loss, acc
+
+
+def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float, weight_decay: float,
+          batch_size: int, max_epochs: int, patience: int, generator: torch.Generator,
+          on_epoch_end: Callable[[int], bool] | None = None, reset_optimizer_on_merge: bool = False,
+          progress: Callable[[dict], None] | None = None) -> Record:
+    """Train ``params`` of ``model`` on ``task.train``; keep the weights of the lowest validation loss.
+
+    Stops after ``patience`` epochs without a lower validation loss, or at ``max_epochs``.
+    ``generator`` supplies the batch order (and the model's dropout masks, if it was given the same
+    one). ``on_epoch_end(epoch)`` may change the model (merge) as long as it keeps its function; it
+    returns True when it merged, and then the optimizer state is cleared if
+    ``reset_optimizer_on_merge``. On return the model holds its best weights.
+    """
+    device = task.train.x.device
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    record = Record()
+    best_state = _snapshot(model)
+    stale = 0  # epochs since the validation loss last improved
+    t0 = time.perf_counter()
+    x, y = task.train.x, task.train.y
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+        for idx in batches(len(task.train), batch_size, generator, device):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * idx.numel()
+        merged = bool(on_epoch_end(epoch)) if on_epoch_end is not None else False
+        if merged:
+            record.merges += 1
+            if reset_optimizer_on_merge:
+                optimizer.state.clear()  # AdamW re-creates zeroed moments and step counts lazily
+        val_loss, val_acc = evaluate(model, task.val)
+        _, test_acc = evaluate(model, task.test)
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / len(task.train), "val_loss": val_loss,
+               "val_acc": val_acc, "test_acc": test_acc, "merged": merged}
+        record.curve.append(row)
+        record.epochs = epoch
+        if val_loss < record.best_val_loss:
+            record.best_val_loss, record.best_epoch, stale = val_loss, epoch, 0
+            best_state = _snapshot(model)
+        else:
+            stale += 1
+        if progress is not None:
+            progress(row)
+        if stale >= patience:
+            break
+    model.load_state_dict(best_state)
+    record.wall_s = time.perf_counter() - t0
+    return record
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
