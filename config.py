@@ -223,7 +223,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments"):
-            bad = message.split(":", 1)[1].strip()
+            tokens = message.split(":", 1)[1].split()
+            bad = " ".join(t for t in tokens if t.startswith("-")) or " ".join(tokens)
             raise ConfigError(f"unknown option {bad}; allowed: {_allowed_fields()} (see --help)")
         raise ConfigError(f"{message} (see --help)")
 

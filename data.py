@@ -71,16 +71,21 @@ def load_mnist(data_dir: str | os.PathLike) -> tuple[tuple[torch.Tensor, torch.T
     for train in (True, False):
         try:
             ds = MNIST(str(data_dir), train=train, download=True)
-        except Exception as e:  # torchvision raises RuntimeError/URLError/OSError for a failed download
+        except Exception as e:
+            text = str(e).strip()
+            if not text.startswith("Error downloading"):  # the files are there but cannot be read
+                raise DataError(f"could not read the MNIST files in {raw} ({type(e).__name__}: "
+                                f"{text.splitlines()[0] if text else ''}); delete the extracted files there "
+                                f"(not the .gz archives) so that they are re-extracted") from None
             names = ", ".join(n for n, _ in MNIST.resources)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = text.splitlines()[-1].strip() if len(text.splitlines()) > 1 else text
             raise DataError(
-                f"MNIST is missing from {raw} and could not be downloaded ({first}); "
+                f"MNIST is missing from {raw} and could not be downloaded ({reason}); "
                 f"put the four files {names} in {raw} (they ship with this repository under data/MNIST/raw)"
             ) from None
         if ds.data.shape[1:] != (28, 28) or ds.data.shape[0] != ds.targets.shape[0]:
-            raise DataError(f"MNIST files in {raw} have unexpected shapes {tuple(ds.data.shape)}; "
-                            f"delete the extracted files there so they are re-extracted from the .gz archives")
+            raise DataError(f"MNIST files in {raw} have unexpected shapes {tuple(ds.data.shape)}; delete the "
+                            f"extracted files there (not the .gz archives) so that they are re-extracted")
         out.append((ds.data, ds.targets.long()))
     return out[0], out[1]
 
@@ -101,13 +106,7 @@ def load_tasks(data_dir: str | os.PathLike, val_size: int, split_seed: int,
     The 60k training images are split (60000 - val_size) / val_size by a permutation from a
     generator seeded with ``split_seed``; test is the 10k test set. Everything lives on ``device``.
     """
-    try:
-        (xtr, ytr), (xte, yte) = load_mnist(data_dir)
-    except DataError:
-        raise
-    except Exception as e:  # a truncated or garbled extracted file fails inside torchvision's reader
-        raise DataError(f"could not read the MNIST files in {_raw_dir(data_dir)} ({type(e).__name__}: {e}); "
-                        f"delete the extracted files there so they are re-extracted from the .gz archives") from None
+    (xtr, ytr), (xte, yte) = load_mnist(data_dir)
     g = torch.Generator().manual_seed(split_seed)
     perm = torch.randperm(xtr.shape[0], generator=g)
     val_idx, train_idx = perm[:val_size], perm[val_size:]

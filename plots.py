@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from methods import METHODS  # noqa: E402
@@ -41,6 +42,12 @@ def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike)
     return [p for p in written if p is not None]
 
 
+def _method_order(item):
+    (method, sketch), _ = item
+    order = list(METHODS)
+    return (order.index(method) if method in order else len(order), method, sketch != "right")
+
+
 def _adapter_rows(runs):
     return [r for r in runs if r["method"] not in ("base", "fpft")]
 
@@ -63,8 +70,8 @@ def rank_vs_accuracy(runs: list[dict], path: Path) -> Path | None:
     rows = _adapter_rows(runs)
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items()):
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
         by_rank = group(rs, ("rank",))
         ranks = sorted(k[0] for k in by_rank)
         stats = [mean_std([r["test_acc_b"] for r in by_rank[(k,)]]) for k in ranks]
@@ -79,7 +86,7 @@ def rank_vs_accuracy(runs: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
     ax.set_title("Accuracy on task B by rank (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -97,7 +104,7 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path 
     fpft_runs = [r for r in runs if r["method"] == "fpft"]
     for ax, rank in zip(axes.flat, ranks):
         series = [(("fpft", None), fpft_runs)] + sorted(
-            group([r for r in rows if r["rank"] == rank], ("method", "sketch")).items())
+            group([r for r in rows if r["rank"] == rank], ("method", "sketch")).items(), key=_method_order)
         for (method, sketch), rs in series:
             if not rs:
                 continue
@@ -107,13 +114,17 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path 
             ax.plot(epochs, 100 * m, color=color, ls=ls, label=label(method, sketch))
             ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color=color, alpha=0.12)
         ax.set_title(f"rank {rank}")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy on digits 5-9 (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(ranks):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("Test accuracy on task B per epoch (mean ± std over the seeds still running)")
+    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=min(len(labels), 5),
+               bbox_to_anchor=(0.5, 0.0))  # below the panels; savefig's tight bbox takes it in
     return _save(fig, path)
 
 
@@ -134,9 +145,7 @@ def methods_rank1(runs: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
     bars = [(label("fpft", None), [r["test_acc_b"] for r in runs if r["method"] == "fpft"], FPFT_COLOR)]
-    order = {name: i for i, name in enumerate(METHODS)}
-    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(),
-                                       key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] != "right")):
+    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
         bars.append((label(method, sketch), [r["test_acc_b"] for r in rs], COLORS.get(method)))
     bars = [b for b in bars if b[1]]
     stats = [mean_std(v) for _, v, _ in bars]
@@ -145,8 +154,8 @@ def methods_rank1(runs: list[dict], path: Path) -> Path | None:
     means = [100 * m for m, _ in stats]
     errs = [0 if math.isnan(s) else 100 * s for _, s in stats]
     ax.bar(x, means, yerr=errs, capsize=4, color=[c for *_, c in bars], alpha=0.85)
-    for xi, m, (_, v, _) in zip(x, means, bars):
-        ax.text(xi, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+    for xi, m, err in zip(x, means, errs):
+        ax.text(xi, m + err + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [b[0].replace(" (", "\n(") for b in bars], fontsize=8)
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
     ax.set_ylim(0, 105)
@@ -161,8 +170,9 @@ def _save(fig, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=120)
+        if not fig.get_layout_engine() and not fig.legends:
+            fig.tight_layout()
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small seeded MLP and inputs, and the MNIST tasks loaded once per session."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def base_model():
+    """The 784-64-64-5 MLP with nn.Linear-style weights drawn from a seeded generator, in eval mode."""
+    g = torch.Generator().manual_seed(1234)
+    model = build_model([64, 64], 0.1, g, "cpu")
+    with torch.no_grad():  # non-trivial biases too, so that a wrong merge cannot hide behind zeros
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def inputs():
+    return torch.randn(32, 784, generator=torch.Generator().manual_seed(99))
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
+
+
+@pytest.fixture(scope="session")
+def mnist_tasks():
+    from data import load_tasks
+
+    return load_tasks(ROOT / "data", 5000, 0, "cpu")

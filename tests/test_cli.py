@@ -1,0 +1,127 @@
+"""main.py as a user runs it: a tiny end-to-end sweep, resume, --plots-only, and one-line errors."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from results import RUN_COLUMNS, read_rows, write_rows
+from tests.conftest import ROOT
+from tests.test_data import NO_NETWORK, _copy_raw
+
+PLOTS = {"rank_vs_accuracy.png", "accuracy_vs_epoch.png", "methods_rank1.png"}
+
+
+def run_main(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(proc, needle):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    args = ["--method", "all", "--sketch", "both", "--ranks", "1", "--seeds", "0", "--max_epochs", "1",
+            "--results_dir", out / "results", "--plots_dir", out / "plots", "--progress", "false"]
+    proc = run_main(*args)
+    assert proc.returncode == 0, proc.stderr
+    return out, args, proc
+
+
+def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
+    out, _, proc = tiny_sweep
+    runs = read_rows(out / "results" / "runs.csv")
+    assert set(RUN_COLUMNS) <= set(runs[0])
+    methods = sorted((r["method"], r["sketch"]) for r in runs)
+    assert methods == sorted([("base", None), ("fpft", None)] + [(m, s) for m in
+                             ("lora", "cola", "asymmetric_lora", "rac_lora") for s in ("left", "right")])
+    for r in runs:
+        assert 0.0 <= r["test_acc_b"] <= 1.0 and 0.0 <= r["test_acc_a"] <= 1.0
+        assert r["git_commit"] and r["config_hash"] and r["epochs"] == 1
+    fpft = next(r for r in runs if r["method"] == "fpft")
+    assert fpft["trainable_params"] == 54_725 and fpft["test_acc_b"] > 0.8
+    base = next(r for r in runs if r["method"] == "base")
+    assert base["test_acc_a"] > 0.9  # one epoch on digits 0-4 already separates them
+    rac = next(r for r in runs if r["method"] == "rac_lora" and r["sketch"] == "left")
+    assert rac["trainable_params"] == 912 and rac["merges"] == 1
+    curves = read_rows(out / "results" / "curves.csv")
+    assert len(curves) == len(runs)  # one epoch each
+    assert {p.name for p in (out / "plots").iterdir()} == PLOTS
+    assert "test acc B %" in proc.stdout and "rac_lora" in proc.stdout
+
+
+def test_second_invocation_resumes_and_plots_only_redraws(tiny_sweep):
+    out, args, _ = tiny_sweep
+    before = read_rows(out / "results" / "runs.csv")
+    proc = run_main(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "base model: loaded" in proc.stdout + proc.stderr
+    assert read_rows(out / "results" / "runs.csv") == before  # nothing re-trained, nothing lost
+    shutil.rmtree(out / "plots")
+    proc = run_main("--plots-only", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (out / "plots").iterdir()} == PLOTS
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "dora"], "unknown method 'dora'; allowed:"),
+    (["--ranks", "0"], "rank 0 is out of range"),
+    (["--ranks", "-1"], "rank -1 is out of range"),
+    (["--learning_rate", "0.1"], "unknown option --learning_rate; allowed:"),
+    (["--max_epochs", "ten"], "--max_epochs expects an integer"),
+    (["--seeds"], "expected at least one argument"),
+])
+def test_bad_command_line_gives_one_line_error(args, needle):
+    assert_one_line_error(run_main(*args), needle)
+
+
+def test_missing_data_without_network(tmp_path):
+    proc = run_main("--data_dir", tmp_path / "nodata", "--results_dir", tmp_path / "r", "--plots_dir",
+                    tmp_path / "p", env=NO_NETWORK)
+    assert_one_line_error(proc, "could not be downloaded")
+
+
+def test_corrupt_data_file(tmp_path):
+    raw = _copy_raw(tmp_path)
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"not a gzip file")
+    proc = run_main("--data_dir", tmp_path, "--results_dir", tmp_path / "r", "--plots_dir", tmp_path / "p")
+    assert_one_line_error(proc, "corrupt data file")
+
+
+def test_plots_only_without_results(tmp_path):
+    proc = run_main("--plots-only", "--results_dir", tmp_path / "r", "--plots_dir", tmp_path / "p")
+    assert_one_line_error(proc, "no runs in")
+
+
+def test_unreadable_results_file(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "runs.csv").write_text("method,rank,config_hash,settings_hash\nlora,one,x,y\n")
+    proc = run_main("--plots-only", "--results_dir", tmp_path / "r", "--plots_dir", tmp_path / "p")
+    assert_one_line_error(proc, "is unreadable")
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "runs.csv"
+    good = [{"method": "lora", "rank": 1, "config_hash": "a"}]
+    write_rows(path, good, RUN_COLUMNS)
+    before = path.read_bytes()
+    import csv
+
+    def boom(self, row):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_rows(path, good * 3, RUN_COLUMNS)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind

@@ -1,0 +1,72 @@
+"""Config defaults, command-line overrides and range checks."""
+from __future__ import annotations
+
+import pytest
+
+from config import Config, ConfigError, from_argv, settings_hash
+
+
+def test_defaults_match_the_experiment():
+    c = Config()
+    assert (c.method, c.sketch, c.ranks, c.seeds) == ("rac_lora", "left", [1, 2, 4, 8], [0, 1, 2])
+    assert (c.lr, c.weight_decay, c.batch_size, c.max_epochs, c.patience) == (2e-4, 0.01, 128, 50, 10)
+    assert (c.scaling, c.lora_alpha, c.merge_every, c.reset_optimizer_on_merge) == ("alpha", 1.0, 1, False)
+
+
+def test_overrides_parse_types_and_lists():
+    c = from_argv(["--method", "all", "--ranks", "1", "4", "--seeds", "0", "1", "2", "--max_epochs", "5",
+                   "--lr", "1e-3", "--reset-optimizer-on-merge", "true", "--plots-only"])
+    assert c.method == "all" and c.ranks == [1, 4] and c.seeds == [0, 1, 2] and c.max_epochs == 5
+    assert c.lr == 1e-3 and c.reset_optimizer_on_merge is True and c.plots_only is True
+    assert c.selected_methods() == ["lora", "cola", "asymmetric_lora", "rac_lora"]
+    assert from_argv(["--sketch", "both"]).selected_sketches() == ["left", "right"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "dora"], "unknown method 'dora'; allowed: lora, cola, asymmetric_lora, rac_lora, all"),
+    (["--ranks", "0"], "rank 0 is out of range"),
+    (["--ranks", "-2"], "rank -2 is out of range"),
+    (["--ranks", "65"], "from 1 to 64"),
+    (["--ranks", "1.5"], "--ranks expects an integer"),
+    (["--lr", "fast"], "--lr expects a number"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--batch_size", "-1"], "batch_size must be positive"),
+    (["--sketch", "up"], "unknown sketch 'up'"),
+    (["--scaling", "r"], "unknown scaling 'r'"),
+    (["--random_init", "ones"], "unknown random_init 'ones'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--resume", "maybe"], "--resume expects true or false"),
+    (["--no_such_key", "1"], "unknown option --no_such_key"),
+])
+def test_bad_values_are_rejected_with_what_is_allowed(argv, needle):
+    with pytest.raises(ConfigError) as e:
+        from_argv(argv)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_lists_the_allowed_fields():
+    with pytest.raises(ConfigError) as e:
+        from_argv(["--methd", "lora"])
+    assert "--method" in str(e.value) and "--max_epochs" in str(e.value)
+
+
+def test_help_lists_every_field_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as e:
+        from_argv(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    import dataclasses
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name}" in out
+    assert "AdamW learning rate" in out and "(default: 0.0002)" in out
+
+
+def test_settings_hash_ignores_names_and_paths_but_not_settings():
+    a = settings_hash(Config(), "cpu")
+    assert settings_hash(Config(method="lora", ranks=[1], seeds=[5], results_dir="/x"), "cpu") == a
+    assert settings_hash(Config(lr=1e-3), "cpu") != a
+    assert settings_hash(Config(), "cuda") != a
+    # the base model does not depend on adapter settings
+    assert settings_hash(Config(scaling="alpha/r"), "cpu", "base") == settings_hash(Config(), "cpu", "base")
+    assert settings_hash(Config(scaling="alpha/r"), "cpu") != a
