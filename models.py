@@ -46,15 +46,22 @@ class MLP(nn.Module):
 
 
 def build_model(hidden, dropout: float, generator: torch.Generator | None, device) -> MLP:
-    """An MLP whose Linear weights are initialised as nn.Linear does, but drawn from ``generator``."""
-    model = MLP(hidden, dropout=dropout).to(device)  # draw on the device, where the generator lives
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                # nn.Linear.reset_parameters, with our generator: weight U(+-1/sqrt(in)), bias likewise.
-                bound = 1.0 / m.in_features ** 0.5
-                m.weight.uniform_(-bound, bound, generator=generator)
-                m.bias.uniform_(-bound, bound, generator=generator)
+    """An MLP on ``device`` whose weights are drawn from ``generator`` as nn.Linear would draw them.
+
+    The module is built on the meta device, so torch's global RNG is never touched. With
+    ``generator=None`` the weights are left uninitialised: only for loading a state dict next.
+    """
+    with torch.device("meta"):
+        model = MLP(hidden, dropout=dropout)
+    model = model.to_empty(device=device)
+    if generator is not None:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Linear):
+                    # nn.Linear.reset_parameters, with our generator: weight and bias U(+-1/sqrt(in))
+                    bound = 1.0 / m.in_features ** 0.5
+                    m.weight.uniform_(-bound, bound, generator=generator)
+                    m.bias.uniform_(-bound, bound, generator=generator)
     return model
 
 

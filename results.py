@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from statistics import mean, stdev
 
+from methods import METHODS
+
 RUN_COLUMNS = [
     "method", "sketch", "rank", "seed", "trainable_params", "epochs", "best_epoch", "best_val_loss",
     "test_acc_b", "test_acc_a", "merges", "wall_s", "config_hash", "settings_hash", "git_commit", "device",
@@ -121,10 +123,10 @@ def summary_table(rows: list[dict]) -> str:
     header = ["method", "sketch", "rank", "trainable", "seeds", "test acc B %", "test acc A %", "epochs",
               "wall s/run"]
     lines = []
-    order = {"base": 0, "fpft": 1}
+    order = {name: i for i, name in enumerate(["base", "fpft", *METHODS])}  # registry order, then others
     groups = group(rows, ("method", "sketch", "rank"))
-    for (method, sketch, rank), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0][0],
-                                                                                 str(kv[0][1]), kv[0][2] or 0)):
+    for (method, sketch, rank), rs in sorted(groups.items(), key=lambda kv: (
+            order.get(kv[0][0], len(order)), kv[0][0], str(kv[0][1]), kv[0][2] or 0)):
         b = mean_std([r["test_acc_b"] for r in rs])
         a = mean_std([r["test_acc_a"] for r in rs])
         lines.append([method, sketch or "-", "-" if rank is None else str(rank), str(rs[0]["trainable_params"]),

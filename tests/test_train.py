@@ -99,3 +99,18 @@ def test_eval_mode_is_deterministic_and_restores_training_flag():
     model.train()
     a, b = evaluate(model, task.val), evaluate(copy.deepcopy(model), task.val)
     assert a == b and model.training
+
+
+def test_a_run_never_touches_the_global_rng():
+    from lora import wrap_linears
+    from methods import METHODS
+
+    before = torch.random.get_rng_state()
+    g = torch.Generator().manual_seed(0)
+    model = build_model([64, 64], 0.1, g, "cpu")
+    set_generator(model, g)
+    adapters = wrap_linears(model, 2, 1.0, "left", "kaiming", g)
+    params = METHODS["rac_lora"].prepare(adapters)
+    train(model, params, synthetic_task(), lr=2e-4, weight_decay=0.01, batch_size=128, max_epochs=2,
+          patience=10, generator=g, on_epoch_end=lambda e: METHODS["rac_lora"].end_of_epoch(adapters, e, 1, g))
+    assert torch.equal(torch.random.get_rng_state(), before)
