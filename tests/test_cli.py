@@ -125,3 +125,30 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_rows(path, good * 3, RUN_COLUMNS)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind
+
+
+def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
+    import signal
+    import time
+
+    common = ["--method", "rac_lora", "--ranks", "1", "--max_epochs", "1", "--run_fpft", "false",
+              "--results_dir", str(tmp_path / "r"), "--plots_dir", str(tmp_path / "p"), "--progress", "false"]
+    args = [sys.executable, str(ROOT / "main.py"), *common, "--seeds", *map(str, range(40))]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs_csv = tmp_path / "r" / "runs.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_rows(runs_csv) if runs_csv.exists() else []) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    kept = read_rows(runs_csv)
+    assert len(kept) >= 3 and {r["method"] for r in kept} == {"base", "rac_lora"}
+    done_seeds = sorted(r["seed"] for r in kept if r["method"] == "rac_lora")
+    # the same command again trains only what is missing, and keeps every finished run as it was
+    again = run_main(*common, "--seeds", *range(len(done_seeds) + 1))
+    assert again.returncode == 0, again.stderr
+    after = {r["config_hash"]: r for r in read_rows(runs_csv)}
+    assert all(after[r["config_hash"]] == r for r in kept)
+    assert sorted(r["seed"] for r in after.values() if r["method"] == "rac_lora") == list(range(len(done_seeds) + 1))
