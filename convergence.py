@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,7 +34,7 @@ from torch import nn
 
 from lora import LoRALinear
 from methods import METHODS, Method
-from results import git_commit, write_rows
+from results import atomic_path, git_commit, write_rows
 
 DTYPE = torch.float64  # theory work: tight tolerances
 SKETCH = "left"  # B random, A zero and trained: the paper's (Zero, Gaussian), lora.py's default
@@ -353,16 +352,9 @@ def write_csv(records: list[dict], path: str, seed: int, commit: str) -> None:
 
 
 def _save(fig, path: str) -> None:
-    """Save a matplotlib Figure as PNG atomically (temp file in the same directory, then os.replace)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
-    os.close(fd)
-    try:
+    """Save a matplotlib Figure as PNG atomically (results.atomic_path)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def plot_counterexample(records: list[dict], path: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +16,7 @@ import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from methods import METHODS  # noqa: E402
-from results import group, mean_std  # noqa: E402
+from results import atomic_path, group, mean_std  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
 SKETCH_STYLE = {"left": "-", "right": "--"}
@@ -62,7 +61,7 @@ def _reference_lines(ax, runs):
             ax.axhspan(100 * (fpft[0] - fpft[1]), 100 * (fpft[0] + fpft[1]), color=FPFT_COLOR, alpha=0.08)
     base = [r["test_acc_a"] for r in runs if r["method"] == "base"]
     if base:
-        ax.axhline(100 * base[0], color=BASE_COLOR, ls=":", lw=1.5,
+        ax.axhline(100 * base[0], color=BASE_COLOR, ls=(0, (2, 2)), lw=1.5,
                    label=f"base model on digits 0-4 (task A): {100 * base[0]:.1f}%")
 
 
@@ -166,16 +165,12 @@ def methods_rank1(runs: list[dict], path: Path) -> Path | None:
 
 
 def _save(fig, path: Path) -> Path:
-    """Save atomically: a half-written PNG never replaces a good one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
+    """Save as PNG atomically: a half-written file never replaces a good one."""
     try:
         if not fig.get_layout_engine() and not fig.legends:
             fig.tight_layout()
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -51,22 +52,32 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                            f"move it aside to start a fresh one") from None
 
 
-def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
-    """Write ``rows`` to ``path`` atomically: a temporary file in the same folder, then os.replace."""
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The one way this project writes files (CSVs, checkpoints, figures): a reader sees the old file
+    or the new one, never half of one, whatever interrupts the write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
+    """Write ``rows`` to the CSV ``path`` atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
 def upsert_run(results_dir: str | os.PathLike, run_row: dict, curve_rows: list[dict]) -> None:

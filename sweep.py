@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +20,7 @@ from data import load_tasks
 from lora import lora_scale, wrap_linears
 from methods import get_method
 from models import build_model, count_trainable, set_generator
-from results import read_rows, upsert_run
+from results import atomic_path, read_rows, upsert_run
 from train import Record, evaluate, train
 
 class CheckpointError(RuntimeError):
@@ -95,8 +93,9 @@ class Sweep:
             model = build_model(cfg.hidden, cfg.dropout, g, self.device)
             set_generator(model, g)
             record = self._train(model, list(model.parameters()), "A", g, desc="base model (digits 0-4)")
-            _atomic_save({"state_dict": model.state_dict(), "record": dataclasses.asdict(record),
-                          "config": cfg.to_dict()}, ckpt)
+            with atomic_path(ckpt) as tmp:
+                torch.save({"state_dict": model.state_dict(), "record": dataclasses.asdict(record),
+                            "config": cfg.to_dict()}, tmp)
         if key not in self.done:
             self._finish("base", None, None, cfg.base_seed, key, model, record)
         else:
@@ -186,16 +185,3 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
         sweep.run(base, **spec)
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")
     return sweep.rows
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
