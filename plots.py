@@ -101,7 +101,7 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path 
     nrows = math.ceil(len(ranks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
     fpft_runs = [r for r in runs if r["method"] == "fpft"]
-    for ax, rank in zip(axes.flat, ranks):
+    for i, (ax, rank) in enumerate(zip(axes.flat, ranks)):
         series = [(("fpft", None), fpft_runs)] + sorted(
             group([r for r in rows if r["rank"] == rank], ("method", "sketch")).items(), key=_method_order)
         for (method, sketch), rs in series:
@@ -115,7 +115,8 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path 
         ax.set_title(f"rank {rank}")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy on digits 5-9 (%)")
+        if i % ncols == 0:  # the panels share the y axis
+            ax.set_ylabel("test accuracy on digits 5-9 (%)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(ranks):]:
         ax.set_visible(False)

@@ -23,6 +23,7 @@ from models import build_model, count_trainable, set_generator
 from results import atomic_path, read_rows, upsert_run
 from train import Record, evaluate, train
 
+
 class CheckpointError(RuntimeError):
     """A cached checkpoint that cannot be loaded; the message says what to delete."""
 
