@@ -74,6 +74,8 @@ class Config:
         _choice("scaling", self.scaling, SCALINGS)
         _choice("random_init", self.random_init, RANDOM_INITS)
         _choice("device", self.device, DEVICES)
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden must be one or more positive widths, got {self.hidden}")
         if not self.ranks:
             raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
         max_rank = max_useful_rank(self.hidden)
@@ -96,8 +98,6 @@ class Config:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden must be one or more positive widths, got {self.hidden}")
         if self.val_size >= 60000:
             raise ConfigError(f"val_size must be below 60000 (the MNIST training set), got {self.val_size}")
 
