@@ -87,6 +87,10 @@ class Config:
                 )
         if not self.seeds:
             raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
+        for name in ("ranks", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name} has repeated values {values}; give each at most once")
         _positive("lr", self.lr)
         _positive("batch_size", self.batch_size)
         _positive("max_epochs", self.max_epochs)

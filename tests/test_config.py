@@ -35,6 +35,7 @@ def test_overrides_parse_types_and_lists():
     (["--scaling", "r"], "unknown scaling 'r'"),
     (["--random_init", "ones"], "unknown random_init 'ones'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--seeds", "0", "1", "0"], "seeds has repeated values"),
     (["--hidden", "0", "64"], "hidden must be one or more positive widths"),
     (["--resume", "maybe"], "--resume expects true or false"),
     (["--no_such_key", "1"], "unknown option --no_such_key"),
