@@ -57,9 +57,13 @@ def run_plan(cfg: Config) -> list[dict]:
     return plan
 
 
+def _kind(method: str) -> str:
+    """Which settings a run depends on: "base" and "fpft" ignore the adapter-only fields."""
+    return method if method in ("base", "fpft") else "adapter"
+
+
 def run_hash(cfg: Config, device: str, method: str, sketch: str | None, rank: int | None, seed: int) -> str:
-    kind = method if method in ("base", "fpft") else "adapter"
-    return stable_hash([settings_hash(cfg, device, kind), method, sketch, rank, seed])
+    return stable_hash([settings_hash(cfg, device, _kind(method)), method, sketch, rank, seed])
 
 
 class Sweep:
@@ -150,11 +154,10 @@ class Sweep:
         _, acc_a = evaluate(model, self.tasks["A"].test)
         _, acc_b = evaluate(model, self.tasks["B"].test)
         trainable = count_trainable(model)  # base and fpft: every parameter; adapters: the trained factors
-        kind = method if method in ("base", "fpft") else "adapter"
         row = dict(method=method, sketch=sketch, rank=rank, seed=seed, trainable_params=trainable,
                    epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
                    test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, wall_s=round(record.wall_s, 3),
-                   config_hash=key, settings_hash=settings_hash(cfg, self.device.type, kind),
+                   config_hash=key, settings_hash=settings_hash(cfg, self.device.type, _kind(method)),
                    git_commit=self.commit, device=self.device.type,
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    config=json.dumps(cfg.to_dict(), sort_keys=True),

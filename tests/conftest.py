@@ -1,7 +1,6 @@
 """Shared fixtures: a small seeded MLP and inputs, and the MNIST tasks loaded once per session."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,6 @@ def base_model():
 @pytest.fixture
 def inputs():
     return torch.randn(32, 784, generator=torch.Generator().manual_seed(99))
-
-
-@pytest.fixture
-def clone():
-    return copy.deepcopy
 
 
 @pytest.fixture(scope="session")
