@@ -67,6 +67,12 @@ METHODS: dict[str, Method] = {
 }
 
 
+def display_order(method: str) -> int:
+    """Where a method goes in tables and plots: base, fpft, then registry order, then anything else."""
+    order = ["base", "fpft", *METHODS]
+    return order.index(method) if method in order else len(order)
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from methods import METHODS  # noqa: E402
+from methods import METHODS, display_order  # noqa: E402
 from results import atomic_path, group, mean_std  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
@@ -43,8 +43,7 @@ def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike)
 
 def _method_order(item):
     (method, sketch), _ = item
-    order = list(METHODS)
-    return (order.index(method) if method in order else len(order), method, sketch != "right")
+    return (display_order(method), method, sketch != "right")
 
 
 def _adapter_rows(runs):

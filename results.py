@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from statistics import mean, stdev
 
-from methods import METHODS
+from methods import display_order
 
 RUN_COLUMNS = [
     "method", "sketch", "rank", "seed", "trainable_params", "epochs", "best_epoch", "best_val_loss",
@@ -137,10 +137,9 @@ def summary_table(rows: list[dict]) -> str:
     header = ["method", "sketch", "rank", "trainable", "seeds", "test acc B %", "test acc A %", "epochs",
               "wall s/run"]
     lines = []
-    order = {name: i for i, name in enumerate(["base", "fpft", *METHODS])}  # registry order, then others
     groups = group(rows, ("method", "sketch", "rank"))
     for (method, sketch, rank), rs in sorted(groups.items(), key=lambda kv: (
-            order.get(kv[0][0], len(order)), kv[0][0], str(kv[0][1]), kv[0][2] or 0)):
+            display_order(kv[0][0]), kv[0][0], str(kv[0][1]), kv[0][2] or 0)):
         b = mean_std([r["test_acc_b"] for r in rs])
         a = mean_std([r["test_acc_a"] for r in rs])
         lines.append([method, sketch or "-", "-" if rank is None else str(rank), str(rs[0]["trainable_params"]),
