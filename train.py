@@ -60,7 +60,7 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     x, y = task.train.x, task.train.y
     for epoch in range(1, max_epochs + 1):
         model.train()
-        loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+        loss_sum = torch.zeros((), device=device, dtype=x.dtype)  # summed on device: no host sync per step
         for idx in batches(len(task.train), batch_size, generator, device):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)

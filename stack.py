@@ -1,0 +1,351 @@
+"""The stacked engine: R runs trained at once as one model whose tensors carry a leading run dimension.
+
+Run i of a stack is the same computation as that run trained alone by train.train() on the plain
+model of models.py + lora.py; only the arithmetic is batched:
+
+- every weight is (R, out, in), every bias (R, out), every adapter factor (R, r_max, in) / (R, out, r_max);
+  layers use batched matrix products (``torch.baddbmm``);
+- each run draws from its own torch.Generator, in the order the run alone would: its random
+  factors at wrapping, at the start of each epoch its batch permutation, at each step its dropout
+  masks (one layer after the other), at each merge its re-sampled factors (layer by layer);
+- the loss is the sum over runs of each run's mean loss, so each run's gradient is its own, and
+  AdamW is elementwise, so one optimizer over stacked tensors is R independent optimizers;
+- runs of different ranks share a stack by zero-padding the factors to the stack's largest rank:
+  padded entries start at zero, get exactly zero gradient and stay zero, so they change nothing;
+- each run keeps its own early stopping: its best weights are kept, and a run that stops is taken
+  out of the stack (tensors and optimizer state alike), so it no longer costs anything.
+
+``tests/test_stack.py`` checks run-by-run agreement with train.train() for every registered method.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import Split, Task
+from lora import ROLES, init_factor_
+from models import SeededDropout
+from train import Record
+
+
+class StackedDropout(nn.Module):
+    """SeededDropout for R runs: run i's mask is drawn from ``generators[i]`` with the run-alone shape."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.generators: list[torch.Generator] | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (R, N, f)
+        if not self.training or self.p == 0.0:
+            return h
+        if self.generators is None or len(self.generators) != h.shape[0]:
+            raise RuntimeError("StackedDropout needs one generator per run: call set_generators(model, gens)")
+        keep = torch.stack([torch.rand(h.shape[1:], generator=g, device=h.device, dtype=h.dtype)
+                            for g in self.generators]) >= self.p
+        return h * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class StackedLinear(nn.Module):
+    """R independent Linear layers, optionally each with a low-rank adapter ``scale_i * B_i @ A_i``.
+
+    Without an adapter the weight and bias are ordinary (trainable) parameters: full fine-tuning.
+    ``add_adapter`` freezes them and adds the factors; the adapter interface is that of
+    lora.LoRALinear (A, B, zero_factor, random_factor, delta_weight, merge, reset), with the run
+    dimension in front and one generator per run where LoRALinear takes one generator, so the
+    method strategies of methods.py drive both without knowing which they drive.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (R, out, in)
+        self.bias = nn.Parameter(bias)  # (R, out)
+        self.ranks: list[int] = []  # each run's adapter rank; [] = no adapter
+
+    @property
+    def runs(self) -> int:
+        return self.weight.shape[0]
+
+    def add_adapter(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
+                    generators: list[torch.Generator]) -> None:
+        if sketch not in ROLES:
+            raise ValueError(f"unknown sketch {sketch!r}; allowed: {', '.join(ROLES)}")
+        if len(ranks) != self.runs or len(scales) != self.runs or len(generators) != self.runs:
+            raise ValueError(f"need one rank, scale and generator per run ({self.runs})")
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        r, (out, inp), kw = max(ranks), self.weight.shape[1:], dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.A = nn.Parameter(torch.zeros(self.runs, r, inp, **kw))
+        self.B = nn.Parameter(torch.zeros(self.runs, out, r, **kw))
+        self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
+        self.ranks = list(ranks)
+        self.sketch, self.random_init = sketch, random_init
+        self.zero_name, self.random_name = ROLES[sketch]
+        self.reset(generators)
+
+    @property
+    def zero_factor(self) -> nn.Parameter:
+        return getattr(self, self.zero_name)
+
+    @property
+    def random_factor(self) -> nn.Parameter:
+        return getattr(self, self.random_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (R, N, in), one batch per run, or (N, in) shared by every run; returns (R, N, out)."""
+        if x.dim() == 2:  # evaluation: one product for all runs, (N, in) @ (in, R*out), adapter folded in
+            w = self.weight + self.delta_weight() if self.ranks else self.weight
+            h = (x @ w.flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
+            return h + self.bias.unsqueeze(1)
+        h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        if self.ranks:
+            h = h + self.scale * ((x @ self.A.transpose(1, 2)) @ self.B.transpose(1, 2))
+        return h
+
+    def delta_weight(self) -> torch.Tensor:  # (R, out, in)
+        return self.scale * (self.B @ self.A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.weight += self.delta_weight()
+
+    @torch.no_grad()
+    def reset(self, generators: list[torch.Generator], resample_random: bool = True) -> None:
+        """Zero the zero factor; re-draw each run's random factor (its own rank only) from its generator."""
+        self.zero_factor.zero_()
+        if not resample_random:
+            return
+        factor = self.random_factor
+        for i, (rank, g) in enumerate(zip(self.ranks, generators)):
+            # draw into a fresh tensor of the run-alone shape, so the draws are the run-alone draws
+            if self.random_name == "A":
+                factor[i, :rank] = init_factor_(torch.empty_like(factor[i, :rank]), self.random_init, g)
+            else:
+                factor[i, :, :rank] = init_factor_(torch.empty_like(factor[i, :, :rank]), self.random_init, g)
+
+    @torch.no_grad()
+    def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
+        """Keep only the runs at positions ``rows``; returns {old parameter: its replacement}.
+
+        New Parameter objects, not new ``.data``: autograd remembers a leaf's shape.
+        """
+        swap = _replace_parameters(self, lambda name, p: p[rows])
+        if self.ranks:
+            self.scale = self.scale[rows]
+            self.ranks = [self.ranks[i] for i in rows.tolist()]
+        return swap
+
+    def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Run i's tensors under the names the plain model (Linear or LoRALinear) gives them."""
+        if not self.ranks:
+            return {prefix + "weight": self.weight[i], prefix + "bias": self.bias[i]}
+        r = self.ranks[i]
+        return {prefix + "base.weight": self.weight[i], prefix + "base.bias": self.bias[i],
+                prefix + "A": self.A[i, :r], prefix + "B": self.B[i, :, :r]}
+
+    def trainable_count(self, i: int) -> int:
+        """Run i's trainable parameters, padding not counted."""
+        if not self.ranks:
+            return sum(p[i].numel() for p in (self.weight, self.bias) if p.requires_grad)
+        r_max, r = self.A.shape[1], self.ranks[i]
+        return sum(p[i].numel() // r_max * r for p in (self.A, self.B) if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"runs={self.runs}, in={self.weight.shape[2]}, out={self.weight.shape[1]}, ranks={self.ranks}"
+
+
+class StackedModel(nn.Module):
+    """A Sequential of StackedLinear, ReLU and StackedDropout: R copies of a models.MLP."""
+
+    def __init__(self, plain: nn.Module, runs: int):
+        super().__init__()
+        layers = []
+        for m in plain.net:
+            if isinstance(m, nn.Linear):
+                w, b = m.weight.detach(), m.bias.detach()
+                layers.append(StackedLinear(w.expand(runs, *w.shape).clone(), b.expand(runs, *b.shape).clone()))
+            elif isinstance(m, SeededDropout):
+                layers.append(StackedDropout(m.p))
+            elif isinstance(m, nn.ReLU):
+                layers.append(nn.ReLU())
+            else:
+                raise TypeError(f"cannot stack a {type(m).__name__}: only Linear, ReLU and SeededDropout")
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, 784) or (N, 784) -> (R, N, classes)
+        return self.net(x)
+
+    @property
+    def linears(self) -> list[StackedLinear]:
+        return [m for m in self.net if isinstance(m, StackedLinear)]
+
+    @property
+    def runs(self) -> int:
+        return self.linears[0].runs
+
+    def set_generators(self, generators: list[torch.Generator]) -> None:
+        for m in self.net:
+            if isinstance(m, StackedDropout):
+                m.generators = list(generators)
+
+    def wrap(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
+             generators: list[torch.Generator]) -> list[StackedLinear]:
+        """Adapters on every layer, drawn layer by layer as lora.wrap_linears draws them; returns them."""
+        for lin in self.linears:
+            lin.add_adapter(ranks, scales, sketch, random_init, generators)
+        return self.linears
+
+    def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
+        swap = {}
+        for lin in self.linears:
+            swap.update(lin.keep_runs(rows))
+        return swap
+
+    @torch.no_grad()
+    def restore(self, state: dict[str, torch.Tensor], ranks: list[list[int]]) -> None:
+        """Undo keep_runs: take every tensor from ``state`` (a state_dict of all runs) and each layer's ranks."""
+        for lin, r in zip(self.linears, ranks):
+            lin.ranks = list(r)
+        _replace_parameters(self, lambda name, p: state[name].clone())
+        for name, _ in list(self.named_buffers()):
+            module, attr = name.rsplit(".", 1)
+            setattr(self.get_submodule(module), attr, state[name].clone())
+
+    def run_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Run i as a state dict of the plain model (MLP, with LoRALinear layers if adapted)."""
+        state = {}
+        for j, m in enumerate(self.net):
+            if isinstance(m, StackedLinear):
+                state.update(m.run_state(i, f"net.{j}."))
+        return state
+
+    def trainable_count(self, i: int) -> int:
+        return sum(lin.trainable_count(i) for lin in self.linears)
+
+
+@torch.no_grad()
+def evaluate_stack(model: StackedModel, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) of every run on ``split``, each an (R,) tensor, in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits = model(split.x)  # (R, N, C)
+    y = split.y.expand(logits.shape[0], -1)
+    loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+    acc = (logits.argmax(2) == y).float().mean(1)  # float32, as train.evaluate computes it
+    model.train(was_training)
+    return loss, acc
+
+
+def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, generators: list[torch.Generator],
+                lr: float, weight_decay: float, batch_size: int, max_epochs: int, patience: int,
+                on_epoch_end: Callable[[int, list[torch.Generator]], bool] | None = None,
+                reset_optimizer_on_merge: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> list[Record]:
+    """train.train() for every run of the stack at once; returns one Record per run, in stack order.
+
+    ``on_epoch_end(epoch, generators)`` gets the generators of the runs still training (the model
+    holds just those runs). ``progress(epoch, runs_still_training)`` is called after each epoch.
+    On return the model holds every run, each at its best weights.
+    """
+    runs = model.runs
+    if len(generators) != runs:
+        raise ValueError(f"need one generator per run: {len(generators)} for {runs} runs")
+    device = task.train.x.device
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    records = [Record() for _ in range(runs)]
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}  # every run, at its best so far
+    ranks = [list(lin.ranks) for lin in model.linears]
+    active = list(range(runs))  # stack row -> run index
+    gens = list(generators)
+    stale = [0] * runs
+    t0 = time.perf_counter()
+    x, y, n = task.train.x, task.train.y, len(task.train)
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        model.set_generators(gens)
+        live = len(active)
+        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])  # (live, n)
+        loss_sum = torch.zeros(live, device=device, dtype=x.dtype)
+        buf = x.new_empty(live * batch_size, x.shape[1])  # one buffer for every batch: no allocation per step
+        for idx in perms.split(batch_size, dim=1):  # (live, b)
+            flat = idx.flatten()
+            xb = torch.index_select(x, 0, flat, out=buf[:flat.numel()])
+            logits = model(xb.view(*idx.shape, -1))  # (live, b, C)
+            yb = y.index_select(0, flat).view(idx.shape)
+            per_run = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)  # (live,)
+            optimizer.zero_grad(set_to_none=True)
+            per_run.sum().backward()
+            optimizer.step()
+            loss_sum += per_run.detach() * idx.shape[1]
+        merged = bool(on_epoch_end(epoch, gens)) if on_epoch_end is not None else False
+        if merged and reset_optimizer_on_merge:
+            optimizer.state.clear()
+        val_loss, val_acc = evaluate_stack(model, task.val)
+        _, test_acc = evaluate_stack(model, task.test)
+        columns = [(loss_sum / n).tolist(), val_loss.tolist(), val_acc.tolist(), test_acc.tolist()]
+        improved, stopped = [], []
+        for row, (run, tl, vl, va, ta) in enumerate(zip(active, *columns)):
+            rec = records[run]
+            rec.curve.append({"epoch": epoch, "train_loss": tl, "val_loss": vl, "val_acc": va,
+                              "test_acc": ta, "merged": merged})
+            rec.epochs, rec.merges = epoch, rec.merges + merged
+            if vl < rec.best_val_loss:
+                rec.best_val_loss, rec.best_epoch, stale[run] = vl, epoch, 0
+                improved.append(row)
+            else:
+                stale[run] += 1
+            if stale[run] >= patience:
+                stopped.append(row)
+        if improved:
+            _copy_rows(best, model.state_dict(), [active[r] for r in improved], improved)
+        if progress is not None:
+            progress(epoch, live - len(stopped))
+        if stopped:
+            keep = [r for r in range(live) if r not in stopped]
+            if not keep:
+                break
+            _keep_rows(model, optimizer, torch.tensor(keep, device=device))
+            active, gens = [active[r] for r in keep], [gens[r] for r in keep]
+    model.restore(best, ranks)  # every run back in the stack, at its best weights
+    wall = time.perf_counter() - t0
+    for rec in records:
+        rec.wall_s = wall / runs  # each run's share of the stack's time
+    return records
+
+
+@torch.no_grad()
+def _copy_rows(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor], dst_rows: list[int],
+               src_rows: list[int]) -> None:
+    d, s = torch.tensor(dst_rows), torch.tensor(src_rows)
+    for k, v in src.items():
+        dst[k][d.to(dst[k].device)] = v[s.to(v.device)]
+
+
+def _replace_parameters(module: nn.Module, make) -> dict[nn.Parameter, nn.Parameter]:
+    """Replace every parameter of ``module`` (and below) by Parameter(make(qualified name, old tensor))."""
+    swap = {}
+    for name, p in list(module.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        new = nn.Parameter(make(name, p.detach()), requires_grad=p.requires_grad)
+        setattr(module.get_submodule(owner) if owner else module, attr, new)
+        swap[p] = new
+    return swap
+
+
+def _keep_rows(model: StackedModel, optimizer: torch.optim.Optimizer, rows: torch.Tensor) -> None:
+    """Drop the runs that stopped from the model and from AdamW's moments (step counts are shared)."""
+    runs = model.runs
+    swap = model.keep_runs(rows)
+    for group in optimizer.param_groups:
+        group["params"] = [swap.get(p, p) for p in group["params"]]
+    for old, new in swap.items():
+        if old in optimizer.state:
+            optimizer.state[new] = {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == runs else v
+                                    for k, v in optimizer.state.pop(old).items()}

@@ -1,0 +1,135 @@
+"""The stacked engine against the plain one: run i of a stack is run i trained alone by train.train()."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data import Split, Task
+from lora import wrap_linears
+from methods import METHODS
+from models import build_model, count_trainable, set_generator
+from stack import StackedModel, evaluate_stack, train_stack
+from train import evaluate, train
+
+DT = torch.float64  # float64, so that agreement can be asked to 1e-10 after several epochs
+KW = dict(weight_decay=0.01, batch_size=64, max_epochs=6, patience=2)
+SEEDS, RANKS, SCALE = [3, 4, 5, 6], [1, 2, 4, 2], 0.5
+
+
+def noisy_task(seed=0, n=300):
+    """Half-random labels and a large step: validation losses turn up at different epochs per run,
+    so early stopping takes runs out of the stack one by one."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(784, 5, generator=g, dtype=DT)
+
+    def split(m):
+        x = torch.randn(m, 784, generator=g, dtype=DT)
+        y = torch.where(torch.rand(m, generator=g) < 0.5, (x @ w).argmax(1), torch.randint(0, 5, (m,), generator=g))
+        return Split(x, y)
+    return Task(split(n), split(100), split(100))
+
+
+@pytest.fixture(scope="module")
+def task():
+    return noisy_task()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_model([64, 64], 0.1, torch.Generator().manual_seed(11), "cpu").to(DT)
+
+
+def plain_copy(base):
+    model = build_model([64, 64], 0.1, None, "cpu").to(DT)
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def alone(base, task, method, sketch, rank, seed, lr):
+    """One run the plain way: models.MLP + lora.wrap_linears + train.train()."""
+    g = torch.Generator().manual_seed(seed)
+    model = plain_copy(base)
+    set_generator(model, g)
+    if method == "fpft":
+        params, hook = list(model.parameters()), None
+    else:
+        m = METHODS[method]
+        adapters = wrap_linears(model, rank, SCALE * rank, sketch, "gaussian", g)
+        params = m.prepare(adapters)
+        hook = lambda e: m.end_of_epoch(adapters, e, 1, g)  # noqa: E731
+    record = train(model, params, task, lr=lr, generator=g, on_epoch_end=hook, **KW)
+    return model, record
+
+
+def stacked(base, task, method, sketch, ranks, seeds, lr):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    model = StackedModel(base, len(seeds))
+    if method == "fpft":
+        params, hook = list(model.parameters()), None
+    else:
+        m = METHODS[method]
+        adapters = model.wrap(ranks, [SCALE * r for r in ranks], sketch, "gaussian", gens)
+        params = m.prepare(adapters)
+        hook = lambda e, gs: m.end_of_epoch(adapters, e, 1, gs)  # noqa: E731
+    records = train_stack(model, params, task, generators=gens, lr=lr, on_epoch_end=hook, **KW)
+    return model, records
+
+
+def assert_same_runs(base, task, method, sketch, lr):
+    model, records = stacked(base, task, method, sketch, RANKS, SEEDS, lr)
+    assert len({r.epochs for r in records}) > 1, "the runs should stop at different epochs"
+    assert min(r.epochs for r in records) < KW["max_epochs"]
+    for i, (rank, seed) in enumerate(zip(RANKS, SEEDS)):
+        ref, rec = alone(base, task, method, sketch, rank, seed, lr)
+        state = model.run_state(i)
+        want = ref.state_dict()
+        assert state.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(state[k], want[k], rtol=0, atol=1e-10, msg=f"run {i} {k}")
+        got = records[i]
+        assert (got.epochs, got.best_epoch, got.merges) == (rec.epochs, rec.best_epoch, rec.merges)
+        assert len(got.curve) == len(rec.curve)
+        for a, b in zip(got.curve, rec.curve):
+            assert a["epoch"] == b["epoch"] and a["merged"] == b["merged"]
+            for k in ("train_loss", "val_loss", "val_acc", "test_acc"):
+                assert a[k] == pytest.approx(b[k], abs=1e-10), (i, a["epoch"], k)
+        assert model.trainable_count(i) == count_trainable(ref)
+        loss, acc = evaluate_stack(model, task.test)
+        ref_loss, ref_acc = evaluate(ref, task.test)
+        assert loss[i].item() == pytest.approx(ref_loss, abs=1e-10) and acc[i].item() == ref_acc
+
+
+@pytest.mark.parametrize("sketch", ["left", "right"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_stacked_equals_alone(base, task, method, sketch):
+    assert_same_runs(base, task, method, sketch, lr=3e-2)
+
+
+def test_fpft_stacked_equals_alone(base, task):
+    assert_same_runs(base, task, "fpft", None, lr=3e-3)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_rank_padding_stays_zero(base, task, method):
+    model, _ = stacked(base, task, method, "left", [1, 3], [0, 1], lr=3e-2)
+    for lin in model.linears:
+        assert lin.A[0, 1:].abs().max() == 0 and lin.B[0, :, 1:].abs().max() == 0
+        assert lin.A[1].abs().max() > 0 or lin.B[1].abs().max() > 0
+
+
+def test_stacked_model_starts_as_the_base(base, task):
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    model = StackedModel(base, 2)
+    model.wrap([2, 1], [1.0, 1.0], "left", "gaussian", gens)
+    loss, acc = evaluate_stack(model, task.test)
+    ref_loss, ref_acc = evaluate(base, task.test)
+    assert loss.tolist() == pytest.approx([ref_loss] * 2, abs=1e-12) and acc.tolist() == [ref_acc] * 2
+    batched = model.eval()(task.test.x.expand(2, -1, -1))  # the (R, N, in) path agrees with the shared one
+    torch.testing.assert_close(batched, model(task.test.x), rtol=0, atol=1e-12)
+
+
+def test_dropout_needs_one_generator_per_run(base):
+    model = StackedModel(base, 2).train()
+    model.set_generators([torch.Generator()])
+    with pytest.raises(RuntimeError, match="one generator per run"):
+        model(torch.zeros(2, 3, 784, dtype=DT))
