@@ -60,6 +60,8 @@ class Config:
     results_dir: str = "./results"  # runs.csv, curves.csv, checkpoints/
     plots_dir: str = "./plots"  # the three PNG figures
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    stack_size: int = 16  # runs of one method trained at once as one stacked model (1 = one run at a time)
+    workers: int = 1  # processes training stacks side by side; each gets cores/workers threads
     resume: bool = True  # skip runs already recorded in runs.csv under the same config hash
     plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
     progress: bool = True  # show tqdm progress bars
@@ -98,6 +100,8 @@ class Config:
         _positive("merge_every", self.merge_every)
         _positive("lora_alpha", self.lora_alpha)
         _positive("val_size", self.val_size)
+        _positive("stack_size", self.stack_size)
+        _positive("workers", self.workers)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.dropout < 1.0:
@@ -116,9 +120,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Fields that do not change what a run computes, so they stay out of every hash.
+# Fields that do not change what a run computes, so they stay out of every hash (stack_size and
+# workers change it only to float rounding: a run is the same run alone or in a stack).
 _NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "plots_only", "progress",
-                "method", "sketch", "ranks", "seeds", "run_fpft"}
+                "method", "sketch", "ranks", "seeds", "run_fpft", "stack_size", "workers"}
 # Fields that only adapters read; the base model and FPFT do not depend on them.
 _ADAPTER_FIELDS = {"merge_every", "scaling", "lora_alpha", "random_init", "reset_optimizer_on_merge"}
 

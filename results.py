@@ -83,18 +83,18 @@ def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str]) ->
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
-def upsert_run(results_dir: str | os.PathLike, run_row: dict, curve_rows: list[dict]) -> None:
-    """Add one finished run (replacing an earlier row with the same config_hash) to both CSVs.
+def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows: list[dict]) -> None:
+    """Add finished runs (replacing earlier rows with the same config_hash) to both CSVs.
 
     curves.csv is written first: a run is only "finished" once its runs.csv row exists, so an
-    interruption between the two writes leaves at worst an orphan curve that the re-run replaces.
+    interruption between the two writes leaves at worst orphan curves that the re-run replaces.
     """
     results_dir = Path(results_dir)
-    key = run_row["config_hash"]
-    curves = [r for r in read_rows(results_dir / "curves.csv") if r["config_hash"] != key]
+    keys = {r["config_hash"] for r in run_rows}
+    curves = [r for r in read_rows(results_dir / "curves.csv") if r["config_hash"] not in keys]
     write_rows(results_dir / "curves.csv", curves + curve_rows, CURVE_COLUMNS)
-    runs = [r for r in read_rows(results_dir / "runs.csv") if r["config_hash"] != key]
-    write_rows(results_dir / "runs.csv", runs + [run_row], RUN_COLUMNS)
+    runs = [r for r in read_rows(results_dir / "runs.csv") if r["config_hash"] not in keys]
+    write_rows(results_dir / "runs.csv", runs + run_rows, RUN_COLUMNS)
 
 
 def git_commit() -> str:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import multiprocessing as mp
+import os
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +24,8 @@ from data import load_tasks
 from lora import lora_scale, wrap_linears
 from methods import get_method
 from models import build_model, count_trainable, set_generator
-from results import atomic_path, read_rows, upsert_run
+from results import atomic_path, read_rows, upsert_runs
+from stack import StackedModel, evaluate_stack, train_stack
 from train import Record, evaluate, train
 
 
@@ -97,84 +102,201 @@ class Sweep:
             g = torch.Generator(device=self.device).manual_seed(cfg.base_seed)
             model = build_model(cfg.hidden, cfg.dropout, g, self.device)
             set_generator(model, g)
-            record = self._train(model, list(model.parameters()), "A", g, desc="base model (digits 0-4)")
+            bar = _epoch_bar(cfg, "base model (digits 0-4)")
+            with bar:
+                record = train(model, list(model.parameters()), self.tasks["A"], generator=g,
+                               progress=lambda row: bar.update(1), **_train_kw(cfg))
             with atomic_path(ckpt) as tmp:
                 torch.save({"state_dict": model.state_dict(), "record": dataclasses.asdict(record),
                             "config": cfg.to_dict()}, tmp)
         if key not in self.done:
-            self._finish("base", None, None, cfg.base_seed, key, model, record)
+            spec = dict(method="base", sketch=None, rank=None, seed=cfg.base_seed)
+            self.record([result_rows(cfg, dev, self.commit, spec, record, *_test_accs(model, self.tasks),
+                                     count_trainable(model))])
         else:
             self.rows.append(self.done[key])
         return model
 
-    # --- one run on task B ---
-    def run(self, base: torch.nn.Module, method: str, sketch: str | None, rank: int | None, seed: int) -> dict:
-        cfg, dev = self.cfg, self.device.type
-        key = run_hash(cfg, dev, method, sketch, rank, seed)
-        if key in self.done:
-            self.rows.append(self.done[key])
-            return self.done[key]
+    def pending(self) -> list[dict]:
+        """The plan's runs not yet in runs.csv; the finished ones go straight into ``rows``."""
+        todo = []
+        for spec in run_plan(self.cfg):
+            key = run_hash(self.cfg, self.device.type, **spec)
+            if key in self.done:
+                self.rows.append(self.done[key])
+            else:
+                todo.append(spec)
+        return todo
+
+    def record(self, results: list[tuple[dict, list[dict]]]) -> None:
+        """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
+        upsert_runs(self.results_dir, [row for row, _ in results], [c for _, curve in results for c in curve])
+        self.rows.extend(row for row, _ in results)
+
+
+def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dict]]:
+    """Group runs into stacks: one method and sketch per stack (ranks and seeds mixed), at most
+    ``stack_size`` runs, sizes as even as possible; big stacks are halved while there are fewer
+    stacks than workers, so that no worker idles."""
+    groups: dict[tuple, list[dict]] = {}
+    for spec in plan:
+        groups.setdefault((spec["method"], spec["sketch"]), []).append(spec)
+    out = []
+    for specs in groups.values():
+        k = math.ceil(len(specs) / stack_size)
+        out += [specs[i * len(specs) // k:(i + 1) * len(specs) // k] for i in range(k)]
+    while len(out) < workers and max(map(len, out), default=1) > 1:
+        big = max(range(len(out)), key=lambda i: len(out[i]))
+        s = out.pop(big)
+        out[big:big] = [s[:len(s) // 2], s[len(s) // 2:]]
+    return out
+
+
+class Trainer:
+    """Trains stacks of task-B runs from a base model; what one worker process holds."""
+
+    def __init__(self, cfg: Config, commit: str, base_state: dict, tasks=None, show_epochs: bool = True):
+        self.cfg, self.commit = cfg, commit
+        self.device = resolve_device(cfg.device)
+        self.tasks = tasks if tasks is not None else load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed,
+                                                                self.device)
+        self.base = build_model(cfg.hidden, cfg.dropout, None, self.device)
+        self.base.load_state_dict(base_state)
+        self.show_epochs = show_epochs
+
+    def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
+        """Train the runs of ``specs`` (one method and sketch): alone if there is one and
+        stack_size is 1, else as one stack. Returns (runs.csv row, curves.csv rows) per run."""
+        if len(specs) == 1 and self.cfg.stack_size == 1:
+            return [self._alone(specs[0])]
+        return self._stacked(specs)
+
+    def _alone(self, spec: dict) -> tuple[dict, list[dict]]:
+        cfg = self.cfg
+        method, sketch, rank, seed = spec["method"], spec["sketch"], spec["rank"], spec["seed"]
         g = torch.Generator(device=self.device).manual_seed(seed)
         model = build_model(cfg.hidden, cfg.dropout, None, self.device)
-        model.load_state_dict(base.state_dict())
+        model.load_state_dict(self.base.state_dict())
         set_generator(model, g)
-        on_epoch_end = None
+        hook = None
         if method == "fpft":
             params = list(model.parameters())
-            desc = f"fpft seed {seed}"
         else:
             strategy = get_method(method)
             adapters = wrap_linears(model, rank, lora_scale(cfg.scaling, cfg.lora_alpha, rank), sketch,
                                     cfg.random_init, g)
             params = strategy.prepare(adapters)
-            on_epoch_end = lambda epoch: strategy.end_of_epoch(adapters, epoch, cfg.merge_every, g)  # noqa: E731
-            desc = f"{method} {sketch} r={rank} seed {seed}"
-        record = self._train(model, params, "B", g, desc=desc, on_epoch_end=on_epoch_end)
-        return self._finish(method, sketch, rank, seed, key, model, record)
+            hook = lambda epoch: strategy.end_of_epoch(adapters, epoch, cfg.merge_every, g)  # noqa: E731
+        bar = _epoch_bar(cfg, _describe([spec]), disable=not self.show_epochs)
+        with bar:
+            record = train(model, params, self.tasks["B"], generator=g, on_epoch_end=hook,
+                           progress=lambda row: bar.update(1), **_train_kw(cfg))
+        return result_rows(cfg, self.device.type, self.commit, spec, record, *_test_accs(model, self.tasks),
+                           count_trainable(model))
 
-    def _train(self, model, params, task: str, g, desc: str, on_epoch_end=None) -> Record:
+    def _stacked(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_epochs, desc=desc, leave=False, disable=not cfg.progress, unit="epoch")
+        method, sketch = specs[0]["method"], specs[0]["sketch"]
+        gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
+        model = StackedModel(self.base, len(specs))
+        hook = None
+        if method == "fpft":
+            params = list(model.parameters())
+        else:
+            strategy = get_method(method)
+            ranks = [s["rank"] for s in specs]
+            adapters = model.wrap(ranks, [lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks], sketch,
+                                  cfg.random_init, gens)
+            params = strategy.prepare(adapters)
+            hook = lambda epoch, g: strategy.end_of_epoch(adapters, epoch, cfg.merge_every, g)  # noqa: E731
+        bar = _epoch_bar(cfg, _describe(specs), disable=not self.show_epochs)
 
-        def progress(row: dict) -> None:
+        def progress(epoch: int, live: int) -> None:
             bar.update(1)
-            bar.set_postfix(val_loss=f"{row['val_loss']:.3f}", test_acc=f"{row['test_acc']:.3f}")
+            bar.set_postfix(training=f"{live}/{len(specs)} runs")
 
-        try:
-            return train(model, params, self.tasks[task], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, patience=cfg.patience,
-                         generator=g, on_epoch_end=on_epoch_end,
-                         reset_optimizer_on_merge=cfg.reset_optimizer_on_merge, progress=progress)
-        finally:
-            bar.close()
+        with bar:
+            records = train_stack(model, params, self.tasks["B"], generators=gens, on_epoch_end=hook,
+                                  progress=progress, **_train_kw(cfg))
+        _, acc_a = evaluate_stack(model, self.tasks["A"].test)
+        _, acc_b = evaluate_stack(model, self.tasks["B"].test)
+        return [result_rows(cfg, self.device.type, self.commit, spec, rec, a, b, model.trainable_count(i))
+                for i, (spec, rec, a, b) in enumerate(zip(specs, records, acc_a.tolist(), acc_b.tolist()))]
 
-    def _finish(self, method, sketch, rank, seed, key, model, record: Record) -> dict:
-        """Evaluate the kept weights on both tasks' test sets and write the run to the results files."""
-        cfg = self.cfg
-        _, acc_a = evaluate(model, self.tasks["A"].test)
-        _, acc_b = evaluate(model, self.tasks["B"].test)
-        trainable = count_trainable(model)  # base and fpft: every parameter; adapters: the trained factors
-        row = dict(method=method, sketch=sketch, rank=rank, seed=seed, trainable_params=trainable,
-                   epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
-                   test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, wall_s=round(record.wall_s, 3),
-                   config_hash=key, settings_hash=settings_hash(cfg, self.device.type, _kind(method)),
-                   git_commit=self.commit, device=self.device.type,
-                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   config=json.dumps(cfg.to_dict(), sort_keys=True),
-                   **{k: getattr(cfg, k) for k in ("scaling", "lora_alpha", "random_init", "merge_every",
-                                                   "reset_optimizer_on_merge", "lr", "weight_decay",
-                                                   "batch_size", "max_epochs", "patience")})
-        curve = [dict(config_hash=key, method=method, sketch=sketch, rank=rank, seed=seed, epoch=c["epoch"],
-                      train_loss=c["train_loss"], val_loss=c["val_loss"], val_acc=c["val_acc"],
-                      test_acc_b=c["test_acc"] if method != "base" else None, merged=c["merged"])
-                 for c in record.curve]
-        upsert_run(self.results_dir, row, curve)
-        self.rows.append(row)
-        return row
+
+def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Record, acc_a: float, acc_b: float,
+                trainable: int) -> tuple[dict, list[dict]]:
+    """A finished run's runs.csv row and curves.csv rows. ``trainable``: base and fpft every parameter,
+    adapters the trained factors."""
+    method, sketch, rank, seed = spec["method"], spec["sketch"], spec["rank"], spec["seed"]
+    key = run_hash(cfg, device, method, sketch, rank, seed)
+    row = dict(method=method, sketch=sketch, rank=rank, seed=seed, trainable_params=trainable,
+               epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
+               test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, wall_s=round(record.wall_s, 3),
+               config_hash=key, settings_hash=settings_hash(cfg, device, _kind(method)),
+               git_commit=commit, device=device,
+               finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               config=json.dumps(cfg.to_dict(), sort_keys=True),
+               **{k: getattr(cfg, k) for k in ("scaling", "lora_alpha", "random_init", "merge_every",
+                                               "reset_optimizer_on_merge", "lr", "weight_decay",
+                                               "batch_size", "max_epochs", "patience")})
+    curve = [dict(config_hash=key, method=method, sketch=sketch, rank=rank, seed=seed, epoch=c["epoch"],
+                  train_loss=c["train_loss"], val_loss=c["val_loss"], val_acc=c["val_acc"],
+                  test_acc_b=c["test_acc"] if method != "base" else None, merged=c["merged"])
+             for c in record.curve]
+    return row, curve
+
+
+def _train_kw(cfg: Config) -> dict:
+    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
+                patience=cfg.patience, reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
+
+
+def _test_accs(model: torch.nn.Module, tasks) -> tuple[float, float]:
+    return evaluate(model, tasks["A"].test)[1], evaluate(model, tasks["B"].test)[1]
+
+
+def _epoch_bar(cfg: Config, desc: str, disable: bool = False):
+    return tqdm(total=cfg.max_epochs, desc=desc, leave=False, disable=disable or not cfg.progress, unit="epoch")
+
+
+def _describe(specs: list[dict]) -> str:
+    s = specs[0]
+    if s["method"] == "fpft":
+        head = "fpft"
+    else:
+        ranks = sorted({x["rank"] for x in specs})
+        head = f"{s['method']} {s['sketch']} r={','.join(map(str, ranks))}"
+    seeds = sorted({x["seed"] for x in specs})
+    return f"{head} seed{'s' if len(seeds) > 1 else ''} {_span(seeds)}"
+
+
+def _span(values: list[int]) -> str:
+    return f"{values[0]}-{values[-1]}" if len(values) > 2 and values == list(range(values[0], values[-1] + 1)) \
+        else ",".join(map(str, values))
+
+
+# --- worker processes ---------------------------------------------------------------------------
+_WORKER: Trainer | None = None
+
+
+def _init_worker(cfg: Config, commit: str, base_state: dict, threads: int) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    torch.set_num_threads(threads)
+    _WORKER = Trainer(cfg, commit, base_state, show_epochs=False)
+
+
+def _work(specs: list[dict]) -> list[tuple[dict, list[dict]]]:
+    return _WORKER.run(specs)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_sweep(cfg: Config, commit: str) -> list[dict]:
-    """Base model, then every run of the plan; returns this sweep's runs.csv rows."""
+    """Base model, then every run of the plan, in stacks; returns this sweep's runs.csv rows."""
     t0 = time.perf_counter()
     sweep = Sweep(cfg, commit)
     tqdm.write(f"device: {sweep.device}; task B: {len(sweep.tasks['B'].train)} train / "
@@ -184,8 +306,27 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     if max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
         tqdm.write(LAYER_DIMS_NOTE.format(r=max(cfg.ranks), m=min(narrowest), i=narrowest[0], o=narrowest[1]))
     base = sweep.base_model()
-    plan = run_plan(cfg)
-    for spec in tqdm(plan, desc="runs", unit="run", disable=not cfg.progress):
-        sweep.run(base, **spec)
+    todo = stacks(sweep.pending(), cfg.stack_size, cfg.workers)
+    workers = min(cfg.workers, len(todo))
+    bar = tqdm(total=sum(map(len, todo)), desc="runs", unit="run", disable=not cfg.progress)
+    with bar:
+        if workers <= 1:
+            trainer = Trainer(cfg, commit, base.state_dict(), sweep.tasks)
+            for specs in todo:
+                sweep.record(trainer.run(specs))
+                bar.update(len(specs))
+        else:
+            threads = max(1, cpu_count() // workers)
+            tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
+            state = {k: v.cpu() for k, v in base.state_dict().items()}
+            pool = mp.get_context("spawn").Pool(workers, _init_worker, (cfg, commit, state, threads))
+            try:
+                for results in pool.imap_unordered(_work, todo):
+                    sweep.record(results)
+                    bar.update(len(results))
+                pool.close()
+            finally:
+                pool.terminate()
+                pool.join()
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")
     return sweep.rows
