@@ -73,6 +73,26 @@ def test_second_invocation_resumes_and_plots_only_redraws(tiny_sweep):
     assert {p.name for p in (out / "plots").iterdir()} == PLOTS
 
 
+@pytest.mark.parametrize("engine", [["--stack_size", "1"], ["--workers", "2", "--stack_size", "3"]])
+def test_runs_alone_or_on_two_workers_give_the_same_rows(tiny_sweep, tmp_path, engine):
+    """The same sweep one run at a time, or in stacks on two worker processes: the same runs,
+    the same numbers to float rounding (the tiny sweep itself ran in stacks in one process)."""
+    out, args, _ = tiny_sweep
+    shutil.copytree(out / "results" / "checkpoints", tmp_path / "results" / "checkpoints")  # same base model
+    mine = [*args[:args.index("--results_dir")], "--results_dir", tmp_path / "results", "--plots_dir",
+            tmp_path / "plots", "--progress", "false", *engine]
+    proc = run_main(*mine)
+    assert proc.returncode == 0, proc.stderr
+    want = {r["config_hash"]: r for r in read_rows(out / "results" / "runs.csv")}
+    got = {r["config_hash"]: r for r in read_rows(tmp_path / "results" / "runs.csv")}
+    assert got.keys() == want.keys()
+    for k, r in got.items():
+        assert r["best_val_loss"] == pytest.approx(want[k]["best_val_loss"], rel=1e-5)
+        assert r["test_acc_b"] == pytest.approx(want[k]["test_acc_b"], abs=1e-3)
+        assert (r["epochs"], r["trainable_params"], r["merges"]) == (want[k]["epochs"],
+                                                                    want[k]["trainable_params"], want[k]["merges"])
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--method", "dora"], "unknown method 'dora'; allowed:"),
     (["--ranks", "0"], "rank 0 is out of range"),

@@ -38,6 +38,8 @@ def test_overrides_parse_types_and_lists():
     (["--seeds", "0", "1", "0"], "seeds has repeated values"),
     (["--hidden", "0", "64"], "hidden must be one or more positive widths"),
     (["--resume", "maybe"], "--resume expects true or false"),
+    (["--stack_size", "0"], "stack_size must be positive"),
+    (["--workers", "0"], "workers must be positive"),
     (["--no_such_key", "1"], "unknown option --no_such_key"),
 ])
 def test_bad_values_are_rejected_with_what_is_allowed(argv, needle):
