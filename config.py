@@ -61,7 +61,7 @@ class Config:
     plots_dir: str = "./plots"  # the three PNG figures
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     stack_size: int = 16  # runs of one method trained at once as one stacked model (1 = one run at a time)
-    workers: int = 1  # processes training stacks side by side; each gets cores/workers threads
+    workers: int = 0  # processes training stacks side by side, each with cores/workers threads; 0 = one per core on CPU, 1 on a GPU
     resume: bool = True  # skip runs already recorded in runs.csv under the same config hash
     plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
     progress: bool = True  # show tqdm progress bars
@@ -101,7 +101,8 @@ class Config:
         _positive("lora_alpha", self.lora_alpha)
         _positive("val_size", self.val_size)
         _positive("stack_size", self.stack_size)
-        _positive("workers", self.workers)
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive, got {self.workers}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.dropout < 1.0:

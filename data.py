@@ -91,7 +91,8 @@ def load_mnist(data_dir: str | os.PathLike) -> tuple[tuple[torch.Tensor, torch.T
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:  # uint8 (N, 28, 28) -> float32 (N, 784)
-    return ((images.float() / 255.0 - MEAN) / STD).reshape(images.shape[0], -1)
+    # in place, so that no temporary copies of the whole set are made: (x / 255 - MEAN) / STD
+    return images.float().div_(255.0).sub_(MEAN).div_(STD).reshape(images.shape[0], -1)
 
 
 def _select(x: torch.Tensor, y: torch.Tensor, digits: range) -> Split:
@@ -110,8 +111,7 @@ def load_tasks(data_dir: str | os.PathLike, val_size: int, split_seed: int,
     g = torch.Generator().manual_seed(split_seed)
     perm = torch.randperm(xtr.shape[0], generator=g)
     val_idx, train_idx = perm[:val_size], perm[val_size:]
-    xtr, xte = _normalise(xtr), _normalise(xte)
-    parts = {
+    parts = {  # still uint8: each piece is normalised once selected, so no float copy of the whole set is made
         "train": (xtr[train_idx], ytr[train_idx]),
         "val": (xtr[val_idx], ytr[val_idx]),
         "test": (xte, yte),
@@ -119,7 +119,7 @@ def load_tasks(data_dir: str | os.PathLike, val_size: int, split_seed: int,
     tasks = {}
     for name, digits in (("A", range(0, 5)), ("B", range(5, 10))):
         splits = {k: _select(x, y, digits) for k, (x, y) in parts.items()}
-        tasks[name] = Task(**{k: Split(s.x.to(device), s.y.to(device)) for k, s in splits.items()})
+        tasks[name] = Task(**{k: Split(_normalise(s.x).to(device), s.y.to(device)) for k, s in splits.items()})
     return tasks
 
 

@@ -306,8 +306,9 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     if max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
         tqdm.write(LAYER_DIMS_NOTE.format(r=max(cfg.ranks), m=min(narrowest), i=narrowest[0], o=narrowest[1]))
     base = sweep.base_model()
-    todo = stacks(sweep.pending(), cfg.stack_size, cfg.workers)
-    workers = min(cfg.workers, len(todo))
+    workers = cfg.workers or (cpu_count() if sweep.device.type == "cpu" else 1)
+    todo = stacks(sweep.pending(), cfg.stack_size, workers)
+    workers = min(workers, len(todo))
     bar = tqdm(total=sum(map(len, todo)), desc="runs", unit="run", disable=not cfg.progress)
     with bar:
         if workers <= 1:

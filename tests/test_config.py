@@ -39,7 +39,7 @@ def test_overrides_parse_types_and_lists():
     (["--hidden", "0", "64"], "hidden must be one or more positive widths"),
     (["--resume", "maybe"], "--resume expects true or false"),
     (["--stack_size", "0"], "stack_size must be positive"),
-    (["--workers", "0"], "workers must be positive"),
+    (["--workers", "-1"], "workers must be 0 (one per core on CPU, 1 on a GPU) or positive"),
     (["--no_such_key", "1"], "unknown option --no_such_key"),
 ])
 def test_bad_values_are_rejected_with_what_is_allowed(argv, needle):

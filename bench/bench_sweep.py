@@ -1,0 +1,344 @@
+"""How fast the stacked sweep engine is: against a conventional DataLoader pipeline, per stack size,
+against the hardware's matrix-product speed, for the whole Table 3, and in memory.
+
+    python bench/bench_sweep.py [--device auto] [--epochs 3] [--skip-table3] [--quick]
+
+Prints figures; asserts nothing. Sections:
+  1. seconds per task-B epoch (rank 1, rac_lora, left): the conventional pipeline (torchvision MNIST,
+     ToTensor + Normalize, DataLoader with shuffle and batch 128, with 0 and with 2 loader workers)
+     and our engine (stacked, R = 1, and the plain one-run engine), measured in this process one after
+     the other; every epoch includes the merge and the validation + test evaluation, in both;
+  2. runs per minute (50 epochs a run) for R = 1, 4, 16, 64 stacked in one process, and for the same
+     runs split over worker processes (one thread each), as the sweep's `workers` setting does;
+  3. achieved GFLOP/s of a training epoch (matrix products counted by recording them) against the
+     GFLOP/s of the same matrix products, same shapes and layouts, replayed back to back;
+  4. peak memory of a 64-run stack training (a fresh process; RSS on CPU, CUDA allocator peak on GPU);
+  5. wall time of the full Table 3 (every method and sketch at rank 1 plus FPFT, 3 seeds, 50 epochs
+     with early stopping) through `python main.py`, with a fresh results folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from config import Config  # noqa: E402
+from data import MEAN, STD, load_tasks  # noqa: E402
+from lora import lora_scale, wrap_linears  # noqa: E402
+from methods import METHODS  # noqa: E402
+from models import build_model, set_generator  # noqa: E402
+from stack import StackedModel, train_stack  # noqa: E402
+from sweep import cpu_count, resolve_device  # noqa: E402
+from train import train  # noqa: E402
+
+CFG = Config(method="rac_lora", sketch="left", ranks=[1])
+METHOD = METHODS["rac_lora"]
+DATA = ROOT / "data"
+
+
+def base_model(device):
+    return build_model(CFG.hidden, CFG.dropout, torch.Generator(device=device).manual_seed(0), device)
+
+
+def stack_epoch_seconds(tasks, device, runs: int, epochs: int) -> float:
+    """Seconds per epoch of a stack of ``runs`` rac_lora rank-1 runs (after one warm-up epoch)."""
+    gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
+    model = StackedModel(base_model(device), runs)
+    adapters = model.wrap([1] * runs, [lora_scale(CFG.scaling, CFG.lora_alpha, 1)] * runs, "left",
+                          CFG.random_init, gens)
+    params = METHOD.prepare(adapters)
+    kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6,
+              generators=gens, on_epoch_end=lambda e, g: METHOD.end_of_epoch(adapters, e, 1, g))
+    train_stack(model, params, tasks["B"], max_epochs=1, **kw)
+    _sync(device)
+    t0 = time.perf_counter()
+    train_stack(model, params, tasks["B"], max_epochs=epochs, **kw)
+    _sync(device)
+    return (time.perf_counter() - t0) / epochs
+
+
+def plain_epoch_seconds(tasks, device, epochs: int) -> float:
+    """Seconds per epoch of one run on the plain engine (train.train, what stack_size = 1 uses)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    model = base_model(device)
+    set_generator(model, g)
+    adapters = wrap_linears(model, 1, lora_scale(CFG.scaling, CFG.lora_alpha, 1), "left", CFG.random_init, g)
+    params = METHOD.prepare(adapters)
+    kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6, generator=g,
+              on_epoch_end=lambda e: METHOD.end_of_epoch(adapters, e, 1, g))
+    train(model, params, tasks["B"], max_epochs=1, **kw)
+    _sync(device)
+    t0 = time.perf_counter()
+    train(model, params, tasks["B"], max_epochs=epochs, **kw)
+    _sync(device)
+    return (time.perf_counter() - t0) / epochs
+
+
+# --- 1. the conventional pipeline ---------------------------------------------------------------
+def _shift_label(y: int) -> int:  # digits 5-9 -> classes 0-4 (a module-level function: loader workers pickle it)
+    return y - 5
+
+
+def conventional_epoch_seconds(device, loader_workers: int, epochs: int) -> list[float]:
+    """A conventional pipeline written the usual way: torchvision MNIST with per-sample ToTensor +
+    Normalize, a shuffling DataLoader with batch 128, the same model (rank-1 rac_lora, left) and the
+    same per-epoch work (merge, then validation and test evaluation). Returns each epoch's seconds."""
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+    train_set = datasets.MNIST(str(DATA), train=True, transform=tf, target_transform=_shift_label)
+    test_set = datasets.MNIST(str(DATA), train=False, transform=tf, target_transform=_shift_label)
+    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(CFG.split_seed))
+    val_idx, train_idx = perm[:CFG.val_size], perm[CFG.val_size:]
+    five_up = lambda ds, idx: [int(i) for i in idx if ds.targets[int(i)] >= 5]  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    common = dict(batch_size=CFG.batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda")
+    loaders = {
+        "train": DataLoader(Subset(train_set, five_up(train_set, train_idx)), shuffle=True, generator=g, **common),
+        "val": DataLoader(Subset(train_set, five_up(train_set, val_idx)), **common),
+        "test": DataLoader(Subset(test_set, five_up(test_set, range(len(test_set)))), **common),
+    }
+    model = base_model(device)
+    set_generator(model, g)
+    adapters = wrap_linears(model, 1, lora_scale(CFG.scaling, CFG.lora_alpha, 1), "left", CFG.random_init, g)
+    opt = torch.optim.AdamW(METHOD.prepare(adapters), lr=CFG.lr, weight_decay=CFG.weight_decay)
+    seconds = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        for x, y in loaders["train"]:
+            x, y = x.to(device).flatten(1), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        METHOD.end_of_epoch(adapters, epoch, 1, g)
+        model.eval()
+        with torch.no_grad():
+            for name in ("val", "test"):
+                correct = 0
+                for x, y in loaders[name]:
+                    x, y = x.to(device).flatten(1), y.to(device)
+                    correct += (model(x).argmax(1) == y).sum().item()
+        _sync(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+# --- 2. worker processes ------------------------------------------------------------------------
+def _worker(args):
+    runs, epochs, threads, device_name, barrier = args
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    tasks = load_tasks(DATA, CFG.val_size, CFG.split_seed, device)
+    barrier.wait()  # every worker starts its timed stack together
+    return stack_epoch_seconds(tasks, device, runs, epochs)
+
+
+def workers_runs_per_minute(total_runs: int, workers: int, epochs: int, device) -> float:
+    """Runs per minute when ``total_runs`` are split evenly over ``workers`` processes training side by side."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(workers)
+        sizes = [total_runs // workers + (i < total_runs % workers) for i in range(workers)]
+        threads = max(1, cpu_count() // workers)
+        with ctx.Pool(workers) as pool:
+            secs = pool.map(_worker, [(n, epochs, threads, device.type, barrier) for n in sizes])
+    return sum(60.0 * n / (s * CFG.max_epochs) for n, s in zip(sizes, secs))
+
+
+# --- 3. FLOPs -----------------------------------------------------------------------------------
+class MatmulRecorder(TorchDispatchMode):
+    """Records every matrix product that runs under it: (op, shapes and strides of its operands)."""
+    OPS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::baddbmm": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.OPS:
+            i, j = self.OPS[name]
+            self.calls.append((func, name, [(tuple(a.shape), tuple(a.stride())) if torch.is_tensor(a) else a
+                                            for a in args], kwargs or {}, (i, j)))
+        return func(*args, **(kwargs or {}))
+
+
+def flops_of(calls) -> float:
+    total = 0.0
+    for _, _, args, _, (i, j) in calls:
+        (a, _), (b, _) = args[i], args[j]
+        batch = a[0] if len(a) == 3 else 1
+        total += 2.0 * batch * a[-2] * a[-1] * b[-1]
+    return total
+
+
+def replay_seconds(calls, device, repeats: int = 3) -> float:
+    """Seconds to run the recorded products back to back (same ops, shapes, strides), best of ``repeats``."""
+    cache = {}
+
+    def tensor(shape, stride):
+        if (shape, stride) not in cache:
+            size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+            cache[shape, stride] = torch.randn(size, device=device).as_strided(shape, stride)
+        return cache[shape, stride]
+
+    prepared = [(func, [tensor(*a) if isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], tuple) else a
+                        for a in args], kw) for func, _, args, kw, _ in calls]
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for func, args, kw in prepared:
+            func(*args, **kw)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gflops_section(tasks, device, runs: int, epochs: int) -> tuple[float, float, float]:
+    """(training GFLOP/s, replayed-matmul GFLOP/s, epoch seconds) for a stack of ``runs``."""
+    gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
+    model = StackedModel(base_model(device), runs)
+    adapters = model.wrap([1] * runs, [1.0] * runs, "left", CFG.random_init, gens)
+    params = METHOD.prepare(adapters)
+    kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6,
+              generators=gens, on_epoch_end=lambda e, g: METHOD.end_of_epoch(adapters, e, 1, g))
+    rec = MatmulRecorder()
+    with rec:
+        train_stack(model, params, tasks["B"], max_epochs=1, **kw)
+    secs = stack_epoch_seconds(tasks, device, runs, epochs)
+    flops = flops_of(rec.calls)
+    return flops / secs / 1e9, flops / replay_seconds(rec.calls, device) / 1e9, secs
+
+
+# --- 4. memory ----------------------------------------------------------------------------------
+def _status_mib(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MiB, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def memory_child(device_name: str, runs: int) -> None:
+    """Run in a fresh process: print JSON with the resident memory after loading the data, and the
+    peak during one epoch of a ``runs``-run stack (the kernel's peak counter is reset in between)."""
+    device = torch.device(device_name)
+    tasks = load_tasks(DATA, CFG.val_size, CFG.split_seed, device)
+    out = {"rss_loaded_mib": _status_mib("VmRSS"), "peak_before_mib": _status_mib("VmHWM")}
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        out["cuda_data_mib"] = torch.cuda.memory_allocated() / 2 ** 20
+    stack_epoch_seconds(tasks, device, runs, 1)
+    out["rss_peak_mib"] = _status_mib("VmHWM")
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    print(json.dumps(out))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (after a warm-up epoch)")
+    p.add_argument("--stacks", type=int, nargs="+", default=[1, 4, 16, 64], help="stack sizes R for section 2")
+    p.add_argument("--skip-table3", action="store_true", help="leave out section 5 (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="one conventional epoch, no loader-workers variant")
+    p.add_argument("--memory-child", nargs=2, metavar=("DEVICE", "RUNS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child[0], int(args.memory_child[1]))
+    device = resolve_device(args.device)
+    print(f"machine: {cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""), flush=True)
+    tasks = load_tasks(DATA, CFG.val_size, CFG.split_seed, device)
+    n = len(tasks["B"].train)
+
+    print(f"\n1. seconds per epoch, digits 5-9 ({n} training images), rank 1 rac_lora, with merge and val+test eval")
+    conv = {}
+    for w in ([0] if args.quick else [0, 2]):
+        secs = conventional_epoch_seconds(device, w, 1 if args.quick else 2)
+        conv[w] = min(secs)
+        print(f"   conventional DataLoader pipeline, num_workers={w}: "
+              f"{', '.join(f'{s:.2f}' for s in secs)} s per epoch", flush=True)
+    ours_stack = stack_epoch_seconds(tasks, device, 1, args.epochs)
+    ours_plain = plain_epoch_seconds(tasks, device, args.epochs)
+    best_conv = min(conv.values())
+    print(f"   ours, stacked engine, R = 1: {ours_stack:.3f} s   ours, plain engine (stack_size 1): {ours_plain:.3f} s")
+    print(f"   ratio, fastest conventional / ours: {best_conv / ours_stack:.1f}x (stacked R=1), "
+          f"{best_conv / ours_plain:.1f}x (plain)", flush=True)
+
+    print(f"\n2. runs per minute at {CFG.max_epochs} epochs a run, rank 1 rac_lora")
+    per_epoch = {}
+    for r in args.stacks:
+        per_epoch[r] = stack_epoch_seconds(tasks, device, r, args.epochs)
+        print(f"   R = {r:3d} stacked, one process: {per_epoch[r]:.3f} s per epoch, "
+              f"{60 * r / (per_epoch[r] * CFG.max_epochs):.1f} runs/min", flush=True)
+    print(f"   one after another on the plain engine: {60 / (ours_plain * CFG.max_epochs):.1f} runs/min")
+    if 16 in per_epoch:
+        print(f"   16 stacked vs 16 one after another: {16 * ours_plain / per_epoch[16]:.2f}x (plain engine), "
+              f"{16 * per_epoch.get(1, ours_stack) / per_epoch[16]:.2f}x (stacked R = 1)")
+    if device.type == "cpu" and cpu_count() > 1:
+        w = cpu_count()
+        for r in [r for r in args.stacks if r >= w]:
+            rpm = workers_runs_per_minute(r, w, args.epochs, device)
+            print(f"   R = {r:3d} split over {w} worker processes ({max(1, cpu_count() // w)} thread each): "
+                  f"{rpm:.1f} runs/min ({rpm / (60 * r / (per_epoch[r] * CFG.max_epochs)):.2f}x one process)",
+                  flush=True)
+
+    print("\n3. GFLOP/s of training (matrix products of a whole epoch, eval included) vs the same products replayed")
+    for r in [r for r in (16, 64) if r in args.stacks] or [max(args.stacks)]:
+        achieved, peak, secs = gflops_section(tasks, device, r, args.epochs)
+        print(f"   R = {r:3d}: training {achieved:.1f} GFLOP/s, replayed products {peak:.1f} GFLOP/s "
+              f"-> {100 * achieved / peak:.0f}% of the matrix-product speed", flush=True)
+
+    print("\n4. peak memory, one epoch of a 64-run stack (fresh process)")
+    out = subprocess.run([sys.executable, __file__, "--memory-child", device.type, "64"], capture_output=True,
+                         text=True, check=True).stdout
+    mem = json.loads(out.strip().splitlines()[-1])
+    line = (f"   resident after importing torch and loading MNIST: {mem['rss_loaded_mib']:.0f} MiB "
+            f"(peak while loading {mem['peak_before_mib']:.0f} MiB); peak while training the 64-run stack: "
+            f"{mem['rss_peak_mib']:.0f} MiB, {mem['rss_peak_mib'] - mem['rss_loaded_mib']:.0f} MiB above the loaded state")
+    if "cuda_peak_mib" in mem:
+        line += f"; CUDA peak allocated {mem['cuda_peak_mib']:.0f} MiB (data alone {mem['cuda_data_mib']:.0f} MiB)"
+    print(line, flush=True)
+
+    if not args.skip_table3:
+        print("\n5. full Table 3: python main.py --method all --sketch both --ranks 1 --seeds 0 1 2 (fresh results)")
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(ROOT / "main.py"), "--method", "all", "--sketch", "both", "--ranks", "1",
+                   "--seeds", "0", "1", "2", "--device", args.device, "--results_dir", f"{tmp}/results",
+                   "--plots_dir", f"{tmp}/plots", "--progress", "false"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(f"   failed: {proc.stderr.strip().splitlines()[-1]}")
+            else:
+                print(f"   wall time {wall:.1f} s ({wall / 60:.2f} min), base model training included")
+                print("\n".join("   " + line for line in proc.stdout.splitlines() if line.strip()
+                                and not line.startswith(("wrote", "results in"))))
+
+
+if __name__ == "__main__":
+    main()
