@@ -136,8 +136,9 @@ class Sweep:
 
 def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dict]]:
     """Group runs into stacks: one method and sketch per stack (ranks and seeds mixed), at most
-    ``stack_size`` runs, sizes as even as possible; big stacks are halved while there are fewer
-    stacks than workers, so that no worker idles."""
+    ``stack_size`` runs, sizes as even as possible. With several workers, the biggest stack is
+    halved while there are fewer stacks than workers or it holds more than a worker's even share
+    of the runs, so that no worker idles while another trains a big stack."""
     groups: dict[tuple, list[dict]] = {}
     for spec in plan:
         groups.setdefault((spec["method"], spec["sketch"]), []).append(spec)
@@ -145,7 +146,8 @@ def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dic
     for specs in groups.values():
         k = math.ceil(len(specs) / stack_size)
         out += [specs[i * len(specs) // k:(i + 1) * len(specs) // k] for i in range(k)]
-    while len(out) < workers and max(map(len, out), default=1) > 1:
+    share = math.ceil(len(plan) / workers)  # runs per worker if the work were spread evenly
+    while out and (len(out) < workers or max(map(len, out)) > share) and max(map(len, out)) > 1:
         big = max(range(len(out)), key=lambda i: len(out[i]))
         s = out.pop(big)
         out[big:big] = [s[:len(s) // 2], s[len(s) // 2:]]
@@ -320,6 +322,7 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
             threads = max(1, cpu_count() // workers)
             tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
             state = {k: v.cpu() for k, v in base.state_dict().items()}
+            todo.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
             pool = mp.get_context("spawn").Pool(workers, _init_worker, (cfg, commit, state, threads))
             try:
                 for results in pool.imap_unordered(_work, todo):

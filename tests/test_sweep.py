@@ -22,4 +22,6 @@ def test_stack_size_one_is_one_run_at_a_time_and_workers_split_stacks():
     assert [len(g) for g in stacks(plan, 16)] == [12]
     assert sorted(len(g) for g in stacks(plan, 16, workers=2)) == [6, 6]
     assert sorted(len(g) for g in stacks(plan, 16, workers=5)) == [1, 2, 3, 3, 3]  # 12 -> 6+6 -> 3+3+6 -> ...
+    fpft_too = run_plan(Config(method="rac_lora", ranks=[1, 2, 4, 8], seeds=[0, 1, 2]))  # 3 fpft + 12 adapter runs
+    assert sorted(len(g) for g in stacks(fpft_too, 16, workers=2)) == [3, 6, 6]  # 12 > 8 = an even share
     assert sorted(len(g) for g in stacks(plan[:2], 16, workers=5)) == [1, 1]  # never below one run
