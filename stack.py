@@ -45,9 +45,10 @@ class StackedDropout(nn.Module):
             return h
         if self.generators is None or len(self.generators) != h.shape[0]:
             raise RuntimeError("StackedDropout needs one generator per run: call set_generators(model, gens)")
-        keep = torch.stack([torch.rand(h.shape[1:], generator=g, device=h.device, dtype=h.dtype)
-                            for g in self.generators]) >= self.p
-        return h * keep / (1.0 - self.p)
+        u = torch.empty_like(h)
+        for row, g in zip(u, self.generators):  # each row: the draws torch.rand(row.shape, generator=g) makes
+            row.uniform_(generator=g)
+        return h * (u >= self.p) / (1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -85,6 +86,7 @@ class StackedLinear(nn.Module):
         self.A = nn.Parameter(torch.zeros(self.runs, r, inp, **kw))
         self.B = nn.Parameter(torch.zeros(self.runs, out, r, **kw))
         self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
+        self.same_scale = float(scales[0]) if len(set(scales)) == 1 else None
         self.ranks = list(ranks)
         self.sketch, self.random_init = sketch, random_init
         self.zero_name, self.random_name = ROLES[sketch]
@@ -105,9 +107,12 @@ class StackedLinear(nn.Module):
             h = (x @ w.flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
             return h + self.bias.unsqueeze(1)
         h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-        if self.ranks:
-            h = h + self.scale * ((x @ self.A.transpose(1, 2)) @ self.B.transpose(1, 2))
-        return h
+        if not self.ranks:
+            return h
+        xa = x @ self.A.transpose(1, 2)  # (R, N, r)
+        if self.same_scale is not None:  # one scale for every run: fold it into the product
+            return torch.baddbmm(h, xa, self.B.transpose(1, 2), alpha=self.same_scale)
+        return h + self.scale * (xa @ self.B.transpose(1, 2))
 
     def delta_weight(self) -> torch.Tensor:  # (R, out, in)
         return self.scale * (self.B @ self.A)
@@ -278,8 +283,8 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
             flat = idx.flatten()
             xb = torch.index_select(x, 0, flat, out=buf[:flat.numel()])
             logits = model(xb.view(*idx.shape, -1))  # (live, b, C)
-            yb = y.index_select(0, flat).view(idx.shape)
-            per_run = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)  # (live,)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.index_select(0, flat), reduction="none")
+            per_run = losses.view(idx.shape).mean(1)  # (live,): each run's mean loss over its batch
             optimizer.zero_grad(set_to_none=True)
             per_run.sum().backward()
             optimizer.step()
