@@ -302,9 +302,10 @@ def main() -> None:
         w = cpu_count()
         for r in [r for r in args.stacks if r >= w]:
             rpm = workers_runs_per_minute(r, w, args.epochs, device)
+            sequential = 60 / (ours_plain * CFG.max_epochs)
             print(f"   R = {r:3d} split over {w} worker processes ({max(1, cpu_count() // w)} thread each): "
-                  f"{rpm:.1f} runs/min ({rpm / (60 * r / (per_epoch[r] * CFG.max_epochs)):.2f}x one process)",
-                  flush=True)
+                  f"{rpm:.1f} runs/min ({rpm / (60 * r / (per_epoch[r] * CFG.max_epochs)):.2f}x one process, "
+                  f"{rpm / sequential:.2f}x one after another on the plain engine)", flush=True)
 
     print("\n3. GFLOP/s of training (matrix products of a whole epoch, eval included) vs the same products replayed")
     for r in [r for r in (16, 64) if r in args.stacks] or [max(args.stacks)]:
