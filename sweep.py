@@ -328,9 +328,11 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
                 for results in pool.imap_unordered(_work, todo):
                     sweep.record(results)
                     bar.update(len(results))
-                pool.close()
-            finally:
+            except BaseException:  # Ctrl-C or a failed stack: stop the workers now, keep what finished
                 pool.terminate()
                 pool.join()
+                raise
+            pool.close()  # every stack is done: let the workers exit on their own
+            pool.join()
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")
     return sweep.rows
