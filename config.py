@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 # Names the sweep accepts. The method registry in methods.py is the authority on what each
 # method does; config.py only knows the names so that it can reject a typo early.
-METHODS = ("lora", "cola", "asymmetric_lora", "rac_lora")
+METHODS = ("lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus", "relora")
 METHOD_CHOICES = METHODS + ("all",)
 SKETCHES = ("left", "right")
 SKETCH_CHOICES = SKETCHES + ("both",)
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # --- what to run ---
-    method: str = "rac_lora"  # lora | cola | asymmetric_lora | rac_lora | all
+    method: str = "rac_lora"  # lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | relora | all
     sketch: str = "left"  # left: B random, A zero+trained ("(Zero, Gaussian)"); right: A random, B trained; both
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # adapter ranks to sweep
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each method x rank
@@ -43,6 +43,9 @@ class Config:
     lora_alpha: float = 1.0  # alpha in the scaling rule above
     random_init: str = "gaussian"  # init of the non-zero factor: gaussian = N(0, 1); kaiming = nn.Linear's default
     reset_optimizer_on_merge: bool = False  # clear AdamW's moments at each merge (published code: no)
+    loraplus_ratio: float = 16.0  # lora_plus, cola_plus: learning rate of B / learning rate of A (LoRA+)
+    relora_every: int = 200  # relora: optimizer steps between merges (each also resets AdamW's moments)
+    relora_warmup: int = 20  # relora: steps of linear learning-rate warm-up at the start and after each merge
     # --- optimisation (base model, FPFT and adapters alike) ---
     lr: float = 2e-4  # AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
@@ -98,6 +101,9 @@ class Config:
         _positive("max_epochs", self.max_epochs)
         _positive("patience", self.patience)
         _positive("merge_every", self.merge_every)
+        _positive("loraplus_ratio", self.loraplus_ratio)
+        _positive("relora_every", self.relora_every)
+        _positive("relora_warmup", self.relora_warmup)
         _positive("lora_alpha", self.lora_alpha)
         _positive("val_size", self.val_size)
         _positive("stack_size", self.stack_size)
@@ -125,17 +131,24 @@ class Config:
 # workers change it only to float rounding: a run is the same run alone or in a stack).
 _NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "plots_only", "progress",
                 "method", "sketch", "ranks", "seeds", "run_fpft", "stack_size", "workers"}
+# Fields that only some methods read: they enter the hash of those methods' runs only.
+_METHOD_FIELDS = {"loraplus_ratio": {"lora_plus", "cola_plus"}, "relora_every": {"relora"},
+                  "relora_warmup": {"relora"}}
 # Fields that only adapters read; the base model and FPFT do not depend on them.
-_ADAPTER_FIELDS = {"merge_every", "scaling", "lora_alpha", "random_init", "reset_optimizer_on_merge"}
+_ADAPTER_FIELDS = {"merge_every", "scaling", "lora_alpha", "random_init", "reset_optimizer_on_merge",
+                   *_METHOD_FIELDS}
 
 
-def settings_hash(cfg: Config, device: str, kind: str = "adapter") -> str:
+def settings_hash(cfg: Config, device: str, kind: str = "adapter", method: str | None = None) -> str:
     """Hash of every field that changes a run's numbers, apart from what names the run itself.
 
     ``kind`` is "adapter" (all settings), or "base"/"fpft", which ignore adapter-only fields.
+    ``method`` keeps the fields only it reads (e.g. loraplus_ratio for lora_plus); other methods' runs
+    ignore them, so adding such a field changes no existing hash.
     ``device`` is the resolved device type ("cpu", "cuda", ...): random streams differ by device.
     """
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_HASH}
+    d = {k: v for k, v in d.items() if k not in _METHOD_FIELDS or method in _METHOD_FIELDS[k]}
     if kind != "adapter":
         d = {k: v for k, v in d.items() if k not in _ADAPTER_FIELDS}
     d["device"] = device

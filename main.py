@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e)
 
     # Imported after parsing so that --help and bad options answer at once.
-    from config import settings_hash
+    from config import METHODS, settings_hash
     from data import DataError
     from plots import draw_all
     from results import ResultsError, git_commit, read_rows, summary_table
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         # The plots show every run recorded under the current settings (earlier sweeps of other
         # methods included), so comparisons accumulate; the table shows this sweep's runs.
         device = resolve_device(cfg.device).type
-        wanted = {settings_hash(cfg, device, k) for k in ("base", "fpft", "adapter")}
+        wanted = {settings_hash(cfg, device, k, m) for k in ("base", "fpft", "adapter") for m in (None, *METHODS)}
         plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
         if not plot_rows:
             raise DataError(f"no runs in {runs_csv} were made with these settings; run the sweep first, "

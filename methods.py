@@ -6,13 +6,20 @@ A strategy says three things, and the adapter layer never asks which method it i
   one drawn at random; lora.py's ``sketch`` maps roles to A and B);
 - ``merges``: whether the adapter is merged into the base weight every ``merge_every`` epochs;
 - what a merge re-draws: the zero factor is always re-zeroed (so the function is unchanged) and
-  the random factor is re-sampled. Methods that never merge never re-sample.
+  the random factor is re-sampled. Methods that never merge never re-sample;
+- and, for the optimizer: per-factor learning rates (``b_lr_ratio``, LoRA+), merges every so many
+  optimizer steps instead of epochs with the optimizer state reset and a re-warming learning-rate
+  schedule (``step_merges``, ReLoRA).
 
+Both engines (train.py one run at a time, stack.py many at once) drive the same strategy, through
+``optimizer_groups``, ``end_of_epoch``, ``after_step`` and ``lr_lambda``.
 To add a variant, add one entry to METHODS (and its name to config.METHODS).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,8 +32,10 @@ class Method:
     name: str
     label: str  # for plots and tables
     trains: tuple[str, ...]  # roles that get gradients: "zero" and/or "random"
-    merges: bool  # merge + reset every merge_every epochs
+    merges: bool  # merge + reset every merge_every epochs (or every relora_every steps if step_merges)
     reference: str  # where it comes from
+    b_lr_ratio: bool = False  # LoRA+: factor B learns at loraplus_ratio x the learning rate of A
+    step_merges: bool = False  # ReLoRA: merge every relora_every steps, reset AdamW, re-warm the learning rate
 
     def trainable_factors(self, adapter: LoRALinear) -> list[nn.Parameter]:
         return [adapter.zero_factor if role == "zero" else adapter.random_factor for role in self.trains]
@@ -41,15 +50,69 @@ class Method:
             params.extend(wanted)
         return params
 
+    def optimizer_groups(self, adapters: list[LoRALinear], lr: float, loraplus_ratio: float) -> list[dict]:
+        """``prepare``, then the trainable factors as AdamW parameter groups (LoRA+: B at lr x ratio)."""
+        params = self.prepare(adapters)
+        if not self.b_lr_ratio:
+            return [{"params": params}]
+        b = [ad.B for ad in adapters if ad.B.requires_grad]
+        return [{"params": [p for p in params if all(p is not q for q in b)]},
+                {"params": b, "lr": lr * loraplus_ratio}]
+
+    @property
+    def resets_optimizer(self) -> bool:
+        """Whether every merge clears AdamW's moments whatever reset_optimizer_on_merge says."""
+        return self.step_merges
+
     def end_of_epoch(self, adapters: list[LoRALinear], epoch: int, merge_every: int,
                      generator: torch.Generator) -> bool:
         """Called after epoch ``epoch`` (1-based). Merges and resets when due; returns whether it did."""
-        if not self.merges or epoch % merge_every != 0:
+        if not self.merges or self.step_merges or epoch % merge_every != 0:
             return False
-        for ad in adapters:
-            ad.merge()
-            ad.reset(generator, resample_random=True)
-        return True
+        return _merge(adapters, generator)
+
+    def after_step(self, adapters: list[LoRALinear], step: int, every: int, generator: torch.Generator) -> bool:
+        """Called after optimizer step ``step`` (1-based, counted over the whole run); ReLoRA merges here."""
+        if not self.step_merges or step % every != 0:
+            return False
+        return _merge(adapters, generator)
+
+    def training(self, adapters, generator: torch.Generator | None, *, lr: float, total_steps: int,
+                 merge_every: int = 1, loraplus_ratio: float = 16.0, relora_every: int = 200,
+                 relora_warmup: int = 20, reset_optimizer_on_merge: bool = False) -> tuple[list[dict], dict]:
+        """Everything a training loop needs to apply this method: (AdamW parameter groups, keyword
+        arguments of train.train / stack.train_stack). ``generator``: the run's generator for the
+        plain engine; None for the stacked engine, whose loop passes each call the generators of the
+        runs still training."""
+        def bind(hook):
+            return (lambda n: hook(n, generator)) if generator is not None else hook
+
+        hooks = dict(on_epoch_end=bind(lambda e, g: self.end_of_epoch(adapters, e, merge_every, g)),
+                     reset_optimizer_on_merge=reset_optimizer_on_merge or self.resets_optimizer,
+                     lr_lambda=self.lr_lambda(total_steps, relora_every, relora_warmup))
+        if self.step_merges:
+            hooks["on_step_end"] = bind(lambda s, g: self.after_step(adapters, s, relora_every, g))
+        return self.optimizer_groups(adapters, lr, loraplus_ratio), hooks
+
+    def lr_lambda(self, total_steps: int, every: int, warmup: int) -> Callable[[int], float] | None:
+        """ReLoRA's jagged schedule, as a LambdaLR multiplier of the step count: a cosine decay to 10 %
+        of the learning rate over the run, times a linear warm-up over ``warmup`` steps that restarts
+        at every merge. None for the other methods (a constant learning rate)."""
+        if not self.step_merges:
+            return None
+
+        def factor(step: int) -> float:  # step = optimizer steps taken so far
+            warm = min(1.0, (step % every + 1) / warmup)
+            cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+            return warm * (0.1 + 0.9 * cosine)
+        return factor
+
+
+def _merge(adapters, generator) -> bool:
+    for ad in adapters:
+        ad.merge()
+        ad.reset(generator, resample_random=True)
+    return True
 
 
 METHODS: dict[str, Method] = {
@@ -63,6 +126,12 @@ METHODS: dict[str, Method] = {
                reference="Zhu et al., 2024 (asymmetry in low-rank adapters)"),
         Method("rac_lora", "RAC-LoRA", trains=("zero",), merges=True,
                reference="Malinovsky et al., 2024 (arXiv:2410.08305)"),
+        Method("lora_plus", "LoRA+", trains=("zero", "random"), merges=False, b_lr_ratio=True,
+               reference="Hayou et al., 2024 (LoRA+)"),
+        Method("cola_plus", "COLA+", trains=("zero", "random"), merges=True, b_lr_ratio=True,
+               reference="COLA with LoRA+'s learning rates (Xia et al., 2024; Hayou et al., 2024)"),
+        Method("relora", "ReLoRA", trains=("zero", "random"), merges=True, step_merges=True,
+               reference="Lialin et al., ICLR 2024 (ReLoRA)"),
     ]
 }
 

@@ -252,11 +252,13 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 lr: float, weight_decay: float, batch_size: int, max_epochs: int, patience: int,
                 on_epoch_end: Callable[[int, list[torch.Generator]], bool] | None = None,
                 reset_optimizer_on_merge: bool = False,
+                on_step_end: Callable[[int, list[torch.Generator]], bool] | None = None,
+                lr_lambda: Callable[[int], float] | None = None,
                 progress: Callable[[int, int], None] | None = None) -> list[Record]:
     """train.train() for every run of the stack at once; returns one Record per run, in stack order.
 
-    ``on_epoch_end(epoch, generators)`` gets the generators of the runs still training (the model
-    holds just those runs). ``progress(epoch, runs_still_training)`` is called after each epoch.
+    ``on_epoch_end(epoch, generators)`` and ``on_step_end(step, generators)`` get the generators of
+    the runs still training (the model holds just those runs). ``progress(epoch, runs_still_training)`` is called after each epoch.
     On return the model holds every run, each at its best weights.
     """
     runs = model.runs
@@ -264,6 +266,8 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
         raise ValueError(f"need one generator per run: {len(generators)} for {runs} runs")
     device = task.train.x.device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
+    step = merges = merges_at_epoch_start = 0  # every run of the stack steps and merges at the same times
     records = [Record() for _ in range(runs)]
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}  # every run, at its best so far
     ranks = [list(lin.ranks) for lin in model.linears]
@@ -289,18 +293,28 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
             per_run.sum().backward()
             optimizer.step()
             loss_sum += per_run.detach() * idx.shape[1]
-        merged = bool(on_epoch_end(epoch, gens)) if on_epoch_end is not None else False
-        if merged and reset_optimizer_on_merge:
-            optimizer.state.clear()
+            step += 1
+            if on_step_end is not None and on_step_end(step, gens):
+                merges += 1
+                if reset_optimizer_on_merge:
+                    optimizer.state.clear()
+            if scheduler is not None:
+                scheduler.step()
+        if on_epoch_end is not None and on_epoch_end(epoch, gens):
+            merges += 1
+            if reset_optimizer_on_merge:
+                optimizer.state.clear()
         val_loss, val_acc = evaluate_stack(model, task.val)
         _, test_acc = evaluate_stack(model, task.test)
         columns = [(loss_sum / n).tolist(), val_loss.tolist(), val_acc.tolist(), test_acc.tolist()]
         improved, stopped = [], []
+        merged = merges > merges_at_epoch_start
+        merges_at_epoch_start = merges
         for row, (run, tl, vl, va, ta) in enumerate(zip(active, *columns)):
             rec = records[run]
             rec.curve.append({"epoch": epoch, "train_loss": tl, "val_loss": vl, "val_acc": va,
                               "test_acc": ta, "merged": merged})
-            rec.epochs, rec.merges = epoch, rec.merges + merged
+            rec.epochs, rec.merges = epoch, merges
             if vl < rec.best_val_loss:
                 rec.best_val_loss, rec.best_epoch, stale[run] = vl, epoch, 0
                 improved.append(row)

@@ -68,7 +68,7 @@ def _kind(method: str) -> str:
 
 
 def run_hash(cfg: Config, device: str, method: str, sketch: str | None, rank: int | None, seed: int) -> str:
-    return stable_hash([settings_hash(cfg, device, _kind(method)), method, sketch, rank, seed])
+    return stable_hash([settings_hash(cfg, device, _kind(method), method), method, sketch, rank, seed])
 
 
 class Sweep:
@@ -180,46 +180,47 @@ class Trainer:
         model = build_model(cfg.hidden, cfg.dropout, None, self.device)
         model.load_state_dict(self.base.state_dict())
         set_generator(model, g)
-        hook = None
         if method == "fpft":
-            params = list(model.parameters())
+            params, hooks = list(model.parameters()), {}
         else:
-            strategy = get_method(method)
             adapters = wrap_linears(model, rank, lora_scale(cfg.scaling, cfg.lora_alpha, rank), sketch,
                                     cfg.random_init, g)
-            params = strategy.prepare(adapters)
-            hook = lambda epoch: strategy.end_of_epoch(adapters, epoch, cfg.merge_every, g)  # noqa: E731
+            params, hooks = self._method_hooks(method, adapters, g)
         bar = _epoch_bar(cfg, _describe([spec]), disable=not self.show_epochs)
+        kw = {**_train_kw(cfg), **hooks}
         with bar:
-            record = train(model, params, self.tasks["B"], generator=g, on_epoch_end=hook,
-                           progress=lambda row: bar.update(1), **_train_kw(cfg))
+            record = train(model, params, self.tasks["B"], generator=g, progress=lambda row: bar.update(1), **kw)
         return result_rows(cfg, self.device.type, self.commit, spec, record, *_test_accs(model, self.tasks),
                            count_trainable(model))
+
+    def _method_hooks(self, method: str, adapters, generator) -> tuple[list[dict], dict]:
+        cfg = self.cfg
+        return get_method(method).training(
+            adapters, generator, lr=cfg.lr, total_steps=cfg.max_epochs * math.ceil(len(self.tasks["B"].train) / cfg.batch_size),
+            merge_every=cfg.merge_every, loraplus_ratio=cfg.loraplus_ratio, relora_every=cfg.relora_every,
+            relora_warmup=cfg.relora_warmup, reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
 
     def _stacked(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         cfg = self.cfg
         method, sketch = specs[0]["method"], specs[0]["sketch"]
         gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
         model = StackedModel(self.base, len(specs))
-        hook = None
         if method == "fpft":
-            params = list(model.parameters())
+            params, hooks = list(model.parameters()), {}
         else:
-            strategy = get_method(method)
             ranks = [s["rank"] for s in specs]
             adapters = model.wrap(ranks, [lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks], sketch,
                                   cfg.random_init, gens)
-            params = strategy.prepare(adapters)
-            hook = lambda epoch, g: strategy.end_of_epoch(adapters, epoch, cfg.merge_every, g)  # noqa: E731
+            params, hooks = self._method_hooks(method, adapters, None)
         bar = _epoch_bar(cfg, _describe(specs), disable=not self.show_epochs)
 
         def progress(epoch: int, live: int) -> None:
             bar.update(1)
             bar.set_postfix(training=f"{live}/{len(specs)} runs")
 
+        kw = {**_train_kw(cfg), **hooks}
         with bar:
-            records = train_stack(model, params, self.tasks["B"], generators=gens, on_epoch_end=hook,
-                                  progress=progress, **_train_kw(cfg))
+            records = train_stack(model, params, self.tasks["B"], generators=gens, progress=progress, **kw)
         _, acc_a = evaluate_stack(model, self.tasks["A"].test)
         _, acc_b = evaluate_stack(model, self.tasks["B"].test)
         return [result_rows(cfg, self.device.type, self.commit, spec, rec, a, b, model.trainable_count(i))
@@ -235,7 +236,7 @@ def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Recor
     row = dict(method=method, sketch=sketch, rank=rank, seed=seed, trainable_params=trainable,
                epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
                test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, wall_s=round(record.wall_s, 3),
-               config_hash=key, settings_hash=settings_hash(cfg, device, _kind(method)),
+               config_hash=key, settings_hash=settings_hash(cfg, device, _kind(method), method),
                git_commit=commit, device=device,
                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                config=json.dumps(cfg.to_dict(), sort_keys=True),

@@ -42,6 +42,7 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
 def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float, weight_decay: float,
           batch_size: int, max_epochs: int, patience: int, generator: torch.Generator,
           on_epoch_end: Callable[[int], bool] | None = None, reset_optimizer_on_merge: bool = False,
+          on_step_end: Callable[[int], bool] | None = None, lr_lambda: Callable[[int], float] | None = None,
           progress: Callable[[dict], None] | None = None) -> Record:
     """Train ``params`` of ``model`` on ``task.train``; keep the weights of the lowest validation loss.
 
@@ -49,15 +50,20 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     ``generator`` supplies the batch order (and the model's dropout masks, if it was given the same
     one). ``on_epoch_end(epoch)`` may change the model (merge) as long as it keeps its function; it
     returns True when it merged, and then the optimizer state is cleared if
-    ``reset_optimizer_on_merge``. On return the model holds its best weights.
+    ``reset_optimizer_on_merge``; ``on_step_end(step)`` is the same after every optimizer step
+    (steps counted from 1 over the whole run). ``lr_lambda(steps_taken)`` multiplies every
+    group's learning rate (torch's LambdaLR). On return the model holds its best weights.
     """
     device = task.train.x.device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
+    step = 0
     record = Record()
     best_state = _snapshot(model)
     stale = 0  # epochs since the validation loss last improved
     t0 = time.perf_counter()
     x, y = task.train.x, task.train.y
+    merges = 0
     for epoch in range(1, max_epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=x.dtype)  # summed on device: no host sync per step
@@ -67,11 +73,19 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * idx.numel()
-        merged = bool(on_epoch_end(epoch)) if on_epoch_end is not None else False
-        if merged:
-            record.merges += 1
+            step += 1
+            if on_step_end is not None and on_step_end(step):
+                merges += 1
+                if reset_optimizer_on_merge:
+                    optimizer.state.clear()
+            if scheduler is not None:
+                scheduler.step()
+        if on_epoch_end is not None and on_epoch_end(epoch):
+            merges += 1
             if reset_optimizer_on_merge:
                 optimizer.state.clear()  # AdamW re-creates zeroed moments and step counts lazily
+        merged = merges > record.merges
+        record.merges = merges
         val_loss, val_acc = evaluate(model, task.val)
         _, test_acc = evaluate(model, task.test)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / len(task.train), "val_loss": val_loss,

@@ -14,6 +14,8 @@ from train import evaluate, train
 DT = torch.float64  # float64, so that agreement can be asked to 1e-10 after several epochs
 KW = dict(weight_decay=0.01, batch_size=64, max_epochs=6, patience=2)
 SEEDS, RANKS, SCALE = [3, 4, 5, 6], [1, 2, 4, 2], 0.5
+# 5 steps an epoch (300 examples, batch 64): ReLoRA merges every 3 steps, so mid-epoch and at epoch ends
+METHOD_KW = dict(total_steps=30, merge_every=1, loraplus_ratio=4.0, relora_every=3, relora_warmup=2)
 
 
 def noisy_task(seed=0, n=300):
@@ -51,13 +53,11 @@ def alone(base, task, method, sketch, rank, seed, lr):
     model = plain_copy(base)
     set_generator(model, g)
     if method == "fpft":
-        params, hook = list(model.parameters()), None
+        params, hooks = list(model.parameters()), {}
     else:
-        m = METHODS[method]
         adapters = wrap_linears(model, rank, SCALE * rank, sketch, "gaussian", g)
-        params = m.prepare(adapters)
-        hook = lambda e: m.end_of_epoch(adapters, e, 1, g)  # noqa: E731
-    record = train(model, params, task, lr=lr, generator=g, on_epoch_end=hook, **KW)
+        params, hooks = METHODS[method].training(adapters, g, lr=lr, **METHOD_KW)
+    record = train(model, params, task, lr=lr, generator=g, **{**KW, **hooks})
     return model, record
 
 
@@ -65,13 +65,11 @@ def stacked(base, task, method, sketch, ranks, seeds, lr):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     model = StackedModel(base, len(seeds))
     if method == "fpft":
-        params, hook = list(model.parameters()), None
+        params, hooks = list(model.parameters()), {}
     else:
-        m = METHODS[method]
         adapters = model.wrap(ranks, [SCALE * r for r in ranks], sketch, "gaussian", gens)
-        params = m.prepare(adapters)
-        hook = lambda e, gs: m.end_of_epoch(adapters, e, 1, gs)  # noqa: E731
-    records = train_stack(model, params, task, generators=gens, lr=lr, on_epoch_end=hook, **KW)
+        params, hooks = METHODS[method].training(adapters, None, lr=lr, **METHOD_KW)
+    records = train_stack(model, params, task, generators=gens, lr=lr, **{**KW, **hooks})
     return model, records
 
 
@@ -102,7 +100,10 @@ def assert_same_runs(base, task, method, sketch, lr):
 @pytest.mark.parametrize("sketch", ["left", "right"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_stacked_equals_alone(base, task, method, sketch):
-    assert_same_runs(base, task, method, sketch, lr=3e-2)
+    # LoRA+ trains B at 4x the rate and ReLoRA re-warms often: smaller rates keep their runs from blowing
+    # up (float64 rounding would be amplified past the tolerance) and their stops at different epochs
+    m = METHODS[method]
+    assert_same_runs(base, task, method, sketch, lr=3e-3 if m.step_merges else 1e-2 if m.b_lr_ratio else 3e-2)
 
 
 def test_fpft_stacked_equals_alone(base, task):
