@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 # Names the sweep accepts. The method registry in methods.py is the authority on what each
 # method does; config.py only knows the names so that it can reject a typo early.
-METHODS = ("lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus", "relora")
+METHODS = ("lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus", "relora", "randlora")
 METHOD_CHOICES = METHODS + ("all",)
 SKETCHES = ("left", "right")
 SKETCH_CHOICES = SKETCHES + ("both",)
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # --- what to run ---
-    method: str = "rac_lora"  # lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | relora | all
+    method: str = "rac_lora"  # lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | relora | randlora | all
     sketch: str = "left"  # left: B random, A zero+trained ("(Zero, Gaussian)"); right: A random, B trained; both
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # adapter ranks to sweep
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each method x rank

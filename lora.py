@@ -81,6 +81,9 @@ class LoRALinear(nn.Module):
         self.random_init = random_init
         self.zero_name, self.random_name = ROLES[sketch]
 
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.A, self.B
+
     @property
     def zero_factor(self) -> nn.Parameter:
         return getattr(self, self.zero_name)

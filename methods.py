@@ -35,17 +35,24 @@ class Method:
     merges: bool  # merge + reset every merge_every epochs (or every relora_every steps if step_merges)
     reference: str  # where it comes from
     b_lr_ratio: bool = False  # LoRA+: factor B learns at loraplus_ratio x the learning rate of A
+    adapter: str = "lora"  # the layer it needs: "lora" (A, B; lora.py) or "randlora" (randlora.py)
     step_merges: bool = False  # ReLoRA: merge every relora_every steps, reset AdamW, re-warm the learning rate
 
+    @property
+    def uses_sketch(self) -> bool:
+        """Whether ``sketch`` (which of A, B is random) means anything for this method."""
+        return self.adapter == "lora"
+
     def trainable_factors(self, adapter: LoRALinear) -> list[nn.Parameter]:
-        return [adapter.zero_factor if role == "zero" else adapter.random_factor for role in self.trains]
+        roles = {"zero": lambda: adapter.zero_factor, "random": lambda: adapter.random_factor}
+        return [roles[role]() if role in roles else getattr(adapter, role) for role in self.trains]
 
     def prepare(self, adapters: list[LoRALinear]) -> list[nn.Parameter]:
         """Set requires_grad on each adapter's factors as the method says; return the trainable ones."""
         params = []
         for ad in adapters:
             wanted = self.trainable_factors(ad)
-            for p in (ad.A, ad.B):
+            for p in ad.adapter_parameters():
                 p.requires_grad_(any(p is w for w in wanted))
             params.extend(wanted)
         return params
@@ -132,6 +139,8 @@ METHODS: dict[str, Method] = {
                reference="COLA with LoRA+'s learning rates (Xia et al., 2024; Hayou et al., 2024)"),
         Method("relora", "ReLoRA", trains=("zero", "random"), merges=True, step_merges=True,
                reference="Lialin et al., ICLR 2024 (ReLoRA)"),
+        Method("randlora", "RandLoRA", trains=("lam", "gam"), merges=False, adapter="randlora",
+               reference="Albert et al., ICLR 2025 (RandLoRA)"),
     ]
 }
 

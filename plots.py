@@ -28,7 +28,7 @@ def label(method: str, sketch: str | None) -> str:
     if method == "fpft":
         return "FPFT"
     name = METHODS[method].label if method in METHODS else method
-    return f"{name} {SKETCH_LABEL.get(sketch, sketch)}"
+    return f"{name} {SKETCH_LABEL[sketch]}" if sketch in SKETCH_LABEL else name  # RandLoRA has no sketch
 
 
 def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from data import Split, Task
 from lora import ROLES, init_factor_
+from randlora import draw_bases, num_bases, small_update
 from models import SeededDropout
 from train import Record
 
@@ -69,6 +70,7 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(weight)  # (R, out, in)
         self.bias = nn.Parameter(bias)  # (R, out)
         self.ranks: list[int] = []  # each run's adapter rank; [] = no adapter
+        self.kind: str | None = None  # "lora" or "randlora" once an adapter is added
 
     @property
     def runs(self) -> int:
@@ -87,10 +89,28 @@ class StackedLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(self.runs, out, r, **kw))
         self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
         self.same_scale = float(scales[0]) if len(set(scales)) == 1 else None
-        self.ranks = list(ranks)
+        self.ranks, self.kind = list(ranks), "lora"
         self.sketch, self.random_init = sketch, random_init
         self.zero_name, self.random_name = ROLES[sketch]
         self.reset(generators)
+
+    def add_randlora(self, rank: int, scales: list[float], a_shared: torch.Tensor, b_shared: torch.Tensor) -> None:
+        """RandLoRA on every run (one rank for the stack): slices of each run's shared bases,
+        a_shared (R, r, D_min) and b_shared (R, D_max, N_max, r), as randlora.RandLoRALinear takes them."""
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        out, inp = self.weight.shape[1:]
+        self.d_min, self.d_max, self.transposed = min(out, inp), max(out, inp), out < inp
+        n, kw = num_bases(self.d_min, rank), dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.register_buffer("A", a_shared[:, :, :self.d_min].clone())
+        self.register_buffer("Bases", b_shared[:, :self.d_max, :n, :].clone())
+        self.lam = nn.Parameter(torch.zeros(self.runs, rank, n, **kw))
+        self.gam = nn.Parameter(torch.full((self.runs, n, self.d_min), 1.0 / self.d_max, **kw))
+        self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
+        self.ranks, self.kind = [rank] * self.runs, "randlora"
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return (self.lam, self.gam) if self.kind == "randlora" else (self.A, self.B)
 
     @property
     def zero_factor(self) -> nn.Parameter:
@@ -106,6 +126,8 @@ class StackedLinear(nn.Module):
             w = self.weight + self.delta_weight() if self.ranks else self.weight
             h = (x @ w.flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
             return h + self.bias.unsqueeze(1)
+        if self.kind == "randlora":  # the update is full-size anyway: one product with W + dW
+            return torch.baddbmm(self.bias.unsqueeze(1), x, (self.weight + self.delta_weight()).transpose(1, 2))
         h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
         if not self.ranks:
             return h
@@ -115,6 +137,9 @@ class StackedLinear(nn.Module):
         return h + self.scale * (xa @ self.B.transpose(1, 2))
 
     def delta_weight(self) -> torch.Tensor:  # (R, out, in)
+        if self.kind == "randlora":
+            d = small_update(self.A, self.Bases, self.lam, self.gam)  # (R, d_max, d_min)
+            return self.scale * (d.transpose(1, 2) if self.transposed else d)
         return self.scale * (self.B @ self.A)
 
     @torch.no_grad()
@@ -142,15 +167,19 @@ class StackedLinear(nn.Module):
         New Parameter objects, not new ``.data``: autograd remembers a leaf's shape.
         """
         swap = _replace_parameters(self, lambda name, p: p[rows])
-        if self.ranks:
-            self.scale = self.scale[rows]
-            self.ranks = [self.ranks[i] for i in rows.tolist()]
+        for name, buf in list(self.named_buffers(recurse=False)):  # scale, and RandLoRA's bases
+            setattr(self, name, buf[rows])
+        self.ranks = [self.ranks[i] for i in rows.tolist()] if self.ranks else []
         return swap
 
     def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
         """Run i's tensors under the names the plain model (Linear or LoRALinear) gives them."""
         if not self.ranks:
             return {prefix + "weight": self.weight[i], prefix + "bias": self.bias[i]}
+        if self.kind == "randlora":
+            return {prefix + "base.weight": self.weight[i], prefix + "base.bias": self.bias[i],
+                    prefix + "A": self.A[i], prefix + "Bases": self.Bases[i], prefix + "lam": self.lam[i],
+                    prefix + "gam": self.gam[i]}
         r = self.ranks[i]
         return {prefix + "base.weight": self.weight[i], prefix + "base.bias": self.bias[i],
                 prefix + "A": self.A[i, :r], prefix + "B": self.B[i, :, :r]}
@@ -159,6 +188,8 @@ class StackedLinear(nn.Module):
         """Run i's trainable parameters, padding not counted."""
         if not self.ranks:
             return sum(p[i].numel() for p in (self.weight, self.bias) if p.requires_grad)
+        if self.kind == "randlora":
+            return sum(p[i].numel() for p in (self.lam, self.gam) if p.requires_grad)
         r_max, r = self.A.shape[1], self.ranks[i]
         return sum(p[i].numel() // r_max * r for p in (self.A, self.B) if p.requires_grad)
 
@@ -205,6 +236,17 @@ class StackedModel(nn.Module):
         """Adapters on every layer, drawn layer by layer as lora.wrap_linears draws them; returns them."""
         for lin in self.linears:
             lin.add_adapter(ranks, scales, sketch, random_init, generators)
+        return self.linears
+
+    def wrap_randlora(self, rank: int, scales: list[float], generators: list[torch.Generator]) -> list[StackedLinear]:
+        """RandLoRA on every layer; each run's shared bases drawn as randlora.wrap_randlora draws them."""
+        shapes = [lin.weight.shape[1:] for lin in self.linears]
+        out_l, in_l = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        w = self.linears[0].weight
+        drawn = [draw_bases(rank, max(out_l, in_l), min(out_l, in_l), g, w.device, w.dtype) for g in generators]
+        a, b = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
+        for lin in self.linears:
+            lin.add_randlora(rank, scales, a, b)
         return self.linears
 
     def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:

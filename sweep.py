@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from config import Config, ConfigError, settings_hash, stable_hash
 from data import load_tasks
 from lora import lora_scale, wrap_linears
+from randlora import wrap_randlora
 from methods import get_method
 from models import build_model, count_trainable, set_generator
 from results import atomic_path, read_rows, upsert_runs
@@ -55,7 +56,8 @@ def run_plan(cfg: Config) -> list[dict]:
     """Every run the config asks for, in order: FPFT seeds, then method x sketch x rank x seed."""
     plan = [dict(method="fpft", sketch=None, rank=None, seed=s) for s in cfg.seeds] if cfg.run_fpft else []
     for method in cfg.selected_methods():
-        for sketch in cfg.selected_sketches():
+        # RandLoRA has no sketch (no zero/random factor pair): one run per rank and seed, sketch None
+        for sketch in cfg.selected_sketches() if get_method(method).uses_sketch else [None]:
             for rank in cfg.ranks:
                 for seed in cfg.seeds:
                     plan.append(dict(method=method, sketch=sketch, rank=rank, seed=seed))
@@ -140,8 +142,9 @@ def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dic
     halved while there are fewer stacks than workers or it holds more than a worker's even share
     of the runs, so that no worker idles while another trains a big stack."""
     groups: dict[tuple, list[dict]] = {}
-    for spec in plan:
-        groups.setdefault((spec["method"], spec["sketch"]), []).append(spec)
+    for spec in plan:  # RandLoRA's layers differ in shape by rank: one rank per stack
+        key = (spec["method"], spec["sketch"]) + ((spec["rank"],) if spec["method"] == "randlora" else ())
+        groups.setdefault(key, []).append(spec)
     out = []
     for specs in groups.values():
         k = math.ceil(len(specs) / stack_size)
@@ -183,8 +186,11 @@ class Trainer:
         if method == "fpft":
             params, hooks = list(model.parameters()), {}
         else:
-            adapters = wrap_linears(model, rank, lora_scale(cfg.scaling, cfg.lora_alpha, rank), sketch,
-                                    cfg.random_init, g)
+            scale = lora_scale(cfg.scaling, cfg.lora_alpha, rank)
+            if get_method(method).adapter == "randlora":
+                adapters = wrap_randlora(model, rank, scale, g)
+            else:
+                adapters = wrap_linears(model, rank, scale, sketch, cfg.random_init, g)
             params, hooks = self._method_hooks(method, adapters, g)
         bar = _epoch_bar(cfg, _describe([spec]), disable=not self.show_epochs)
         kw = {**_train_kw(cfg), **hooks}
@@ -209,8 +215,11 @@ class Trainer:
             params, hooks = list(model.parameters()), {}
         else:
             ranks = [s["rank"] for s in specs]
-            adapters = model.wrap(ranks, [lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks], sketch,
-                                  cfg.random_init, gens)
+            scales = [lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks]
+            if get_method(method).adapter == "randlora":
+                adapters = model.wrap_randlora(ranks[0], scales, gens)
+            else:
+                adapters = model.wrap(ranks, scales, sketch, cfg.random_init, gens)
             params, hooks = self._method_hooks(method, adapters, None)
         bar = _epoch_bar(cfg, _describe(specs), disable=not self.show_epochs)
 

@@ -12,7 +12,7 @@ from lora import LoRALinear, adapters_of, lora_scale, wrap_linears
 from methods import METHODS
 from models import count_trainable, set_generator
 
-ALL = [(m, s) for m in METHODS for s in ("left", "right")]
+ALL = [(m, s) for m in METHODS for s in ("left", "right") if METHODS[m].adapter == "lora"]  # LoRALinear methods
 
 
 def adapt(model, method, sketch, rank=2, scale=1.0, random_init="gaussian", seed=0):

@@ -44,7 +44,8 @@ def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     runs = read_rows(out / "results" / "runs.csv")
     assert set(RUN_COLUMNS) <= set(runs[0])
     methods = sorted((r["method"], r["sketch"]) for r in runs)
-    assert methods == sorted([("base", None), ("fpft", None)] + [(m, s) for m in METHODS for s in ("left", "right")])
+    assert methods == sorted([("base", None), ("fpft", None), ("randlora", None)] +
+                             [(m, s) for m in METHODS if m != "randlora" for s in ("left", "right")])
     for r in runs:
         assert 0.0 <= r["test_acc_b"] <= 1.0 and 0.0 <= r["test_acc_a"] <= 1.0
         assert r["git_commit"] and r["config_hash"] and r["epochs"] == 1

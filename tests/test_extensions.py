@@ -124,3 +124,64 @@ def test_method_fields_enter_only_their_methods_hash():
         assert settings_hash(changed, "cpu", "adapter", m) == settings_hash(base, "cpu", "adapter", m)
     for m in ("lora_plus", "cola_plus", "relora"):
         assert settings_hash(changed, "cpu", "adapter", m) != settings_hash(base, "cpu", "adapter", m)
+
+
+# --- RandLoRA ---------------------------------------------------------------------------------------
+def randlora_model(rank, seed=0, dtype=torch.float64):
+    from randlora import wrap_randlora
+
+    g = torch.Generator().manual_seed(seed)
+    model = build_model([64, 64], 0.0, g, "cpu").to(dtype).eval()
+    return model, wrap_randlora(model, rank, 0.7, torch.Generator().manual_seed(seed + 1))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_randlora_counts_start_and_full_rank(rank):
+    from randlora import trainable_count
+
+    model, adapters = randlora_model(rank)
+    params = METHODS["randlora"].prepare(adapters)
+    dims = [(64, 784), (64, 64), (5, 64)]
+    # N = ceil(d_min / r) bases; lambda: N x r, gamma: N x d_min, per layer
+    want = sum(-(-min(o, i) // rank) * (rank + min(o, i)) for o, i in dims)
+    assert sum(p.numel() for p in params) == want == sum(trainable_count(o, i, rank) for o, i in dims)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"net.{k}.{f}" for k in (0, 3, 6) for f in ("lam", "gam")}
+    assert all(ad.delta_weight().abs().max() == 0 for ad in adapters)  # lambda = 0: the base model at start
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for ad in adapters:
+            ad.lam.normal_(generator=g)
+            ad.gam.normal_(generator=g)
+    for ad in adapters:  # the update reaches full rank min(out, in), whatever r is
+        assert torch.linalg.matrix_rank(ad.delta_weight()).item() == ad.d_min
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_randlora_forward_matches_peft(rank):
+    """PEFT's RandLoRA fed the same shared bases, lambdas and gammas computes the same function."""
+    peft = pytest.importorskip("peft")
+    model, adapters = randlora_model(rank)
+    plain = build_model([64, 64], 0.0, torch.Generator().manual_seed(0), "cpu").double().eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for ad in adapters:
+            ad.lam.normal_(generator=g)
+            ad.gam.normal_(generator=g)
+    cfg = peft.RandLoraConfig(r=rank, target_modules=["net.0", "net.3", "net.6"], randlora_alpha=0.7 * rank,
+                              randlora_dropout=0.0)  # PEFT scales by alpha / r
+    pm = peft.get_peft_model(copy.deepcopy(plain), cfg).double().eval()
+    layers = [m for _, m in pm.named_modules() if hasattr(m, "randlora_lambda")]
+    assert len(layers) == 3
+    with torch.no_grad():
+        a_shared = layers[0].randlora_A["default"]  # (r, 1, D_min), shared by the layers
+        b_shared = layers[0].randlora_B["default"]  # (D_max, N_max, r)
+        a_shared.zero_()
+        b_shared.zero_()
+        for lay, ad in zip(layers, adapters):  # our per-layer slices of the shared bases, written back
+            a_shared[:, 0, :ad.d_min] = ad.A
+            b_shared[:ad.d_max, :ad.Bases.shape[1], :] = ad.Bases
+            lay.randlora_lambda["default"].copy_(ad.lam)
+            lay.randlora_gamma["default"].copy_(ad.gam)
+    x = torch.randn(16, 784, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(pm(x), model(x), rtol=1e-10, atol=1e-8)
