@@ -315,7 +315,8 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
                f"{len(sweep.tasks['B'].val)} val / {len(sweep.tasks['B'].test)} test images")
     dims = [784, *cfg.hidden, 5]
     narrowest = min(zip(dims[:-1], dims[1:]), key=lambda io: min(io))
-    if max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
+    low_rank = any(get_method(m).adapter == "lora" for m in cfg.selected_methods())  # RandLoRA is full rank
+    if low_rank and max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
         tqdm.write(LAYER_DIMS_NOTE.format(r=max(cfg.ranks), m=min(narrowest), i=narrowest[0], o=narrowest[1]))
     base = sweep.base_model()
     workers = cfg.workers or (cpu_count() if sweep.device.type == "cpu" else 1)
