@@ -56,7 +56,22 @@ ROLES = {  # sketch -> (factor that starts at zero, factor that is drawn at rand
 }
 
 
-class LoRALinear(nn.Module):
+class FactorRoles:
+    """``zero_factor`` / ``random_factor`` from the ``zero_name`` / ``random_name`` a sketch sets
+    (see ROLES); shared by LoRALinear and the stacked layer of stack.py."""
+    zero_name: str
+    random_name: str
+
+    @property
+    def zero_factor(self) -> nn.Parameter:
+        return getattr(self, self.zero_name)
+
+    @property
+    def random_factor(self) -> nn.Parameter:
+        return getattr(self, self.random_name)
+
+
+class LoRALinear(FactorRoles, nn.Module):
     """``base(x) + scale * (x @ A.T) @ B.T`` with the base Linear frozen.
 
     Contract: ``merge()`` then ``reset()`` leaves the function unchanged (up to float rounding),
@@ -83,14 +98,6 @@ class LoRALinear(nn.Module):
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
         return self.A, self.B
-
-    @property
-    def zero_factor(self) -> nn.Parameter:
-        return getattr(self, self.zero_name)
-
-    @property
-    def random_factor(self) -> nn.Parameter:
-        return getattr(self, self.random_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
         return self.base(x) + self.scale * ((x @ self.A.T) @ self.B.T)

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from lora import _set_submodule
+
 
 def num_bases(d_min: int, rank: int) -> int:
     return math.ceil(d_min / rank)
@@ -38,10 +40,10 @@ def trainable_count(out_features: int, in_features: int, rank: int) -> int:
     return n * (rank + d_min)
 
 
-def shared_dims(linears: list[nn.Linear]) -> tuple[int, int]:
-    """(D_max, D_min) of the shared bases: from the largest out and the largest in over the layers (PEFT's rule)."""
-    out_l = max(l.out_features for l in linears)
-    in_l = max(l.in_features for l in linears)
+def shared_dims(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    """(D_max, D_min) of the shared bases from the layers' (out, in): the largest out and the largest in
+    over the layers (PEFT's rule)."""
+    out_l, in_l = max(o for o, _ in shapes), max(i for _, i in shapes)
     return max(out_l, in_l), min(out_l, in_l)
 
 
@@ -98,13 +100,12 @@ class RandLoRALinear(nn.Module):
 
 def wrap_randlora(model: nn.Module, rank: int, scale: float, generator: torch.Generator | None) -> list[RandLoRALinear]:
     """Replace every nn.Linear by a RandLoRALinear; one pair of shared bases drawn from ``generator``."""
-    from lora import _set_submodule
-
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     w = targets[0][1].weight
-    a, b = draw_bases(rank, *shared_dims([m for _, m in targets]), generator, w.device, w.dtype)
+    a, b = draw_bases(rank, *shared_dims([(m.out_features, m.in_features) for _, m in targets]), generator,
+                      w.device, w.dtype)
     adapters = []
     for name, linear in targets:
         adapter = RandLoRALinear(linear, rank, scale, a, b)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Split, Task
-from lora import ROLES, init_factor_
-from randlora import draw_bases, num_bases, small_update
+from lora import ROLES, FactorRoles, init_factor_
+from randlora import draw_bases, num_bases, shared_dims, small_update
 from models import SeededDropout
 from train import Record
 
@@ -55,7 +55,7 @@ class StackedDropout(nn.Module):
         return f"p={self.p}"
 
 
-class StackedLinear(nn.Module):
+class StackedLinear(FactorRoles, nn.Module):
     """R independent Linear layers, optionally each with a low-rank adapter ``scale_i * B_i @ A_i``.
 
     Without an adapter the weight and bias are ordinary (trainable) parameters: full fine-tuning.
@@ -111,14 +111,6 @@ class StackedLinear(nn.Module):
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
         return (self.lam, self.gam) if self.kind == "randlora" else (self.A, self.B)
-
-    @property
-    def zero_factor(self) -> nn.Parameter:
-        return getattr(self, self.zero_name)
-
-    @property
-    def random_factor(self) -> nn.Parameter:
-        return getattr(self, self.random_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (R, N, in), one batch per run, or (N, in) shared by every run; returns (R, N, out)."""
@@ -240,10 +232,9 @@ class StackedModel(nn.Module):
 
     def wrap_randlora(self, rank: int, scales: list[float], generators: list[torch.Generator]) -> list[StackedLinear]:
         """RandLoRA on every layer; each run's shared bases drawn as randlora.wrap_randlora draws them."""
-        shapes = [lin.weight.shape[1:] for lin in self.linears]
-        out_l, in_l = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        d_max, d_min = shared_dims([tuple(lin.weight.shape[1:]) for lin in self.linears])
         w = self.linears[0].weight
-        drawn = [draw_bases(rank, max(out_l, in_l), min(out_l, in_l), g, w.device, w.dtype) for g in generators]
+        drawn = [draw_bases(rank, d_max, d_min, g, w.device, w.dtype) for g in generators]
         a, b = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
         for lin in self.linears:
             lin.add_randlora(rank, scales, a, b)

@@ -143,7 +143,8 @@ def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dic
     of the runs, so that no worker idles while another trains a big stack."""
     groups: dict[tuple, list[dict]] = {}
     for spec in plan:  # RandLoRA's layers differ in shape by rank: one rank per stack
-        key = (spec["method"], spec["sketch"]) + ((spec["rank"],) if spec["method"] == "randlora" else ())
+        one_rank = spec["method"] != "fpft" and get_method(spec["method"]).adapter == "randlora"
+        key = (spec["method"], spec["sketch"]) + ((spec["rank"],) if one_rank else ())
         groups.setdefault(key, []).append(spec)
     out = []
     for specs in groups.values():

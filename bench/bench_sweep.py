@@ -19,6 +19,7 @@ Prints figures; asserts nothing. Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import subprocess
@@ -52,21 +53,29 @@ def base_model(device):
     return build_model(CFG.hidden, CFG.dropout, torch.Generator(device=device).manual_seed(0), device)
 
 
-def stack_epoch_seconds(tasks, device, runs: int, epochs: int) -> float:
+def _seconds_per_epoch(train_epochs, device, epochs: int, warmup=None) -> float:
+    """Seconds per epoch of ``train_epochs(n)`` over ``epochs`` epochs, after one warm-up epoch (run
+    inside the context ``warmup`` if given)."""
+    with warmup if warmup is not None else contextlib.nullcontext():
+        train_epochs(1)
+    _sync(device)
+    t0 = time.perf_counter()
+    train_epochs(epochs)
+    _sync(device)
+    return (time.perf_counter() - t0) / epochs
+
+
+def stack_epoch_seconds(tasks, device, runs: int, epochs: int, warmup=None) -> float:
     """Seconds per epoch of a stack of ``runs`` rac_lora rank-1 runs (after one warm-up epoch)."""
     gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
     model = StackedModel(base_model(device), runs)
     adapters = model.wrap([1] * runs, [lora_scale(CFG.scaling, CFG.lora_alpha, 1)] * runs, "left",
                           CFG.random_init, gens)
-    params = METHOD.prepare(adapters)
+    params, hooks = METHOD.training(adapters, None, lr=CFG.lr, total_steps=1)
     kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6,
-              generators=gens, on_epoch_end=lambda e, g: METHOD.end_of_epoch(adapters, e, 1, g))
-    train_stack(model, params, tasks["B"], max_epochs=1, **kw)
-    _sync(device)
-    t0 = time.perf_counter()
-    train_stack(model, params, tasks["B"], max_epochs=epochs, **kw)
-    _sync(device)
-    return (time.perf_counter() - t0) / epochs
+              generators=gens, **hooks)
+    return _seconds_per_epoch(lambda n: train_stack(model, params, tasks["B"], max_epochs=n, **kw), device,
+                              epochs, warmup)
 
 
 def plain_epoch_seconds(tasks, device, epochs: int) -> float:
@@ -75,15 +84,10 @@ def plain_epoch_seconds(tasks, device, epochs: int) -> float:
     model = base_model(device)
     set_generator(model, g)
     adapters = wrap_linears(model, 1, lora_scale(CFG.scaling, CFG.lora_alpha, 1), "left", CFG.random_init, g)
-    params = METHOD.prepare(adapters)
+    params, hooks = METHOD.training(adapters, g, lr=CFG.lr, total_steps=1)
     kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6, generator=g,
-              on_epoch_end=lambda e: METHOD.end_of_epoch(adapters, e, 1, g))
-    train(model, params, tasks["B"], max_epochs=1, **kw)
-    _sync(device)
-    t0 = time.perf_counter()
-    train(model, params, tasks["B"], max_epochs=epochs, **kw)
-    _sync(device)
-    return (time.perf_counter() - t0) / epochs
+              **hooks)
+    return _seconds_per_epoch(lambda n: train(model, params, tasks["B"], max_epochs=n, **kw), device, epochs)
 
 
 # --- 1. the conventional pipeline ---------------------------------------------------------------
@@ -211,17 +215,10 @@ def replay_seconds(calls, device, repeats: int = 3) -> float:
 
 
 def gflops_section(tasks, device, runs: int, epochs: int) -> tuple[float, float, float]:
-    """(training GFLOP/s, replayed-matmul GFLOP/s, epoch seconds) for a stack of ``runs``."""
-    gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
-    model = StackedModel(base_model(device), runs)
-    adapters = model.wrap([1] * runs, [1.0] * runs, "left", CFG.random_init, gens)
-    params = METHOD.prepare(adapters)
-    kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6,
-              generators=gens, on_epoch_end=lambda e, g: METHOD.end_of_epoch(adapters, e, 1, g))
+    """(training GFLOP/s, replayed-matmul GFLOP/s, epoch seconds) for a stack of ``runs``: the
+    products are recorded during the warm-up epoch, the timed epochs run unrecorded."""
     rec = MatmulRecorder()
-    with rec:
-        train_stack(model, params, tasks["B"], max_epochs=1, **kw)
-    secs = stack_epoch_seconds(tasks, device, runs, epochs)
+    secs = stack_epoch_seconds(tasks, device, runs, epochs, warmup=rec)
     flops = flops_of(rec.calls)
     return flops / secs / 1e9, flops / replay_seconds(rec.calls, device) / 1e9, secs
 
