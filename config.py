@@ -127,6 +127,105 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# --- the from-scratch study (scratch.py) ---------------------------------------------------------
+FORMS = ("full", "lowrank", "lowrank_ae", "lte", "lora", "galore")
+FORM_CHOICES = FORMS + ("all",)
+DATASETS = ("mnist", "fashion_mnist")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class ScratchConfig:
+    """Settings of ``python scratch.py``: ten-class MLPs trained from scratch in full or low-rank form."""
+    # --- what to run ---
+    form: str = "all"  # full | lowrank | lowrank_ae | lte | lora | galore | all
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])  # rank r of every form but full
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed for each form x rank
+    dataset: str = "mnist"  # mnist | fashion_mnist (the study trained on fashion_mnist)
+    hidden: list[int] = field(default_factory=lambda: [512, 512])  # hidden widths of the 784-...-10 MLP
+    # --- optimisation ---
+    optimizer: str = "sgd"  # sgd (plain, no momentum: the study) | adamw; galore always runs its own Adam
+    lr: float = 1e-3  # learning rate of the optimizer (and of GaLore)
+    weight_decay: float = 0.0  # decoupled weight decay (adamw and galore; sgd: L2 added to the gradient)
+    batch_size: int = 64  # examples per step
+    max_epochs: int = 100  # epochs per run (no early stopping: the study plots every epoch)
+    # --- forms ---
+    lte_heads: int = 4  # lte: parallel low-rank heads per layer; "lora" is one head of rank lte_heads * r
+    lte_every: int = 100  # lte, lora: optimizer steps between merges of the heads into the weights
+    galore_every: int = 200  # galore: optimizer steps between recomputations of the projection (SVD)
+    galore_scale: float = 0.25  # galore: scale of the projected-back update
+    # --- data ---
+    data_dir: str = "./data"  # torchvision root: <data_dir>/MNIST/raw, <data_dir>/FashionMNIST/raw
+    val_size: int = 5000  # images held out of the 60k training set for validation
+    split_seed: int = 0  # seed of the train/validation split (the same for every run)
+    # --- where things go ---
+    results_dir: str = "./results"  # scratch_runs.csv, scratch_curves.csv
+    plots_dir: str = "./plots"  # scratch_<dataset>_<optimizer>_*.png
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    stack_size: int = 16  # runs of one form and rank (seeds) trained at once as one stacked model
+    workers: int = 0  # processes training stacks side by side; 0 = one per core on CPU, 1 on a GPU
+    resume: bool = True  # skip runs already recorded in scratch_runs.csv under the same config hash
+    plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
+    progress: bool = True  # show tqdm progress bars
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("form", self.form, FORM_CHOICES)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("device", self.device, DEVICES)
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden must be one or more positive widths, got {self.hidden}")
+        if not self.ranks:
+            raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
+        max_rank = max_useful_rank(self.hidden, n_out=10)
+        for r in self.ranks:
+            if not 1 <= r <= max_rank:
+                raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {max_rank} "
+                                  f"(the largest min(in, out) among the model's layers)")
+        if not self.seeds:
+            raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
+        for name in ("ranks", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name} has repeated values {values}; give each at most once")
+        for name in ("lr", "batch_size", "max_epochs", "lte_heads", "lte_every", "galore_every", "galore_scale",
+                     "val_size", "stack_size"):
+            _positive(name, getattr(self, name))
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive, got {self.workers}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.val_size >= 60000:
+            raise ConfigError(f"val_size must be below 60000 (the training set), got {self.val_size}")
+        if self.batch_size < self.lte_heads:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be at least lte_heads ({self.lte_heads}): "
+                              f"each head trains on its own shard of every batch")
+
+    def selected_forms(self) -> list[str]:
+        return list(FORMS) if self.form == "all" else [self.form]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that only some forms read: they enter those forms' hashes only.
+_FORM_FIELDS = {"lte_heads": {"lte", "lora"}, "lte_every": {"lte", "lora"}, "galore_every": {"galore"},
+                "galore_scale": {"galore"}, "optimizer": set(FORMS) - {"galore"}}
+_SCRATCH_NOT_IN_HASH = {"form", "ranks", "seeds", "data_dir", "results_dir", "plots_dir", "stack_size", "workers",
+                        "resume", "plots_only", "progress"}
+
+
+def scratch_settings_hash(cfg: ScratchConfig, device: str, form: str) -> str:
+    """Hash of every field that changes a from-scratch run of ``form``, apart from its rank and seed."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _SCRATCH_NOT_IN_HASH}
+    d = {k: v for k, v in d.items() if k not in _FORM_FIELDS or form in _FORM_FIELDS[k]}
+    d["device"] = device
+    return stable_hash(d)
+
+
 # Fields that do not change what a run computes, so they stay out of every hash (stack_size and
 # workers change it only to float rounding: a run is the same run alone or in a stack).
 _NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "plots_only", "progress",
@@ -178,10 +277,10 @@ def _positive(name: str, value) -> None:
 
 # --- command line -------------------------------------------------------------------------------
 
-def _field_comments() -> dict[str, str]:
-    """The one-line comment after each field of Config, for --help (read from this file's source)."""
+def _field_comments(cls=None) -> dict[str, str]:
+    """The one-line comment after each field of ``cls`` (Config), for --help (read from this file's source)."""
     comments = {}
-    for line in inspect.getsource(Config).splitlines():
+    for line in inspect.getsource(cls or Config).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2)
@@ -202,17 +301,21 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool,
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", _parse_bool: "true or false"}
 
 
-def from_argv(argv: list[str] | None = None) -> Config:
-    """Config from the defaults above plus ``--field value`` overrides; ConfigError on anything unknown.
+def from_argv(argv: list[str] | None = None, cls=None, prog: str = "main.py",
+              description: str = "RAC-LoRA MNIST suite. Every Config field can be overridden."):
+    """``cls`` (Config, or ScratchConfig) from its defaults plus ``--field value`` overrides;
+    ConfigError on anything unknown.
 
     Fields are named with underscores or dashes (``--max_epochs`` or ``--max-epochs``); a bool
     flag alone (``--plots-only``) means true.
     """
-    defaults = Config()
-    comments = _field_comments()
-    parser = _Parser(prog="main.py", description="RAC-LoRA MNIST suite. Every Config field can be overridden.",
-                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
+    cls = cls or Config
+    defaults = cls()
+    comments = _field_comments(cls)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.fields = cls
+    for f in dataclasses.fields(cls):
         kind = str(f.type)
         conv = _TYPES[kind]
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -225,7 +328,7 @@ def from_argv(argv: list[str] | None = None) -> Config:
             kw["const"] = True
         parser.add_argument(*names, **kw)
     args = parser.parse_args(argv)
-    return Config(**vars(args))
+    return cls(**vars(args))
 
 
 def _typed(name: str, conv):
@@ -237,8 +340,8 @@ def _typed(name: str, conv):
     return convert
 
 
-def _allowed_fields() -> str:
-    return ", ".join(f"--{f.name}" for f in dataclasses.fields(Config))
+def _allowed_fields(cls=None) -> str:
+    return ", ".join(f"--{f.name}" for f in dataclasses.fields(cls or Config))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -248,7 +351,7 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments"):
             tokens = message.split(":", 1)[1].split()
             bad = " ".join(t for t in tokens if t.startswith("-")) or " ".join(tokens)
-            raise ConfigError(f"unknown option {bad}; allowed: {_allowed_fields()} (see --help)")
+            raise ConfigError(f"unknown option {bad}; allowed: {_allowed_fields(getattr(self, 'fields', None))} (see --help)")
         raise ConfigError(f"{message} (see --help)")
 
     def _get_value(self, action, arg_string):

@@ -90,9 +90,10 @@ def load_mnist(data_dir: str | os.PathLike) -> tuple[tuple[torch.Tensor, torch.T
     return out[0], out[1]
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:  # uint8 (N, 28, 28) -> float32 (N, 784)
-    # in place, so that no temporary copies of the whole set are made: (x / 255 - MEAN) / STD
-    return images.float().div_(255.0).sub_(MEAN).div_(STD).reshape(images.shape[0], -1)
+def _normalise(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    # uint8 (N, 28, 28) -> float32 (N, 784), in place, so that no temporary copies of the whole set are
+    # made: (x / 255 - mean) / std
+    return images.float().div_(255.0).sub_(mean).div_(std).reshape(images.shape[0], -1)
 
 
 def _select(x: torch.Tensor, y: torch.Tensor, digits: range) -> Split:
@@ -121,6 +122,85 @@ def load_tasks(data_dir: str | os.PathLike, val_size: int, split_seed: int,
         splits = {k: _select(x, y, digits) for k, (x, y) in parts.items()}
         tasks[name] = Task(**{k: Split(_normalise(s.x).to(device), s.y.to(device)) for k, s in splits.items()})
     return tasks
+
+
+# --- all ten classes, MNIST or Fashion-MNIST, for the from-scratch study (scratch.py) ---------------
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel mean and std, pixels in [0, 1]
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist puts the .gz files here
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte")
+
+
+def provide_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FASHION) -> Path:
+    """Make sure <data_dir>/FashionMNIST/raw holds the four decompressed IDX files; return that folder.
+
+    Missing files are decompressed from ``source`` (Debian's package, whose .gz files are recompressed,
+    so their md5s differ from torchvision's: the decompressed contents are what torchvision reads).
+    Each file is written atomically, so an interrupted copy is never mistaken for a whole one.
+    """
+    import gzip
+    import shutil
+
+    from results import atomic_path
+
+    raw = Path(data_dir) / "FashionMNIST" / "raw"
+    for name in FASHION_FILES:
+        if (raw / name).exists():
+            continue
+        gz = source / (name + ".gz")
+        if not gz.exists():
+            raise DataError(f"Fashion-MNIST file {name} is missing from {raw} and from {source}; install Debian's "
+                            f"package (apt-get install dataset-fashion-mnist) or put the four files "
+                            f"{', '.join(FASHION_FILES)} (decompressed) in {raw}")
+        try:
+            with gzip.open(gz, "rb") as f, atomic_path(raw / name) as tmp, open(tmp, "wb") as out:
+                shutil.copyfileobj(f, out)
+        except (OSError, EOFError) as e:
+            raise DataError(f"could not decompress {gz} ({type(e).__name__}: {e}); reinstall the package "
+                            f"dataset-fashion-mnist") from None
+    return raw
+
+
+def load_ten_classes(dataset: str, data_dir: str | os.PathLike, val_size: int, split_seed: int,
+                     device: torch.device | str) -> Task:
+    """All ten classes of ``dataset`` ("mnist" or "fashion_mnist") as one Task, labels 0-9.
+
+    Train/val is the same seeded split of the 60k training images as load_tasks uses; test is the
+    10k test set. Pixels are normalised with the dataset's own training mean and std.
+    """
+    if dataset == "mnist":
+        (xtr, ytr), (xte, yte) = load_mnist(data_dir)
+        mean, std = MEAN, STD
+    elif dataset == "fashion_mnist":
+        (xtr, ytr), (xte, yte) = _load_fashion(data_dir)
+        mean, std = FASHION_MEAN, FASHION_STD
+    else:
+        raise DataError(f"unknown dataset {dataset!r}; allowed: mnist, fashion_mnist")
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(xtr.shape[0], generator=g)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    parts = {"train": (xtr[train_idx], ytr[train_idx]), "val": (xtr[val_idx], ytr[val_idx]), "test": (xte, yte)}
+    return Task(**{k: Split(_normalise(x, mean, std).to(device), y.to(device)) for k, (x, y) in parts.items()})
+
+
+def _load_fashion(data_dir):
+    from torchvision.datasets import FashionMNIST
+
+    raw = provide_fashion_mnist(data_dir)
+    out = []
+    for train, n in ((True, 60000), (False, 10000)):
+        try:
+            ds = FashionMNIST(str(data_dir), train=train, download=False)
+            ok = ds.data.shape == (n, 28, 28) and ds.targets.shape == (n,) and int(ds.targets.max()) == 9
+        except Exception as e:  # a truncated or foreign file: torchvision's reader fails in many ways
+            ok, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        else:
+            why = f"shapes {tuple(ds.data.shape)}, {tuple(ds.targets.shape)}"
+        if not ok:
+            raise DataError(f"could not read the Fashion-MNIST files in {raw} ({why}); delete them so that they "
+                            f"are decompressed again from {DEBIAN_FASHION}")
+        out.append((ds.data, ds.targets.long()))
+    return out[0], out[1]
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:

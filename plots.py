@@ -4,6 +4,7 @@ Error bars are the sample standard deviation over seeds; a point from a single s
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -127,12 +128,12 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path 
     return _save(fig, path)
 
 
-def _mean_curve(run_curves: list[list[dict]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mean_curve(run_curves: list[list[dict]], key: str = "test_acc_b") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per epoch, mean and std of test accuracy over the runs that reached it (early stopping ends runs)."""
     n = max(len(c) for c in run_curves)
     epochs, means, stds = [], [], []
     for e in range(1, n + 1):
-        vals = [c["test_acc_b"] for rc in run_curves for c in rc if c["epoch"] == e]
+        vals = [c[key] for rc in run_curves for c in rc if c["epoch"] == e]
         m, s = mean_std(vals)
         epochs.append(e), means.append(m), stds.append(0.0 if math.isnan(s) else s)
     return np.array(epochs), np.array(means), np.array(stds)
@@ -161,6 +162,104 @@ def methods_rank1(runs: list[dict], path: Path) -> Path | None:
     n_seeds = sorted({len(v) for _, v, _ in bars})
     ax.set_title(f"Rank 1, every method and sketch (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# --- the from-scratch study (scratch.py): drawn from results/scratch_runs.csv and scratch_curves.csv ---
+FORM_LABEL = {"full": "full rank", "lowrank": "low-rank, U(±1/√r) init", "lowrank_ae": "low-rank, two default Linears",
+              "lte": "LTE, {h} heads of rank r", "lora": "one LoRA head of rank {h}·r", "galore": "GaLore (rank-r Adam)"}
+FORM_STYLE = {"lowrank": "-", "lowrank_ae": ":", "lte": "-", "lora": "--", "galore": "-."}
+
+
+def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+    """Per dataset and optimizer: test accuracy per epoch for each form (one line per rank, the full-rank
+    model for reference), the two low-rank forms and the full model together, and final accuracy by rank."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    keep = {r["config_hash"] for r in runs}
+    by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
+    written = []
+    for (dataset,), rows in sorted(group(runs, ("dataset",)).items()):
+        opts = sorted({r["optimizer"] for r in rows if r["form"] != "galore"}) or ["adamw"]
+        stem = f"scratch_{dataset}_{'+'.join(opts)}"
+        heads = json.loads(rows[0]["config"]).get("lte_heads", "N")
+        for form in ("lowrank", "lowrank_ae", "lte", "lora", "galore"):
+            if any(r["form"] == form for r in rows):
+                written.append(_scratch_epochs(rows, by_run, [form], heads, dataset,
+                                               plots_dir / f"{stem}_{form}.png"))
+        if any(r["form"] in ("lowrank", "lowrank_ae") for r in rows):
+            written.append(_scratch_epochs(rows, by_run, ["lowrank", "lowrank_ae"], heads, dataset,
+                                           plots_dir / f"{stem}_all.png"))
+        written.append(_scratch_final(rows, heads, dataset, plots_dir / f"{stem}_final.png"))
+    return [p for p in written if p is not None]
+
+
+def _form_label(form: str, heads) -> str:
+    return FORM_LABEL.get(form, form).format(h=heads)
+
+
+def _full_line(ax, rows, by_run) -> None:
+    full = [r for r in rows if r["form"] == "full"]
+    if full:
+        epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in full], key="test_acc")
+        ax.plot(epochs, 100 * m, color="black", lw=2, label=f"full rank ({full[0]['trainable_params']:,} params)")
+        ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color="black", alpha=0.1)
+
+
+def _scratch_epochs(rows, by_run, forms: list[str], heads, dataset: str, path: Path) -> Path | None:
+    ranks = sorted({r["rank"] for r in rows if r["form"] in forms})
+    if not ranks:
+        return None
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    _full_line(ax, rows, by_run)
+    for form in forms:
+        for i, rank in enumerate(ranks):
+            rs = [r for r in rows if r["form"] == form and r["rank"] == rank]
+            if not rs:
+                continue
+            epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in rs], key="test_acc")
+            color = cmap(i / max(1, len(ranks) - 1) * 0.9)
+            name = f"r={rank}" if len(forms) == 1 else f"{_form_label(form, heads)}, r={rank}"
+            ax.plot(epochs, 100 * m, color=color, ls=FORM_STYLE.get(form, "-"), label=name)
+            ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color=color, alpha=0.1)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test accuracy, {dataset}, 10 classes (%)")
+    what = _form_label(forms[0], heads) if len(forms) == 1 else " vs ".join(_form_label(f, heads) for f in forms)
+    seeds = sorted({len(v) for v in group([r for r in rows if r["form"] in forms], ("form", "rank")).values()})
+    ax.set_title(f"Trained from scratch: {what}\n(mean ± std over {'/'.join(map(str, seeds))} seed(s))")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + (len(forms) > 1))
+    return _save(fig, path)
+
+
+def _scratch_final(rows, heads, dataset: str, path: Path) -> Path | None:
+    ranked = [r for r in rows if r["form"] != "full"]
+    if not ranked:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    full = mean_std([r["final_test_acc"] for r in rows if r["form"] == "full"])
+    if not math.isnan(full[0]):
+        ax.axhline(100 * full[0], color="black", lw=1.5, ls="--", label=f"full rank: {100 * full[0]:.2f}%")
+    for i, form in enumerate(("lowrank", "lowrank_ae", "lte", "lora", "galore")):
+        by_rank = group([r for r in ranked if r["form"] == form], ("rank",))
+        if not by_rank:
+            continue
+        ranks = sorted(k[0] for k in by_rank)
+        stats = [mean_std([r["final_test_acc"] for r in by_rank[(k,)]]) for k in ranks]
+        opt = by_rank[(ranks[0],)][0]["optimizer"]
+        ax.errorbar(ranks, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
+                    color=f"C{i}", ls=FORM_STYLE.get(form, "-"), marker="o", capsize=3,
+                    label=f"{_form_label(form, heads)} [{opt}]")
+    all_ranks = sorted({r["rank"] for r in ranked})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
+    ax.set_xlabel("rank r (per layer; LTE: per head)")
+    ax.set_ylabel(f"final test accuracy, {dataset}, 10 classes (%)")
+    ax.set_title("Trained from scratch: accuracy after the last epoch by rank (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

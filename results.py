@@ -27,8 +27,9 @@ RUN_COLUMNS = [
 CURVE_COLUMNS = ["config_hash", "method", "sketch", "rank", "seed", "epoch", "train_loss", "val_loss",
                  "val_acc", "test_acc_b", "merged"]
 _INT = {"rank", "seed", "trainable_params", "epochs", "best_epoch", "merges", "epoch", "merge_every",
-        "batch_size", "max_epochs", "patience"}
+        "batch_size", "max_epochs", "patience", "optimizer_state"}
 _FLOAT = {"best_val_loss", "test_acc_b", "test_acc_a", "wall_s", "train_loss", "val_loss", "val_acc",
+          "test_acc", "final_test_acc", "best_test_acc",
           "lora_alpha", "lr", "weight_decay"}
 
 
@@ -83,7 +84,8 @@ def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str]) ->
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
-def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows: list[dict]) -> None:
+def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows: list[dict], prefix: str = "",
+                run_columns: list[str] | None = None, curve_columns: list[str] | None = None) -> None:
     """Add finished runs (replacing earlier rows with the same config_hash) to both CSVs.
 
     curves.csv is written first: a run is only "finished" once its runs.csv row exists, so an
@@ -91,10 +93,11 @@ def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows
     """
     results_dir = Path(results_dir)
     keys = {r["config_hash"] for r in run_rows}
-    curves = [r for r in read_rows(results_dir / "curves.csv") if r["config_hash"] not in keys]
-    write_rows(results_dir / "curves.csv", curves + curve_rows, CURVE_COLUMNS)
-    runs = [r for r in read_rows(results_dir / "runs.csv") if r["config_hash"] not in keys]
-    write_rows(results_dir / "runs.csv", runs + run_rows, RUN_COLUMNS)
+    curves_csv, runs_csv = results_dir / f"{prefix}curves.csv", results_dir / f"{prefix}runs.csv"
+    curves = [r for r in read_rows(curves_csv) if r["config_hash"] not in keys]
+    write_rows(curves_csv, curves + curve_rows, curve_columns or CURVE_COLUMNS)
+    runs = [r for r in read_rows(runs_csv) if r["config_hash"] not in keys]
+    write_rows(runs_csv, runs + run_rows, run_columns or RUN_COLUMNS)
 
 
 def git_commit() -> str:

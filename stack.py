@@ -287,18 +287,22 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 reset_optimizer_on_merge: bool = False,
                 on_step_end: Callable[[int, list[torch.Generator]], bool] | None = None,
                 lr_lambda: Callable[[int], float] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> list[Record]:
+                progress: Callable[[int, int], None] | None = None,
+                make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None) -> list[Record]:
     """train.train() for every run of the stack at once; returns one Record per run, in stack order.
 
     ``on_epoch_end(epoch, generators)`` and ``on_step_end(step, generators)`` get the generators of
     the runs still training (the model holds just those runs). ``progress(epoch, runs_still_training)`` is called after each epoch.
-    On return the model holds every run, each at its best weights.
+    ``make_optimizer(params)`` replaces the default AdamW(params, lr, weight_decay) (an optimizer whose
+    state is elementwise or per matrix, so that the runs stay independent). On return the model holds
+    every run, each at its best weights.
     """
     runs = model.runs
     if len(generators) != runs:
         raise ValueError(f"need one generator per run: {len(generators)} for {runs} runs")
     device = task.train.x.device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = (make_optimizer(params) if make_optimizer is not None
+                 else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
     step = merges = merges_at_epoch_start = 0  # every run of the stack steps and merges at the same times
     records = [Record() for _ in range(runs)]

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -308,6 +309,22 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@contextmanager
+def worker_pool(workers: int, init, initargs: tuple):
+    """``workers`` spawned processes set up by ``init(*initargs)``. If the body raises (Ctrl-C, a
+    failed job) the workers are stopped at once and the exception goes on; what the body already
+    recorded is kept."""
+    pool = mp.get_context("spawn").Pool(workers, init, initargs)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    pool.close()  # every job is done: let the workers exit on their own
+    pool.join()
+
+
 def run_sweep(cfg: Config, commit: str) -> list[dict]:
     """Base model, then every run of the plan, in stacks; returns this sweep's runs.csv rows."""
     t0 = time.perf_counter()
@@ -335,16 +352,9 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
             tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
             state = {k: v.cpu() for k, v in base.state_dict().items()}
             todo.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
-            pool = mp.get_context("spawn").Pool(workers, _init_worker, (cfg, commit, state, threads))
-            try:
+            with worker_pool(workers, _init_worker, (cfg, commit, state, threads)) as pool:
                 for results in pool.imap_unordered(_work, todo):
                     sweep.record(results)
                     bar.update(len(results))
-            except BaseException:  # Ctrl-C or a failed stack: stop the workers now, keep what finished
-                pool.terminate()
-                pool.join()
-                raise
-            pool.close()  # every stack is done: let the workers exit on their own
-            pool.join()
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")
     return sweep.rows

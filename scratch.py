@@ -1,0 +1,272 @@
+"""Training from scratch in low-rank form: `python scratch.py [--field value ...]` (see --help).
+
+A 784-512-512-10 MLP on all ten classes of MNIST or Fashion-MNIST, in one of six forms (lowrank.py):
+full rank; every weight a rank-r product with the rank-dependent initialisation (lowrank) or as two
+default-initialised Linear layers (lowrank_ae); LoRA-the-Explorer's parallel heads (lte) and its
+single-head baseline at equal trainable parameters (lora); and the full model trained by GaLore
+(galore.py). Forms x ranks x seeds, trained in stacks of seeds by stack.train_stack, with no early
+stopping (every epoch is plotted). Writes results/scratch_runs.csv, results/scratch_curves.csv and
+plots/scratch_<dataset>_<optimizer>_*.png, and prints a table of final test accuracies.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_COLUMNS = ["form", "rank", "seed", "dataset", "optimizer", "lr", "batch_size", "max_epochs", "trainable_params",
+               "optimizer_state", "final_test_acc", "best_epoch", "best_test_acc", "best_val_loss", "epochs",
+               "merges", "wall_s", "config_hash", "settings_hash", "git_commit", "device", "finished_at", "config"]
+CURVE_COLUMNS = ["config_hash", "form", "rank", "seed", "dataset", "optimizer", "epoch", "train_loss", "val_loss",
+                 "val_acc", "test_acc", "merged"]
+PREFIX = "scratch_"  # results/scratch_runs.csv, results/scratch_curves.csv
+
+
+def plan(cfg) -> list[dict]:
+    """Every run the config asks for: form x rank x seed (full has no rank)."""
+    out = []
+    for form in cfg.selected_forms():
+        for rank in [None] if form == "full" else cfg.ranks:
+            out += [dict(form=form, rank=rank, seed=s) for s in cfg.seeds]
+    return out
+
+
+def run_hash(cfg, device: str, form: str, rank: int | None, seed: int) -> str:
+    from config import scratch_settings_hash, stable_hash
+    return stable_hash([scratch_settings_hash(cfg, device, form), form, rank, seed])
+
+
+def optimizer_name(cfg, form: str) -> str:
+    return "galore" if form == "galore" else cfg.optimizer
+
+
+def stacks(todo: list[dict], stack_size: int) -> list[list[dict]]:
+    """One form and rank per stack (the seeds differ), at most ``stack_size`` runs each; biggest models first."""
+    groups: dict[tuple, list[dict]] = {}
+    for spec in todo:
+        groups.setdefault((spec["form"], spec["rank"]), []).append(spec)
+    out = []
+    for specs in groups.values():
+        k = math.ceil(len(specs) / stack_size)
+        out += [specs[i * len(specs) // k:(i + 1) * len(specs) // k] for i in range(k)]
+    return sorted(out, key=lambda s: -(s[0]["rank"] or 10 ** 6))  # the full-size forms, then high ranks
+
+
+class ScratchTrainer:
+    """Trains stacks of from-scratch runs; what one worker process holds."""
+
+    def __init__(self, cfg, commit: str, task=None, show_epochs: bool = True):
+        from data import load_ten_classes
+        from sweep import resolve_device
+
+        self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
+        self.device = resolve_device(cfg.device)
+        self.task = task if task is not None else load_ten_classes(cfg.dataset, cfg.data_dir, cfg.val_size,
+                                                                   cfg.split_seed, self.device)
+
+    def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
+        """Train the runs of ``specs`` (one form and rank) as one stack; (runs row, curve rows) per run."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from galore import GaLoreAdamW, state_numel
+        from lowrank import build
+        from stack import train_stack
+
+        cfg = self.cfg
+        form, rank = specs[0]["form"], specs[0]["rank"]
+        gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
+        model = build(form, cfg.hidden, rank, gens, self.device, lte_heads=cfg.lte_heads)
+        made = []
+
+        def make_optimizer(params):
+            if form == "galore":  # weight matrices projected, biases in a plain Adam group
+                mats = [p for p in params if p.dim() == 3]
+                rest = [p for p in params if p.dim() != 3]
+                opt = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": rank, "update_every": cfg.galore_every,
+                                                      "scale": cfg.galore_scale}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+            elif cfg.optimizer == "sgd":
+                opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            else:
+                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            made.append(opt)
+            return opt
+
+        lte = model.lte_layers()
+
+        def merge_heads(step: int, generators) -> bool:
+            if not lte or step % cfg.lte_every:
+                return False
+            for layer in lte:
+                layer.merge(generators)
+            return True
+
+        bar = tqdm(total=cfg.max_epochs, desc=describe(specs), leave=False, unit="epoch",
+                   disable=not (cfg.progress and self.show_epochs))
+        with bar:
+            records = train_stack(model, [p for p in model.parameters() if p.requires_grad], self.task,
+                                  generators=gens, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
+                                  patience=cfg.max_epochs + 1, on_step_end=merge_heads,
+                                  progress=lambda epoch, live: bar.update(1), make_optimizer=make_optimizer)
+        state = state_numel(made[0]) // len(specs)  # every run of a stack has the same shapes
+        return [self.rows(spec, rec, model.trainable_count(i), state) for i, (spec, rec) in enumerate(zip(specs, records))]
+
+    def rows(self, spec: dict, record, trainable: int, state: int) -> tuple[dict, list[dict]]:
+        from config import scratch_settings_hash
+
+        cfg, dev = self.cfg, self.device.type
+        form, rank, seed = spec["form"], spec["rank"], spec["seed"]
+        key = run_hash(cfg, dev, form, rank, seed)
+        opt = optimizer_name(cfg, form)
+        last, best = record.curve[-1], record.curve[record.best_epoch - 1]
+        row = dict(form=form, rank=rank, seed=seed, dataset=cfg.dataset, optimizer=opt, lr=cfg.lr,
+                   batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, trainable_params=trainable,
+                   optimizer_state=state, final_test_acc=last["test_acc"], best_epoch=record.best_epoch,
+                   best_test_acc=best["test_acc"], best_val_loss=record.best_val_loss, epochs=record.epochs,
+                   merges=record.merges, wall_s=round(record.wall_s, 3), config_hash=key,
+                   settings_hash=scratch_settings_hash(cfg, dev, form), git_commit=self.commit, device=dev,
+                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   config=json.dumps(cfg.to_dict(), sort_keys=True))
+        curve = [dict(config_hash=key, form=form, rank=rank, seed=seed, dataset=cfg.dataset, optimizer=opt,
+                      epoch=c["epoch"], train_loss=c["train_loss"], val_loss=c["val_loss"], val_acc=c["val_acc"],
+                      test_acc=c["test_acc"], merged=c["merged"]) for c in record.curve]
+        return row, curve
+
+
+def describe(specs: list[dict]) -> str:
+    s = specs[0]
+    seeds = ",".join(str(x["seed"]) for x in specs)
+    return f"{s['form']}" + (f" r={s['rank']}" if s["rank"] is not None else "") + f" seed{'s' * (len(specs) > 1)} {seeds}"
+
+
+_WORKER = None
+
+
+def _init_worker(cfg, commit: str, threads: int) -> None:
+    import torch
+
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    torch.set_num_threads(threads)
+    _WORKER = ScratchTrainer(cfg, commit, show_epochs=False)
+
+
+def _work(specs: list[dict]):
+    return _WORKER.run(specs)
+
+
+def run_study(cfg, commit: str) -> list[dict]:
+    """Train every run of the plan not yet recorded; return this study's scratch_runs.csv rows."""
+    from tqdm.auto import tqdm
+
+    from results import read_rows, upsert_runs
+    from sweep import cpu_count, worker_pool
+
+    t0 = time.perf_counter()
+    trainer = ScratchTrainer(cfg, "", show_epochs=True)
+    trainer.commit = commit
+    dev = trainer.device.type
+    results_dir = Path(cfg.results_dir)
+    done = {r["config_hash"]: r for r in read_rows(results_dir / f"{PREFIX}runs.csv")} if cfg.resume else {}
+    rows, todo = [], []
+    for spec in plan(cfg):
+        key = run_hash(cfg, dev, **spec)
+        (rows.append(done[key]) if key in done else todo.append(spec))
+    t = trainer.task
+    tqdm.write(f"device: {trainer.device}; {cfg.dataset}, ten classes: {len(t.train)} train / {len(t.val)} val / "
+               f"{len(t.test)} test images; {len(todo)} runs to train, {len(rows)} already recorded")
+
+    def record(results):
+        upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=PREFIX,
+                    run_columns=RUN_COLUMNS, curve_columns=CURVE_COLUMNS)
+        rows.extend(r for r, _ in results)
+
+    jobs = stacks(todo, cfg.stack_size)
+    workers = min(cfg.workers or (cpu_count() if dev == "cpu" else 1), len(jobs))
+    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
+    with bar:
+        if workers <= 1:
+            for specs in jobs:
+                record(trainer.run(specs))
+                bar.update(len(specs))
+        else:
+            threads = max(1, cpu_count() // workers)
+            tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
+            with worker_pool(workers, _init_worker, (cfg, commit, threads)) as pool:
+                for results in pool.imap_unordered(_work, jobs):
+                    record(results)
+                    bar.update(len(results))
+    tqdm.write(f"study finished in {time.perf_counter() - t0:.1f} s")
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Final test accuracy (last epoch), mean ± std over seeds, one line per form and rank."""
+    from results import group, mean_std, pct
+
+    header = ["form", "optimizer", "rank", "trainable", "optimizer state", "seeds", "final test acc %",
+              "best-val test acc %", "s/run"]
+    lines = []
+    order = {f: i for i, f in enumerate(("full", "lowrank", "lowrank_ae", "lte", "lora", "galore"))}
+    for (form, opt, rank), rs in sorted(group(rows, ("form", "optimizer", "rank")).items(),
+                                        key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], kv[0][2] or 0)):
+        lines.append([form, opt, "-" if rank is None else str(rank), str(rs[0]["trainable_params"]),
+                      str(rs[0]["optimizer_state"]), str(len(rs)), pct(*mean_std([r["final_test_acc"] for r in rs])),
+                      pct(*mean_std([r["best_test_acc"] for r in rs])),
+                      f"{sum(r['wall_s'] for r in rs) / len(rs):.0f}"])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from config import ConfigError, ScratchConfig, from_argv
+
+    try:
+        cfg = from_argv(argv, ScratchConfig, prog="scratch.py",
+                        description="MLPs trained from scratch in full or low-rank form. Every field can be overridden.")
+    except ConfigError as e:
+        return _fail(e)
+
+    from config import FORMS, scratch_settings_hash
+    from data import DataError
+    from plots import draw_scratch
+    from results import ResultsError, git_commit, read_rows
+    from sweep import resolve_device
+
+    runs_csv, curves_csv = Path(cfg.results_dir) / f"{PREFIX}runs.csv", Path(cfg.results_dir) / f"{PREFIX}curves.csv"
+    try:
+        study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
+        device = resolve_device(cfg.device).type
+        wanted = {scratch_settings_hash(cfg, device, f) for f in FORMS}  # every form recorded under these settings
+        plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
+        if not plot_rows:
+            raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
+                            f"or give --plots-only the same overrides the study was run with")
+        print()
+        print(summary(study_rows if study_rows is not None else plot_rows))
+        for path in draw_scratch(plot_rows, read_rows(curves_csv), cfg.plots_dir):
+            print(f"wrote {path}")
+        print(f"results in {runs_csv} and {curves_csv}")
+    except (ConfigError, DataError, ResultsError) as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept in {runs_csv}; run the same command again to continue "
+              f"where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fail(e: Exception) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
