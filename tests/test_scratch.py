@@ -219,6 +219,12 @@ def test_scratch_py_end_to_end(tmp_path):
         "scratch_mnist_sgd_lowrank.png", "scratch_mnist_sgd_all.png", "scratch_mnist_sgd_final.png"}
     again = _run_scratch(*args)
     assert again.returncode == 0 and "0 runs to train, 2 already recorded" in again.stderr + again.stdout
+    for png in (tmp_path / "plots").iterdir():
+        png.unlink()
+    redrawn = _run_scratch(*args, "--plots_only")  # from the CSVs alone
+    assert redrawn.returncode == 0 and len(list((tmp_path / "plots").iterdir())) == 3
+    other = _run_scratch(*args, "--plots_only", "--lr", "0.5")  # no runs under these settings
+    assert other.returncode == 2 and other.stderr.startswith("error: no runs in")
     bad = _run_scratch("--form", "svd")
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: unknown form 'svd'")
