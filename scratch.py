@@ -169,15 +169,17 @@ def run_study(cfg, commit: str) -> list[dict]:
     from sweep import cpu_count, worker_pool
 
     t0 = time.perf_counter()
-    trainer = ScratchTrainer(cfg, "", show_epochs=True)
-    trainer.commit = commit
+    trainer = ScratchTrainer(cfg, commit, show_epochs=True)
     dev = trainer.device.type
     results_dir = Path(cfg.results_dir)
     done = {r["config_hash"]: r for r in read_rows(results_dir / f"{PREFIX}runs.csv")} if cfg.resume else {}
     rows, todo = [], []
     for spec in plan(cfg):
         key = run_hash(cfg, dev, **spec)
-        (rows.append(done[key]) if key in done else todo.append(spec))
+        if key in done:
+            rows.append(done[key])
+        else:
+            todo.append(spec)
     t = trainer.task
     tqdm.write(f"device: {trainer.device}; {cfg.dataset}, ten classes: {len(t.train)} train / {len(t.val)} val / "
                f"{len(t.test)} test images; {len(todo)} runs to train, {len(rows)} already recorded")
