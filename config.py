@@ -79,23 +79,7 @@ class Config:
         _choice("scaling", self.scaling, SCALINGS)
         _choice("random_init", self.random_init, RANDOM_INITS)
         _choice("device", self.device, DEVICES)
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden must be one or more positive widths, got {self.hidden}")
-        if not self.ranks:
-            raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
-        max_rank = max_useful_rank(self.hidden)
-        for r in self.ranks:
-            if not 1 <= r <= max_rank:
-                raise ConfigError(
-                    f"rank {r} is out of range: ranks must be integers from 1 to {max_rank} "
-                    f"(the largest min(in, out) among the model's layers)"
-                )
-        if not self.seeds:
-            raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
-        for name in ("ranks", "seeds"):
-            values = getattr(self, name)
-            if len(set(values)) != len(values):
-                raise ConfigError(f"{name} has repeated values {values}; give each at most once")
+        _check_model_lists(self.hidden, self.ranks, self.seeds, n_out=5)
         _positive("lr", self.lr)
         _positive("batch_size", self.batch_size)
         _positive("max_epochs", self.max_epochs)
@@ -107,10 +91,7 @@ class Config:
         _positive("lora_alpha", self.lora_alpha)
         _positive("val_size", self.val_size)
         _positive("stack_size", self.stack_size)
-        if self.workers < 0:
-            raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive, got {self.workers}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check_workers_and_decay(self.workers, self.weight_decay)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.val_size >= 60000:
@@ -176,28 +157,11 @@ class ScratchConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden must be one or more positive widths, got {self.hidden}")
-        if not self.ranks:
-            raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
-        max_rank = max_useful_rank(self.hidden, n_out=10)
-        for r in self.ranks:
-            if not 1 <= r <= max_rank:
-                raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {max_rank} "
-                                  f"(the largest min(in, out) among the model's layers)")
-        if not self.seeds:
-            raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
-        for name in ("ranks", "seeds"):
-            values = getattr(self, name)
-            if len(set(values)) != len(values):
-                raise ConfigError(f"{name} has repeated values {values}; give each at most once")
+        _check_model_lists(self.hidden, self.ranks, self.seeds, n_out=10)
         for name in ("lr", "batch_size", "max_epochs", "lte_heads", "lte_every", "galore_every", "galore_scale",
                      "val_size", "stack_size"):
             _positive(name, getattr(self, name))
-        if self.workers < 0:
-            raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive, got {self.workers}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check_workers_and_decay(self.workers, self.weight_decay)
         if self.val_size >= 60000:
             raise ConfigError(f"val_size must be below 60000 (the training set), got {self.val_size}")
         if self.batch_size < self.lte_heads:
@@ -263,6 +227,31 @@ def max_useful_rank(hidden: list[int], n_in: int = 784, n_out: int = 5) -> int:
     """Largest min(in, out) over the MLP's layers: a higher rank adds nothing anywhere."""
     dims = [n_in, *hidden, n_out]
     return max(min(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _check_model_lists(hidden: list[int], ranks: list[int], seeds: list[int], n_out: int) -> None:
+    """The checks both configs make of the widths, the rank sweep and the seeds."""
+    if not hidden or any(h < 1 for h in hidden):
+        raise ConfigError(f"hidden must be one or more positive widths, got {hidden}")
+    if not ranks:
+        raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
+    max_rank = max_useful_rank(hidden, n_out=n_out)
+    for r in ranks:
+        if not 1 <= r <= max_rank:
+            raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {max_rank} "
+                              f"(the largest min(in, out) among the model's layers)")
+    if not seeds:
+        raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
+    for name, values in (("ranks", ranks), ("seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{name} has repeated values {values}; give each at most once")
+
+
+def _check_workers_and_decay(workers: int, weight_decay: float) -> None:
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive, got {workers}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

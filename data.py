@@ -96,6 +96,17 @@ def _normalise(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> to
     return images.float().div_(255.0).sub_(mean).div_(std).reshape(images.shape[0], -1)
 
 
+def _split(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], val_size: int,
+           split_seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train", "val", "test"}: (images, labels). The 60k training images are split
+    (60000 - val_size) / val_size by a permutation from a generator seeded with ``split_seed``.
+    Still uint8: each piece is normalised once selected, so no float copy of the whole set is made."""
+    (xtr, ytr), g = train, torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(xtr.shape[0], generator=g)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    return {"train": (xtr[train_idx], ytr[train_idx]), "val": (xtr[val_idx], ytr[val_idx]), "test": test}
+
+
 def _select(x: torch.Tensor, y: torch.Tensor, digits: range) -> Split:
     mask = (y >= digits.start) & (y < digits.stop)
     return Split(x[mask], y[mask] - digits.start)  # relabel to 0..4: the same 5-way head serves both tasks
@@ -108,15 +119,7 @@ def load_tasks(data_dir: str | os.PathLike, val_size: int, split_seed: int,
     The 60k training images are split (60000 - val_size) / val_size by a permutation from a
     generator seeded with ``split_seed``; test is the 10k test set. Everything lives on ``device``.
     """
-    (xtr, ytr), (xte, yte) = load_mnist(data_dir)
-    g = torch.Generator().manual_seed(split_seed)
-    perm = torch.randperm(xtr.shape[0], generator=g)
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    parts = {  # still uint8: each piece is normalised once selected, so no float copy of the whole set is made
-        "train": (xtr[train_idx], ytr[train_idx]),
-        "val": (xtr[val_idx], ytr[val_idx]),
-        "test": (xte, yte),
-    }
+    parts = _split(*load_mnist(data_dir), val_size, split_seed)
     tasks = {}
     for name, digits in (("A", range(0, 5)), ("B", range(5, 10))):
         splits = {k: _select(x, y, digits) for k, (x, y) in parts.items()}
@@ -169,17 +172,12 @@ def load_ten_classes(dataset: str, data_dir: str | os.PathLike, val_size: int, s
     10k test set. Pixels are normalised with the dataset's own training mean and std.
     """
     if dataset == "mnist":
-        (xtr, ytr), (xte, yte) = load_mnist(data_dir)
-        mean, std = MEAN, STD
+        (train, test), mean, std = load_mnist(data_dir), MEAN, STD
     elif dataset == "fashion_mnist":
-        (xtr, ytr), (xte, yte) = _load_fashion(data_dir)
-        mean, std = FASHION_MEAN, FASHION_STD
+        (train, test), mean, std = _load_fashion(data_dir), FASHION_MEAN, FASHION_STD
     else:
         raise DataError(f"unknown dataset {dataset!r}; allowed: mnist, fashion_mnist")
-    g = torch.Generator().manual_seed(split_seed)
-    perm = torch.randperm(xtr.shape[0], generator=g)
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    parts = {"train": (xtr[train_idx], ytr[train_idx]), "val": (xtr[val_idx], ytr[val_idx]), "test": (xte, yte)}
+    parts = _split(train, test, val_size, split_seed)
     return Task(**{k: Split(_normalise(x, mean, std).to(device), y.to(device)) for k, (x, y) in parts.items()})
 
 

@@ -11,48 +11,35 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config import ConfigError, from_argv
+    from cli import run_command
+    from config import from_argv
 
-    try:
-        cfg = from_argv(argv)
-    except ConfigError as e:
-        return _fail(e)
+    return run_command(lambda: from_argv(argv), run, lambda cfg: Path(cfg.results_dir) / "runs.csv")
 
-    # Imported after parsing so that --help and bad options answer at once.
+
+def run(cfg) -> None:
+    """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
     from config import METHODS, settings_hash
     from data import DataError
     from plots import draw_all
-    from results import ResultsError, git_commit, read_rows, summary_table
-    from sweep import CheckpointError, resolve_device, run_sweep
+    from results import git_commit, read_rows, summary_table
+    from sweep import resolve_device, run_sweep
 
-    try:
-        runs_csv = Path(cfg.results_dir) / "runs.csv"
-        sweep_rows = None if cfg.plots_only else run_sweep(cfg, git_commit())
-        # The plots show every run recorded under the current settings (earlier sweeps of other
-        # methods included), so comparisons accumulate; the table shows this sweep's runs.
-        device = resolve_device(cfg.device).type
-        wanted = {settings_hash(cfg, device, k, m) for k in ("base", "fpft", "adapter") for m in (None, *METHODS)}
-        plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
-        if not plot_rows:
-            raise DataError(f"no runs in {runs_csv} were made with these settings; run the sweep first, "
-                            f"or give --plots-only the same overrides the sweep was run with")
-        print()
-        print(summary_table(sweep_rows if sweep_rows is not None else plot_rows))
-        for path in draw_all(plot_rows, read_rows(Path(cfg.results_dir) / "curves.csv"), cfg.plots_dir):
-            print(f"wrote {path}")
-        print(f"results in {runs_csv} and {Path(cfg.results_dir) / 'curves.csv'}")
-    except (ConfigError, DataError, CheckpointError, ResultsError) as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are kept in {Path(cfg.results_dir) / 'runs.csv'}; "
-              f"run the same command again to continue where it stopped", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _fail(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    runs_csv = Path(cfg.results_dir) / "runs.csv"
+    sweep_rows = None if cfg.plots_only else run_sweep(cfg, git_commit())
+    # The plots show every run recorded under the current settings (earlier sweeps of other
+    # methods included), so comparisons accumulate; the table shows this sweep's runs.
+    device = resolve_device(cfg.device).type
+    wanted = {settings_hash(cfg, device, k, m) for k in ("base", "fpft", "adapter") for m in (None, *METHODS)}
+    plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
+    if not plot_rows:
+        raise DataError(f"no runs in {runs_csv} were made with these settings; run the sweep first, "
+                        f"or give --plots-only the same overrides the sweep was run with")
+    print()
+    print(summary_table(sweep_rows if sweep_rows is not None else plot_rows))
+    for path in draw_all(plot_rows, read_rows(Path(cfg.results_dir) / "curves.csv"), cfg.plots_dir):
+        print(f"wrote {path}")
+    print(f"results in {runs_csv} and {Path(cfg.results_dir) / 'curves.csv'}")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,11 @@ def summary_table(rows: list[dict]) -> str:
         lines.append([method, sketch or "-", "-" if rank is None else str(rank), str(rs[0]["trainable_params"]),
                       str(len(rs)), pct(*b), pct(*a), f"{mean(r['epochs'] for r in rs):.1f}",
                       f"{mean(r['wall_s'] for r in rs):.1f}"])
+    return format_table(header, lines)
+
+
+def format_table(header: list[str], lines: list[list[str]]) -> str:
+    """Left-aligned columns under a dashed rule, as the end-of-run tables print them."""
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]

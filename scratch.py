@@ -11,8 +11,6 @@ plots/scratch_<dataset>_<optimizer>_*.png, and prints a table of final test accu
 from __future__ import annotations
 
 import json
-import math
-import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -49,10 +47,9 @@ def stacks(todo: list[dict], stack_size: int) -> list[list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for spec in todo:
         groups.setdefault((spec["form"], spec["rank"]), []).append(spec)
-    out = []
-    for specs in groups.values():
-        k = math.ceil(len(specs) / stack_size)
-        out += [specs[i * len(specs) // k:(i + 1) * len(specs) // k] for i in range(k)]
+    from sweep import even_chunks
+
+    out = [chunk for specs in groups.values() for chunk in even_chunks(specs, stack_size)]
     return sorted(out, key=lambda s: -(s[0]["rank"] or 10 ** 6))  # the full-size forms, then high ranks
 
 
@@ -148,12 +145,8 @@ def describe(specs: list[dict]) -> str:
 _WORKER = None
 
 
-def _init_worker(cfg, commit: str, threads: int) -> None:
-    import torch
-
+def _init_worker(cfg, commit: str) -> None:
     global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
-    torch.set_num_threads(threads)
     _WORKER = ScratchTrainer(cfg, commit, show_epochs=False)
 
 
@@ -200,7 +193,7 @@ def run_study(cfg, commit: str) -> list[dict]:
         else:
             threads = max(1, cpu_count() // workers)
             tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
-            with worker_pool(workers, _init_worker, (cfg, commit, threads)) as pool:
+            with worker_pool(workers, threads, _init_worker, (cfg, commit)) as pool:
                 for results in pool.imap_unordered(_work, jobs):
                     record(results)
                     bar.update(len(results))
@@ -210,7 +203,7 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 def summary(rows: list[dict]) -> str:
     """Final test accuracy (last epoch), mean ± std over seeds, one line per form and rank."""
-    from results import group, mean_std, pct
+    from results import format_table, group, mean_std, pct
 
     header = ["form", "optimizer", "rank", "trainable", "optimizer state", "seeds", "final test acc %",
               "best-val test acc %", "s/run"]
@@ -222,52 +215,41 @@ def summary(rows: list[dict]) -> str:
                       str(rs[0]["optimizer_state"]), str(len(rs)), pct(*mean_std([r["final_test_acc"] for r in rs])),
                       pct(*mean_std([r["best_test_acc"] for r in rs])),
                       f"{sum(r['wall_s'] for r in rs) / len(rs):.0f}"])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
+    return format_table(header, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config import ConfigError, ScratchConfig, from_argv
+    from cli import run_command
+    from config import ScratchConfig, from_argv
 
-    try:
-        cfg = from_argv(argv, ScratchConfig, prog="scratch.py",
-                        description="MLPs trained from scratch in full or low-rank form. Every field can be overridden.")
-    except ConfigError as e:
-        return _fail(e)
+    def parse():
+        return from_argv(argv, ScratchConfig, prog="scratch.py",
+                         description="MLPs trained from scratch in full or low-rank form. Every field can be overridden.")
 
+    return run_command(parse, study, lambda cfg: Path(cfg.results_dir) / f"{PREFIX}runs.csv")
+
+
+def study(cfg) -> None:
+    """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
     from config import FORMS, scratch_settings_hash
     from data import DataError
     from plots import draw_scratch
-    from results import ResultsError, git_commit, read_rows
+    from results import git_commit, read_rows
     from sweep import resolve_device
 
     runs_csv, curves_csv = Path(cfg.results_dir) / f"{PREFIX}runs.csv", Path(cfg.results_dir) / f"{PREFIX}curves.csv"
-    try:
-        study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
-        device = resolve_device(cfg.device).type
-        wanted = {scratch_settings_hash(cfg, device, f) for f in FORMS}  # every form recorded under these settings
-        plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
-        if not plot_rows:
-            raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
-                            f"or give --plots-only the same overrides the study was run with")
-        print()
-        print(summary(study_rows if study_rows is not None else plot_rows))
-        for path in draw_scratch(plot_rows, read_rows(curves_csv), cfg.plots_dir):
-            print(f"wrote {path}")
-        print(f"results in {runs_csv} and {curves_csv}")
-    except (ConfigError, DataError, ResultsError) as e:
-        return _fail(e)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are kept in {runs_csv}; run the same command again to continue "
-              f"where it stopped", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _fail(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
+    device = resolve_device(cfg.device).type
+    wanted = {scratch_settings_hash(cfg, device, f) for f in FORMS}  # every form recorded under these settings
+    plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
+    if not plot_rows:
+        raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
+                        f"or give --plots-only the same overrides the study was run with")
+    print()
+    print(summary(study_rows if study_rows is not None else plot_rows))
+    for path in draw_scratch(plot_rows, read_rows(curves_csv), cfg.plots_dir):
+        print(f"wrote {path}")
+    print(f"results in {runs_csv} and {curves_csv}")
 
 
 if __name__ == "__main__":

@@ -147,16 +147,19 @@ def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dic
         one_rank = spec["method"] != "fpft" and get_method(spec["method"]).adapter == "randlora"
         key = (spec["method"], spec["sketch"]) + ((spec["rank"],) if one_rank else ())
         groups.setdefault(key, []).append(spec)
-    out = []
-    for specs in groups.values():
-        k = math.ceil(len(specs) / stack_size)
-        out += [specs[i * len(specs) // k:(i + 1) * len(specs) // k] for i in range(k)]
+    out = [chunk for specs in groups.values() for chunk in even_chunks(specs, stack_size)]
     share = math.ceil(len(plan) / workers)  # runs per worker if the work were spread evenly
     while out and (len(out) < workers or max(map(len, out)) > share) and max(map(len, out)) > 1:
         big = max(range(len(out)), key=lambda i: len(out[i]))
         s = out.pop(big)
         out[big:big] = [s[:len(s) // 2], s[len(s) // 2:]]
     return out
+
+
+def even_chunks(items: list, size: int) -> list[list]:
+    """``items`` cut into the fewest pieces of at most ``size``, their lengths as even as possible."""
+    k = math.ceil(len(items) / size)
+    return [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
 
 
 class Trainer:
@@ -294,10 +297,8 @@ def _span(values: list[int]) -> str:
 _WORKER: Trainer | None = None
 
 
-def _init_worker(cfg: Config, commit: str, base_state: dict, threads: int) -> None:
+def _init_worker(cfg: Config, commit: str, base_state: dict) -> None:
     global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
-    torch.set_num_threads(threads)
     _WORKER = Trainer(cfg, commit, base_state, show_epochs=False)
 
 
@@ -309,12 +310,18 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _start_worker(threads: int, init, initargs: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    torch.set_num_threads(threads)
+    init(*initargs)
+
+
 @contextmanager
-def worker_pool(workers: int, init, initargs: tuple):
-    """``workers`` spawned processes set up by ``init(*initargs)``. If the body raises (Ctrl-C, a
-    failed job) the workers are stopped at once and the exception goes on; what the body already
-    recorded is kept."""
-    pool = mp.get_context("spawn").Pool(workers, init, initargs)
+def worker_pool(workers: int, threads: int, init, initargs: tuple):
+    """``workers`` spawned processes of ``threads`` torch threads each, ignoring Ctrl-C, set up by
+    ``init(*initargs)``. If the body raises (Ctrl-C, a failed job) the workers are stopped at once
+    and the exception goes on; what the body already recorded is kept."""
+    pool = mp.get_context("spawn").Pool(workers, _start_worker, (threads, init, initargs))
     try:
         yield pool
     except BaseException:
@@ -352,7 +359,7 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
             tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
             state = {k: v.cpu() for k, v in base.state_dict().items()}
             todo.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
-            with worker_pool(workers, _init_worker, (cfg, commit, state, threads)) as pool:
+            with worker_pool(workers, threads, _init_worker, (cfg, commit, state)) as pool:
                 for results in pool.imap_unordered(_work, todo):
                     sweep.record(results)
                     bar.update(len(results))
