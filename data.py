@@ -5,8 +5,12 @@ once, and batches are slices of a seeded permutation (see ``batches``).
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,54 +44,99 @@ def _raw_dir(data_dir: str | os.PathLike) -> Path:
     return Path(data_dir) / "MNIST" / "raw"
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+def _parse_idx(data: bytes, name: str) -> torch.Tensor:
+    """Parse the decompressed IDX file ``name`` (e.g. "t10k-labels-idx1-ubyte") of MNIST or Fashion-MNIST.
+
+    The format: a big-endian magic number, 0x00000801 (uint8, one dimension: labels) or 0x00000803
+    (uint8, three dimensions: images), one big-endian uint32 per dimension, then the uint8 data.
+    Checks the magic, the dimensions (N or N x 28 x 28, N = 60000 for "train", 10000 for "t10k"), the
+    exact length and, for labels, values in 0..9. Returns uint8 (N, 28, 28) images or int64 (N,) labels,
+    as torchvision's read_image_file / read_label_file do; raises ValueError saying what is wrong.
+    """
+    images = "-images-" in name
+    n = 60000 if name.startswith("train") else 10000
+    dims = (n, 28, 28) if images else (n,)
+    magic, head = (0x0803 if images else 0x0801), 4 * (1 + len(dims))
+    if len(data) < head:
+        raise ValueError(f"{len(data)} bytes, shorter than the {head}-byte header")
+    got = struct.unpack(f">{1 + len(dims)}I", data[:head])
+    if got[0] != magic:
+        raise ValueError(f"magic number 0x{got[0]:08x}, expected 0x{magic:08x}")
+    if got[1:] != dims:
+        raise ValueError(f"dimensions {got[1:]}, expected {dims}")
+    if len(data) != head + math.prod(dims):
+        raise ValueError(f"{len(data)} bytes, expected {head + math.prod(dims)}")
+    x = torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=head).view(dims)
+    if images:
+        return x
+    if int(x.max()) > 9:
+        raise ValueError(f"label value {int(x.max())}, expected 0..9")
+    return x.long()
 
 
-def _check_archives(raw: Path) -> None:
-    """Fail fast, naming the file, when a shipped .gz archive is not the original."""
+def _decode(data: bytes, name: str, path: Path, fix: str) -> torch.Tensor:
+    """_parse_idx(data, name), any failure a one-line DataError naming ``path`` and what to do."""
+    try:
+        return _parse_idx(data, name)
+    except ValueError as e:
+        raise DataError(f"corrupt data file {path} (as {name}: {e}); {fix}") from None
+
+
+def _verified_gz(gz: Path, md5: str) -> bytes:
+    """The bytes of a shipped .gz archive; fail fast, naming the file, when it is not the original."""
+    blob = gz.read_bytes()
+    got = hashlib.md5(blob).hexdigest()
+    if got != md5:
+        raise DataError(f"corrupt data file {gz} (md5 {got}, expected {md5}); "
+                        f"replace it with the original {gz.name} from {SOURCE}")
+    return blob
+
+
+def _download_mnist(raw: Path, names: list[str]) -> None:
+    """Fetch the missing archives ``names`` into ``raw`` with torchvision's downloader, from its mirrors
+    (it checks each download's md5); nothing is extracted. Failure: a DataError that says what to put where."""
     from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import download_url
 
-    for name, md5 in MNIST.resources:
-        gz = raw / name
-        if gz.exists() and _md5(gz) != md5:
+    md5s = dict(MNIST.resources)
+    for name in names:
+        errors = []
+        for mirror in MNIST.mirrors:
+            try:
+                download_url(f"{mirror}{name}", str(raw), filename=name, md5=md5s[name])
+                break
+            except (RuntimeError, OSError) as e:  # URLError is an OSError; a bad md5 a RuntimeError
+                errors.append(e)
+        else:
+            text = str(errors[-1]).strip()
+            reason = f"{type(errors[-1]).__name__}: {text.splitlines()[-1] if text else ''}"
             raise DataError(
-                f"corrupt data file {gz} (md5 {_md5(gz)}, expected {md5}); "
-                f"replace it with the original {name} from {SOURCE}"
+                f"MNIST is missing from {raw} and could not be downloaded ({reason}); put the four files "
+                f"{', '.join(n for n, _ in MNIST.resources)} in {raw} (they ship with this repository under "
+                f"data/MNIST/raw)"
             )
 
 
 def load_mnist(data_dir: str | os.PathLike) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Return ((train_images, train_labels), (test_images, test_labels)) as uint8 (N, 28, 28) and int64 (N,).
 
-    Uses torchvision's MNIST under ``data_dir``; it extracts the shipped .gz archives and only
-    downloads what is missing. Any failure becomes a one-line DataError that says what to put where.
+    Reads the four .gz archives in <data_dir>/MNIST/raw after checking their md5 sums against
+    torchvision's, decompressing them in memory (gzip checks its CRC32 too) and parsing the IDX
+    format here (_parse_idx: magic, dimensions 60000 / 10000 x 28 x 28, length, labels 0..9). Extracted
+    ``*-ubyte`` files are never read. A missing archive is downloaded by torchvision's downloader. Any
+    failure is a one-line DataError that says what to put where.
     """
     from torchvision.datasets import MNIST
 
     raw = _raw_dir(data_dir)
-    _check_archives(raw)
-    out = []
-    for train in (True, False):
-        try:
-            ds = MNIST(str(data_dir), train=train, download=True)
-        except Exception as e:
-            text = str(e).strip()
-            if not text.startswith("Error downloading"):  # the files are there but cannot be read
-                raise DataError(f"could not read the MNIST files in {raw} ({type(e).__name__}: "
-                                f"{text.splitlines()[0] if text else ''}); delete the extracted files there "
-                                f"(not the .gz archives) so that they are re-extracted") from None
-            names = ", ".join(n for n, _ in MNIST.resources)
-            reason = text.splitlines()[-1].strip() if len(text.splitlines()) > 1 else text
-            raise DataError(
-                f"MNIST is missing from {raw} and could not be downloaded ({reason}); "
-                f"put the four files {names} in {raw} (they ship with this repository under data/MNIST/raw)"
-            ) from None
-        if ds.data.shape[1:] != (28, 28) or ds.data.shape[0] != ds.targets.shape[0]:
-            raise DataError(f"MNIST files in {raw} have unexpected shapes {tuple(ds.data.shape)}; delete the "
-                            f"extracted files there (not the .gz archives) so that they are re-extracted")
-        out.append((ds.data, ds.targets.long()))
-    return out[0], out[1]
+    blobs = {name: _verified_gz(raw / name, md5) for name, md5 in MNIST.resources if (raw / name).exists()}
+    missing = [name for name, _ in MNIST.resources if name not in blobs]
+    if missing:
+        _download_mnist(raw, missing)
+        blobs.update({name: _verified_gz(raw / name, md5) for name, md5 in MNIST.resources if name in missing})
+    fix = f"replace it with the original from {SOURCE}"  # unreachable past a matching md5; kept as a guard
+    x = {name: _decode(gzip.decompress(blob), name[:-3], raw / name, fix) for name, blob in blobs.items()}
+    return tuple((x[f"{s}-images-idx3-ubyte.gz"], x[f"{s}-labels-idx1-ubyte.gz"]) for s in ("train", "t10k"))
 
 
 def _normalise(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
@@ -132,16 +181,32 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel m
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist puts the .gz files here
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
+# SHA-256 of the *decompressed* IDX files (not of any .gz: Debian recompressed them, so .gz digests, and
+# torchvision's .gz md5s, do not carry over). Computed from /usr/share/datasets/fashion-mnist/*.gz of
+# Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1; that data is exactly balanced (6000 images
+# per class in train, 1000 in test), which load_fashion_mnist checks as well.
+FASHION_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
+
+def _fashion_missing(name: str, raw: Path, source: Path) -> DataError:
+    return DataError(f"Fashion-MNIST file {name} is missing from {raw} and from {source}; install Debian's "
+                     f"package (apt-get install dataset-fashion-mnist) or put the four files "
+                     f"{', '.join(FASHION_FILES)} (decompressed, or as .gz) in {raw}")
 
 
 def provide_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FASHION) -> Path:
     """Make sure <data_dir>/FashionMNIST/raw holds the four decompressed IDX files; return that folder.
 
-    Missing files are decompressed from ``source`` (Debian's package, whose .gz files are recompressed,
-    so their md5s differ from torchvision's: the decompressed contents are what torchvision reads).
+    Loading does not need this (load_fashion_mnist reads ``source``'s .gz files directly); it is for
+    whoever wants the decompressed files, e.g. for another tool. Missing files are decompressed from
+    ``source`` unchecked; load_fashion_mnist verifies them (by FASHION_SHA256) if it reads them.
     Each file is written atomically, so an interrupted copy is never mistaken for a whole one.
     """
-    import gzip
     import shutil
 
     from results import atomic_path
@@ -152,9 +217,7 @@ def provide_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FAS
             continue
         gz = source / (name + ".gz")
         if not gz.exists():
-            raise DataError(f"Fashion-MNIST file {name} is missing from {raw} and from {source}; install Debian's "
-                            f"package (apt-get install dataset-fashion-mnist) or put the four files "
-                            f"{', '.join(FASHION_FILES)} (decompressed) in {raw}")
+            raise _fashion_missing(name, raw, source)
         try:
             with gzip.open(gz, "rb") as f, atomic_path(raw / name) as tmp, open(tmp, "wb") as out:
                 shutil.copyfileobj(f, out)
@@ -162,6 +225,46 @@ def provide_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FAS
             raise DataError(f"could not decompress {gz} ({type(e).__name__}: {e}); reinstall the package "
                             f"dataset-fashion-mnist") from None
     return raw
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FASHION,
+                       digests: dict[str, str] = FASHION_SHA256):
+    """Fashion-MNIST as load_mnist returns MNIST: ((train_images, train_labels), (test_images, test_labels)).
+
+    Each of the four files is read from the first of <data_dir>/FashionMNIST/raw/<name> (decompressed,
+    placed by the user or by provide_fashion_mnist), <data_dir>/FashionMNIST/raw/<name>.gz and
+    ``source``/<name>.gz (Debian's package), decompressed in memory, and must have the SHA-256 in
+    ``digests`` (of the decompressed content); then it is parsed and checked (_parse_idx), and each
+    class must have exactly 6000 training and 1000 test images. Otherwise: a one-line DataError naming
+    the file and what to do. Nothing is written.
+    """
+    raw = Path(data_dir) / "FashionMNIST" / "raw"
+    x = {}
+    for name in FASHION_FILES:
+        path = next((p for p in (raw / name, raw / f"{name}.gz", source / f"{name}.gz") if p.exists()), None)
+        if path is None:
+            raise _fashion_missing(name, raw, source)
+        if path.parent == source:
+            fix = "reinstall Debian's package (apt-get install --reinstall dataset-fashion-mnist)"
+        else:
+            fix = f"delete it (the files of Debian's dataset-fashion-mnist in {source} are read directly)"
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            try:
+                data = gzip.decompress(data)  # checks the CRC32 and length in the gzip trailer too
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"could not decompress {path} ({type(e).__name__}: {e}); {fix}") from None
+        got = hashlib.sha256(data).hexdigest()
+        if got != digests[name]:
+            raise DataError(f"corrupt data file {path} (SHA-256 of its content {got}, expected {digests[name]}); "
+                            f"{fix}")
+        x[name] = _decode(data, name, path, fix)
+        if "-labels-" in name:
+            counts = torch.bincount(x[name], minlength=10).tolist()
+            if len(set(counts)) != 1:
+                raise DataError(f"corrupt data file {path} (images per class {counts}, expected "
+                                f"{x[name].numel() // 10} each); {fix}")
+    return tuple((x[f"{s}-images-idx3-ubyte"], x[f"{s}-labels-idx1-ubyte"]) for s in ("train", "t10k"))
 
 
 def load_ten_classes(dataset: str, data_dir: str | os.PathLike, val_size: int, split_seed: int,
@@ -174,31 +277,11 @@ def load_ten_classes(dataset: str, data_dir: str | os.PathLike, val_size: int, s
     if dataset == "mnist":
         (train, test), mean, std = load_mnist(data_dir), MEAN, STD
     elif dataset == "fashion_mnist":
-        (train, test), mean, std = _load_fashion(data_dir), FASHION_MEAN, FASHION_STD
+        (train, test), mean, std = load_fashion_mnist(data_dir), FASHION_MEAN, FASHION_STD
     else:
         raise DataError(f"unknown dataset {dataset!r}; allowed: mnist, fashion_mnist")
     parts = _split(train, test, val_size, split_seed)
     return Task(**{k: Split(_normalise(x, mean, std).to(device), y.to(device)) for k, (x, y) in parts.items()})
-
-
-def _load_fashion(data_dir):
-    from torchvision.datasets import FashionMNIST
-
-    raw = provide_fashion_mnist(data_dir)
-    out = []
-    for train, n in ((True, 60000), (False, 10000)):
-        try:
-            ds = FashionMNIST(str(data_dir), train=train, download=False)
-            ok = ds.data.shape == (n, 28, 28) and ds.targets.shape == (n,) and int(ds.targets.max()) == 9
-        except Exception as e:  # a truncated or foreign file: torchvision's reader fails in many ways
-            ok, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        else:
-            why = f"shapes {tuple(ds.data.shape)}, {tuple(ds.targets.shape)}"
-        if not ok:
-            raise DataError(f"could not read the Fashion-MNIST files in {raw} ({why}); delete them so that they "
-                            f"are decompressed again from {DEBIAN_FASHION}")
-        out.append((ds.data, ds.targets.long()))
-    return out[0], out[1]
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
