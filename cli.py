@@ -1,22 +1,30 @@
-"""What main.py and scratch.py share as command lines: one-line errors, exit codes, Ctrl-C."""
+"""What main.py and scratch.py share as command lines: one-line errors, exit codes, Ctrl-C and SIGTERM,
+output folders checked (and killed writers' temporary files removed) before any compute."""
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: worker processes are stopped and finished runs are kept."""
 
 
 def run_command(parse: Callable[[], object], body: Callable[[object], None], runs_csv: Callable[[object], Path]) -> int:
     """``cfg = parse()``, then ``body(cfg)``; returns the exit status.
 
     A bad setting, missing or corrupt data, an unreadable checkpoint or results file: "error: ..."
-    on one line, exit 2. Ctrl-C: say where the finished runs are kept, exit 130. The heavy modules
-    are imported only after parsing, so that --help and bad options answer at once.
+    on one line, exit 2. Ctrl-C: say where the finished runs are kept, exit 130 (SIGTERM: 143). The
+    heavy modules are imported only after parsing, so that --help and bad options answer at once.
     """
     from config import ConfigError
 
     try:
         cfg = parse()
+        prepare_outputs(cfg)
+        check_memory(cfg)
     except ConfigError as e:
         return fail(e)
 
@@ -24,17 +32,69 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
     from results import ResultsError
     from sweep import CheckpointError
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         body(cfg)
     except (ConfigError, DataError, CheckpointError, ResultsError) as e:
         return fail(e)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are kept in {runs_csv(cfg)}; "
-              f"run the same command again to continue where it stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: finished runs are kept in "
+              f"{runs_csv(cfg)}; run the same command again to continue where it stopped", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def prepare_outputs(cfg) -> None:
+    """Check (and create) the config's output folders before any compute, and delete the temporary files
+    that a writer killed mid-write left there (results, checkpoints, figures)."""
+    from results import clean_stale_tmp, prepare_output_dir
+
+    for field in ("results_dir", "plots_dir"):
+        if hasattr(cfg, field):
+            folder = prepare_output_dir(field, getattr(cfg, field))
+            for sub in (folder, folder / "checkpoints"):
+                clean_stale_tmp(sub)
+
+
+def check_memory(cfg) -> None:
+    """Refuse, before any compute, a model and stack that this machine cannot hold (config.check_fits)."""
+    if getattr(cfg, "plots_only", False):
+        return
+    from config import check_fits
+    from sweep import cpu_count, resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        import torch
+
+        check_fits(cfg, torch.cuda.mem_get_info(device)[0], 1, "the GPU")
+    else:
+        check_fits(cfg, available_memory(), (cfg.workers or cpu_count()) if device.type == "cpu" else 1,
+                   "this machine")
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new work: MemAvailable from /proc/meminfo, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def fail(e: Exception) -> int:
-    print(f"error: {e}", file=sys.stderr)
+    from config import one_line
+
+    print(f"error: {one_line(str(e))}", file=sys.stderr)
     return 2

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -23,10 +24,31 @@ SKETCH_CHOICES = SKETCHES + ("both",)
 SCALINGS = ("alpha", "alpha/r", "alpha/sqrt(r)")
 RANDOM_INITS = ("gaussian", "kaiming")  # the non-zero factor; the other one always starts at zero
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; seeds are 0..2^63-1
+MAX_WORKERS = 256
+TRAIN_IMAGES = 60000  # MNIST and Fashion-MNIST training sets
+MIN_TRAIN_IMAGES = 10000  # val_size leaves at least this many training images (about 5000 per task)
+# Upper limits of the integer settings: far above any sensible run, low enough that a typo
+# (an extra zero or ten) is caught before it allocates or loops for ever.
+INT_RANGES = {"batch_size": (1, 65536), "max_epochs": (1, 100_000), "patience": (1, 100_000),
+              "merge_every": (1, 100_000), "relora_every": (1, 10 ** 9), "relora_warmup": (1, 10 ** 9),
+              "stack_size": (1, 1024), "lte_heads": (1, 1024), "lte_every": (1, 10 ** 9),
+              "galore_every": (1, 10 ** 9), "val_size": (1, TRAIN_IMAGES - MIN_TRAIN_IMAGES),
+              "split_seed": (0, MAX_SEED), "base_seed": (0, MAX_SEED)}
 
 
 class ConfigError(ValueError):
-    """A setting that is out of range or of the wrong kind; the message says what is allowed."""
+    """A setting that is out of range or of the wrong kind; the message says what is allowed, on one line
+    (a line break inside a quoted value is shown escaped)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
+
+
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character (line breaks among them) written as its escape, so
+    that it prints as one line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 @dataclass
@@ -79,25 +101,22 @@ class Config:
         _choice("scaling", self.scaling, SCALINGS)
         _choice("random_init", self.random_init, RANDOM_INITS)
         _choice("device", self.device, DEVICES)
+        _check_numbers(self)
         _check_model_lists(self.hidden, self.ranks, self.seeds, n_out=5)
         _positive("lr", self.lr)
-        _positive("batch_size", self.batch_size)
-        _positive("max_epochs", self.max_epochs)
-        _positive("patience", self.patience)
-        _positive("merge_every", self.merge_every)
         _positive("loraplus_ratio", self.loraplus_ratio)
-        _positive("relora_every", self.relora_every)
-        _positive("relora_warmup", self.relora_warmup)
         _positive("lora_alpha", self.lora_alpha)
-        _positive("val_size", self.val_size)
-        _positive("stack_size", self.stack_size)
         _check_workers_and_decay(self.workers, self.weight_decay)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.val_size >= 60000:
-            raise ConfigError(f"val_size must be below 60000 (the MNIST training set), got {self.val_size}")
 
     # --- what a run is made of ---
+    def layer_dims(self) -> list[int]:
+        return [784, *self.hidden, 5]
+
+    def runs_per_stack(self) -> int:
+        return min(self.stack_size, len(self.ranks) * len(self.seeds))
+
     def selected_methods(self) -> list[str]:
         return list(METHODS) if self.method == "all" else [self.method]
 
@@ -157,16 +176,20 @@ class ScratchConfig:
         _choice("dataset", self.dataset, DATASETS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
+        _check_numbers(self)
         _check_model_lists(self.hidden, self.ranks, self.seeds, n_out=10)
-        for name in ("lr", "batch_size", "max_epochs", "lte_heads", "lte_every", "galore_every", "galore_scale",
-                     "val_size", "stack_size"):
+        for name in ("lr", "galore_scale"):
             _positive(name, getattr(self, name))
         _check_workers_and_decay(self.workers, self.weight_decay)
-        if self.val_size >= 60000:
-            raise ConfigError(f"val_size must be below 60000 (the training set), got {self.val_size}")
         if self.batch_size < self.lte_heads:
             raise ConfigError(f"batch_size ({self.batch_size}) must be at least lte_heads ({self.lte_heads}): "
                               f"each head trains on its own shard of every batch")
+
+    def layer_dims(self) -> list[int]:
+        return [784, *self.hidden, 10]
+
+    def runs_per_stack(self) -> int:
+        return min(self.stack_size, len(self.seeds))
 
     def selected_forms(self) -> list[str]:
         return list(FORMS) if self.form == "all" else [self.form]
@@ -223,6 +246,27 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def memory_need_bytes(dims: list[int], runs_per_stack: int, processes: int, eval_images: int = 10000) -> int:
+    """Rough peak bytes a sweep of MLPs with layer widths ``dims`` needs: per run, every weight and bias
+    six times in float32 (base copy, trained copy, gradient, AdamW's two moments, best-so-far snapshot)
+    and the activations of one evaluation pass over ``eval_images`` images (two tensors per layer);
+    times the runs of a stack and the worker processes, each of which also holds the images."""
+    params = sum((a + 1) * b for a, b in zip(dims[:-1], dims[1:]))
+    activations = eval_images * sum(dims[1:]) * 2
+    images = (TRAIN_IMAGES + 10000) * dims[0] * 4
+    return processes * (runs_per_stack * 4 * (6 * params + activations) + images)
+
+
+def check_fits(cfg, available_bytes: int, processes: int, where: str) -> None:
+    """ConfigError when the model and stack asked for need more memory than ``available_bytes``."""
+    need = memory_need_bytes(cfg.layer_dims(), cfg.runs_per_stack(), processes)
+    if need > available_bytes:
+        raise ConfigError(f"hidden {cfg.hidden} needs about {need / 2 ** 30:.1f} GiB ({cfg.runs_per_stack()} runs "
+                          f"per stack x {processes} process{'es' if processes > 1 else ''}) but {where} has "
+                          f"{available_bytes / 2 ** 30:.1f} GiB available; use narrower layers, a smaller "
+                          f"--stack_size or fewer --workers")
+
+
 def max_useful_rank(hidden: list[int], n_in: int = 784, n_out: int = 5) -> int:
     """Largest min(in, out) over the MLP's layers: a higher rank adds nothing anywhere."""
     dims = [n_in, *hidden, n_out]
@@ -242,16 +286,34 @@ def _check_model_lists(hidden: list[int], ranks: list[int], seeds: list[int], n_
                               f"(the largest min(in, out) among the model's layers)")
     if not seeds:
         raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed {seed} is out of range: seeds must be integers from 0 to 2^63-1 = {MAX_SEED}")
     for name, values in (("ranks", ranks), ("seeds", seeds)):
         if len(set(values)) != len(values):
             raise ConfigError(f"{name} has repeated values {values}; give each at most once")
 
 
 def _check_workers_and_decay(workers: int, weight_decay: float) -> None:
-    if workers < 0:
-        raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive, got {workers}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be 0 (one per core on CPU, 1 on a GPU) or positive up to {MAX_WORKERS}, "
+                          f"got {workers}")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+
+
+def _check_numbers(cfg) -> None:
+    """Every float field finite, every integer field of INT_RANGES within its range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if f.name in INT_RANGES:
+            lo, hi = INT_RANGES[f.name]
+            if not lo <= value <= hi:
+                why = (f" (at least {MIN_TRAIN_IMAGES} of the {TRAIN_IMAGES} training images must remain to "
+                       f"train on)" if f.name == "val_size" else "")
+                raise ConfigError(f"{f.name} must be an integer from {lo} to {hi}{why}, got {value}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -308,7 +370,7 @@ def from_argv(argv: list[str] | None = None, cls=None, prog: str = "main.py",
         kind = str(f.type)
         conv = _TYPES[kind]
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kw = dict(dest=f.name, type=_typed(f.name, conv), default=getattr(defaults, f.name),
+        kw = dict(dest=f.name, type=_typed(f.name, conv), default=getattr(defaults, f.name), action=_Once,
                   help=comments.get(f.name, " "), metavar=kind.upper().replace("[", "_").replace("]", ""))
         if kind.startswith("list"):
             kw["nargs"] = "+"
@@ -316,8 +378,25 @@ def from_argv(argv: list[str] | None = None, cls=None, prog: str = "main.py",
             kw["nargs"] = "?"
             kw["const"] = True
         parser.add_argument(*names, **kw)
-    args = parser.parse_args(argv)
-    return cls(**vars(args))
+    args = vars(parser.parse_args(argv))
+    args.pop(_Once.GIVEN, None)
+    return cls(**args)
+
+
+class _Once(argparse.Action):
+    """Store the option's value, refusing a second occurrence (argparse would silently keep the last)."""
+    GIVEN = "_options_given"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.GIVEN, None)
+        if given is None:
+            given = set()
+            setattr(namespace, self.GIVEN, given)
+        if self.dest in given:
+            hint = f" (a list takes all its values after one flag: --{self.dest} 1 2 4)" if self.nargs == "+" else ""
+            raise ConfigError(f"--{self.dest} is given more than once; give each option once{hint}")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def _typed(name: str, conv):

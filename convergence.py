@@ -15,7 +15,9 @@
    lambda_min = lambda_min(E[H]) = r/n because H projects onto a uniformly random r-dim subspace.
 
 Outputs: results/convergence.csv (one row per run, with its seed and settings),
-plots/convergence_counterexample.png, plots/convergence_rates.png, and two tables on stdout.
+plots/convergence_counterexample.png, plots/convergence_rates.png, and two tables on stdout, each file
+written whole (atomically) once everything is computed. --steps <= 1,000,000 and --links <= 500,000
+keep a run under an hour (see MAX_STEPS); Ctrl-C or SIGTERM ends it with one line (exit 130 or 143).
 The adapter maths (delta, merge, re-sampling) is lora.py's LoRALinear; which factor trains and when
 to merge is methods.py's registry. Nothing here runs at import.
 """
@@ -24,6 +26,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -438,48 +444,167 @@ def format_tables(problem: Problem, cx: list[dict], rates: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- command line ----------
+
+MAX_SEED = 2 ** 63 - 1  # a signed 64-bit integer: torch.Generator.manual_seed overflows at 2**64, and
+# the CSV's seed column then reads back as an int64 anywhere
+# --steps and --links are bounded so that a run ends within the hour. Measured on a 2-core CPU (one
+# thread, idle machine): the defaults, 4000 steps and 1500 links, take 5.7 s and 4.6 s, i.e. 1.4 ms per
+# step (14 counterexample runs) and 3.0 ms per link (10 rate runs), linear in both (10x the defaults:
+# 96 s, 30 MB more memory). At the limits: ~23 min of steps plus ~25 min of links.
+MAX_STEPS = 1_000_000
+MAX_LINKS = 500_000
+MS_PER_STEP, MS_PER_LINK = 1.4, 3.0  # the measurements above, for the help text and error messages
+_SHOWN = 40  # at most this many characters of a bad value are echoed back
+
+
 class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        self.given = set()  # the options seen so far (_Once)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):  # one line, no usage block, exit status 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _one_line(text: str, limit: int = 400) -> str:
+    """config.one_line(text) (a newline in an argument cannot break the line), cut to ``limit`` characters."""
+    from config import one_line
+
+    text = one_line(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= _SHOWN else f"{text[:_SHOWN]!r}... ({len(text)} characters)"
+
+
+def _int_in(low: int, high: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a decimal integer (ASCII digits, optional sign) in low..high. Checked as text
+    first, so that a 5000-digit argument is "out of range", not int()'s 4300-digit ValueError."""
+    allowed = f"an integer in {low}..{high:,}{why}"
+
     def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        number = re.fullmatch(r"\s*([+-]?)([0-9]+)\s*", text)  # [0-9]: ASCII digits only
+        if not number:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {_shown(text)}")
+        if len(number[2].lstrip("0")) > len(str(max(abs(low), abs(high)))):
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is out of range: expected {allowed}")
+        value = int(number[1] + number[2])
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected {allowed}")
         return value
     return convert
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class _Once(argparse.Action):
+    """Store the option's value, refusing a second occurrence (argparse would silently keep the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.dest in parser.given:
+            raise argparse.ArgumentError(self, "given more than once; give each option once")
+        parser.given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+def _parser() -> _Parser:
     p = _Parser(prog="convergence.py", description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds W*, the data and every factor draw")
-    p.add_argument("--steps", type=_int_at_least(1), default=4000, help="gradient steps per counterexample run")
-    p.add_argument("--links", type=_int_at_least(1), default=1500, help="chain links (= GD steps) per rate run")
-    p.add_argument("--results_dir", default="results", help="where convergence.csv goes")
-    p.add_argument("--plots_dir", default="plots", help="where the convergence_*.png figures go")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED, " (2^63 - 1)"), default=0, action=_Once,
+                   help="seeds W*, the data and every factor draw; 0..2^63 - 1 (a signed 64-bit integer)")
+    steps_why = (f" (at ~{MS_PER_STEP} ms per step on a 2-core CPU the limit takes ~{MAX_STEPS * MS_PER_STEP / 6e4:.0f}"
+                 " min: bounded so that a run ends within the hour)")
+    links_why = (f" (at ~{MS_PER_LINK} ms per link on a 2-core CPU the limit takes ~{MAX_LINKS * MS_PER_LINK / 6e4:.0f}"
+                 " min: bounded so that a run ends within the hour)")
+    p.add_argument("--steps", type=_int_in(1, MAX_STEPS, steps_why), default=4000, action=_Once,
+                   help=f"gradient steps per counterexample run, 1..{MAX_STEPS:,}{steps_why}")
+    p.add_argument("--links", type=_int_in(1, MAX_LINKS, links_why), default=1500, action=_Once,
+                   help=f"chain links (= GD steps) per rate run, 1..{MAX_LINKS:,}{links_why}")
+    p.add_argument("--results_dir", default="results", action=_Once, help="where convergence.csv goes")
+    p.add_argument("--plots_dir", default="plots", action=_Once, help="where the convergence_*.png figures go")
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: a Namespace, or one line "convergence.py: error: ..." on stderr and
+    SystemExit(2) (--help: SystemExit(0)); never another exception. Touches no file."""
+    return _parser().parse_args(argv)
+
+
+def prepare_outputs(args: argparse.Namespace) -> None:
+    """Check (and create) the output folders before any compute, and delete the temporary files that a
+    writer killed mid-write left there; config.ConfigError in one line if a folder will not do."""
+    from config import ConfigError
+    from results import clean_stale_tmp, prepare_output_dir
+
+    for name in ("results_dir", "plots_dir"):
+        try:
+            clean_stale_tmp(prepare_output_dir(name, getattr(args, name)))
+        except ConfigError:
+            raise
+        except ValueError as e:  # a path no system takes (a NUL byte, an unencodable character)
+            raise ConfigError(f"{name} {_shown(getattr(args, name))} is not a usable path ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check the output folders, compute, write; the exit status. Ctrl-C: one line, 130;
+    SIGTERM: one line, 143 (nothing is half-written: every file is written whole at the end)."""
+    from cli import Terminated
+    from config import ConfigError
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    written: list[str] = []
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
+    try:
+        try:
+            prepare_outputs(args)
+        except ConfigError as e:
+            parser.error(str(e))
+        run(args, written)
+    except KeyboardInterrupt as e:
+        word = "terminated" if isinstance(e, Terminated) else "interrupted"
+        if written:
+            done = f"wrote {', '.join(written)}, not the rest (each file is written whole)"
+        else:
+            done = ("nothing was written (convergence.csv and the figures are written at the end, each whole: "
+                    "earlier ones are as they were)")
+        print(f"\n{word}: {done}; run the same command again to compute them", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _on_sigterm(signum, frame):
+    from cli import Terminated
+
+    raise Terminated()
+
+
+def run(args: argparse.Namespace, written: list[str]) -> None:
+    """Compute both experiments and write their outputs; appends each path to ``written`` once it is."""
     # Tiny matrices: one thread is fastest, and spares us OpenMP spin-waits when the cores are busy
     # (2 threads measured ~1000x slower per 512x8 matmul under load).
     torch.set_num_threads(1)
     start = time.perf_counter()
+    print(f"seed {args.seed}: counterexample ({args.steps} steps x {len(STEP_FRACTIONS) * len(COUNTEREXAMPLE_RUNS)} "
+          f"runs), then rates ({args.links} links x {2 * (1 + len(RATE_RANKS))} runs)", flush=True)
     problem, cx = counterexample_runs(args.seed, args.steps)
     rates = rate_runs(args.seed, args.links)
-    write_csv(cx + rates, os.path.join(args.results_dir, "convergence.csv"), args.seed, git_commit())
-    plot_counterexample(cx, os.path.join(args.plots_dir, "convergence_counterexample.png"))
-    plot_rates(rates, os.path.join(args.plots_dir, "convergence_rates.png"))
+    outputs = [(os.path.join(args.results_dir, "convergence.csv"),
+                lambda path: write_csv(cx + rates, path, args.seed, git_commit())),
+               (os.path.join(args.plots_dir, "convergence_counterexample.png"),
+                lambda path: plot_counterexample(cx, path)),
+               (os.path.join(args.plots_dir, "convergence_rates.png"), lambda path: plot_rates(rates, path))]
+    for path, write in outputs:
+        write(path)
+        written.append(path)
     print(format_tables(problem, cx, rates))
     print(f"seed {args.seed}; wrote {args.results_dir}/convergence.csv and {args.plots_dir}/convergence_*.png "
           f"in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

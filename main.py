@@ -22,7 +22,7 @@ def run(cfg) -> None:
     from config import METHODS, settings_hash
     from data import DataError
     from plots import draw_all
-    from results import git_commit, read_rows, summary_table
+    from results import git_commit, read_results, summary_table
     from sweep import resolve_device, run_sweep
 
     runs_csv = Path(cfg.results_dir) / "runs.csv"
@@ -31,13 +31,14 @@ def run(cfg) -> None:
     # methods included), so comparisons accumulate; the table shows this sweep's runs.
     device = resolve_device(cfg.device).type
     wanted = {settings_hash(cfg, device, k, m) for k in ("base", "fpft", "adapter") for m in (None, *METHODS)}
-    plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
+    runs, curves = read_results(cfg.results_dir)
+    plot_rows = [r for r in runs if r["settings_hash"] in wanted]
     if not plot_rows:
         raise DataError(f"no runs in {runs_csv} were made with these settings; run the sweep first, "
                         f"or give --plots-only the same overrides the sweep was run with")
     print()
     print(summary_table(sweep_rows if sweep_rows is not None else plot_rows))
-    for path in draw_all(plot_rows, read_rows(Path(cfg.results_dir) / "curves.csv"), cfg.plots_dir):
+    for path in draw_all(plot_rows, curves, cfg.plots_dir):
         print(f"wrote {path}")
     print(f"results in {runs_csv} and {Path(cfg.results_dir) / 'curves.csv'}")
 

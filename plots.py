@@ -1,6 +1,7 @@
 """The three figures, drawn only from results/runs.csv and results/curves.csv (never by training).
 
 Error bars are the sample standard deviation over seeds; a point from a single seed has none.
+Diverged runs have no result: they are left out (the summary table counts them).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from methods import METHODS, display_order  # noqa: E402
-from results import atomic_path, group, mean_std  # noqa: E402
+from results import atomic_path, group, mean_std, split_diverged  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
 SKETCH_STYLE = {"left": "-", "right": "--"}
@@ -34,6 +35,7 @@ def label(method: str, sketch: str | None) -> str:
 
 def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
     """Write every figure the rows allow into ``plots_dir``; return the paths written."""
+    runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = [rank_vs_accuracy(runs, plots_dir / "rank_vs_accuracy.png"),
@@ -174,6 +176,7 @@ FORM_STYLE = {"lowrank": "-", "lowrank_ae": ":", "lte": "-", "lora": "--", "galo
 def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
     """Per dataset and optimizer: test accuracy per epoch for each form (one line per rank, the full-rank
     model for reference), the two low-rank forms and the full model together, and final accuracy by rank."""
+    runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     keep = {r["config_hash"] for r in runs}

@@ -16,9 +16,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RUN_COLUMNS = ["form", "rank", "seed", "dataset", "optimizer", "lr", "batch_size", "max_epochs", "trainable_params",
-               "optimizer_state", "final_test_acc", "best_epoch", "best_test_acc", "best_val_loss", "epochs",
-               "merges", "wall_s", "config_hash", "settings_hash", "git_commit", "device", "finished_at", "config"]
+RUN_COLUMNS = ["form", "rank", "seed", "status", "dataset", "optimizer", "lr", "batch_size", "max_epochs",
+               "trainable_params", "optimizer_state", "final_test_acc", "best_epoch", "best_test_acc", "best_val_loss",
+               "epochs", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit", "device", "finished_at", "config"]
 CURVE_COLUMNS = ["config_hash", "form", "rank", "seed", "dataset", "optimizer", "epoch", "train_loss", "val_loss",
                  "val_acc", "test_acc", "merged"]
 PREFIX = "scratch_"  # results/scratch_runs.csv, results/scratch_curves.csv
@@ -116,17 +116,21 @@ class ScratchTrainer:
 
     def rows(self, spec: dict, record, trainable: int, state: int) -> tuple[dict, list[dict]]:
         from config import scratch_settings_hash
+        from results import DIVERGED
 
         cfg, dev = self.cfg, self.device.type
         form, rank, seed = spec["form"], spec["rank"], spec["seed"]
         key = run_hash(cfg, dev, form, rank, seed)
         opt = optimizer_name(cfg, form)
-        last, best = record.curve[-1], record.curve[record.best_epoch - 1]
-        row = dict(form=form, rank=rank, seed=seed, dataset=cfg.dataset, optimizer=opt, lr=cfg.lr,
-                   batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, trainable_params=trainable,
-                   optimizer_state=state, final_test_acc=last["test_acc"], best_epoch=record.best_epoch,
-                   best_test_acc=best["test_acc"], best_val_loss=record.best_val_loss, epochs=record.epochs,
-                   merges=record.merges, wall_s=round(record.wall_s, 3), config_hash=key,
+        finished = record.status != DIVERGED  # a diverged run has no result: counted, left out of the means
+        final = record.curve[-1]["test_acc"] if finished else None
+        best = record.curve[record.best_epoch - 1]["test_acc"] if finished else None
+        row = dict(form=form, rank=rank, seed=seed, status=record.status, dataset=cfg.dataset, optimizer=opt,
+                   lr=cfg.lr, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs, trainable_params=trainable,
+                   optimizer_state=state, final_test_acc=final, best_epoch=record.best_epoch,
+                   best_test_acc=best, best_val_loss=record.best_val_loss, epochs=record.epochs,
+                   merges=record.merges, diverged_step=record.diverged_step, wall_s=round(record.wall_s, 3),
+                   config_hash=key,
                    settings_hash=scratch_settings_hash(cfg, dev, form), git_commit=self.commit, device=dev,
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    config=json.dumps(cfg.to_dict(), sort_keys=True))
@@ -158,14 +162,14 @@ def run_study(cfg, commit: str) -> list[dict]:
     """Train every run of the plan not yet recorded; return this study's scratch_runs.csv rows."""
     from tqdm.auto import tqdm
 
-    from results import read_rows, upsert_runs
+    from results import read_runs, upsert_runs
     from sweep import cpu_count, worker_pool
 
     t0 = time.perf_counter()
     trainer = ScratchTrainer(cfg, commit, show_epochs=True)
     dev = trainer.device.type
     results_dir = Path(cfg.results_dir)
-    done = {r["config_hash"]: r for r in read_rows(results_dir / f"{PREFIX}runs.csv")} if cfg.resume else {}
+    done = {r["config_hash"]: r for r in read_runs(results_dir / f"{PREFIX}runs.csv")} if cfg.resume else {}
     rows, todo = [], []
     for spec in plan(cfg):
         key = run_hash(cfg, dev, **spec)
@@ -203,7 +207,7 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 def summary(rows: list[dict]) -> str:
     """Final test accuracy (last epoch), mean ± std over seeds, one line per form and rank."""
-    from results import format_table, group, mean_std, pct
+    from results import format_table, group, mean_std, pct, seeds_cell, split_diverged
 
     header = ["form", "optimizer", "rank", "trainable", "optimizer state", "seeds", "final test acc %",
               "best-val test acc %", "s/run"]
@@ -211,9 +215,11 @@ def summary(rows: list[dict]) -> str:
     order = {f: i for i, f in enumerate(("full", "lowrank", "lowrank_ae", "lte", "lora", "galore"))}
     for (form, opt, rank), rs in sorted(group(rows, ("form", "optimizer", "rank")).items(),
                                         key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], kv[0][2] or 0)):
+        ok, diverged = split_diverged(rs)
         lines.append([form, opt, "-" if rank is None else str(rank), str(rs[0]["trainable_params"]),
-                      str(rs[0]["optimizer_state"]), str(len(rs)), pct(*mean_std([r["final_test_acc"] for r in rs])),
-                      pct(*mean_std([r["best_test_acc"] for r in rs])),
+                      str(rs[0]["optimizer_state"]), seeds_cell(ok, diverged),
+                      pct(*mean_std([r["final_test_acc"] for r in ok])),
+                      pct(*mean_std([r["best_test_acc"] for r in ok])),
                       f"{sum(r['wall_s'] for r in rs) / len(rs):.0f}"])
     return format_table(header, lines)
 
@@ -234,20 +240,21 @@ def study(cfg) -> None:
     from config import FORMS, scratch_settings_hash
     from data import DataError
     from plots import draw_scratch
-    from results import git_commit, read_rows
+    from results import git_commit, read_results
     from sweep import resolve_device
 
     runs_csv, curves_csv = Path(cfg.results_dir) / f"{PREFIX}runs.csv", Path(cfg.results_dir) / f"{PREFIX}curves.csv"
     study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
     device = resolve_device(cfg.device).type
     wanted = {scratch_settings_hash(cfg, device, f) for f in FORMS}  # every form recorded under these settings
-    plot_rows = [r for r in read_rows(runs_csv) if r["settings_hash"] in wanted]
+    runs, curves = read_results(cfg.results_dir, PREFIX)
+    plot_rows = [r for r in runs if r["settings_hash"] in wanted]
     if not plot_rows:
         raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
                         f"or give --plots-only the same overrides the study was run with")
     print()
     print(summary(study_rows if study_rows is not None else plot_rows))
-    for path in draw_scratch(plot_rows, read_rows(curves_csv), cfg.plots_dir):
+    for path in draw_scratch(plot_rows, curves, cfg.plots_dir):
         print(f"wrote {path}")
     print(f"results in {runs_csv} and {curves_csv}")
 

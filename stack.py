@@ -30,6 +30,7 @@ from data import Split, Task
 from lora import ROLES, FactorRoles, init_factor_
 from randlora import draw_bases, num_bases, shared_dims, small_update
 from models import SeededDropout
+from results import DIVERGED
 from train import Record
 
 
@@ -316,18 +317,22 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     for epoch in range(1, max_epochs + 1):
         model.train()
         model.set_generators(gens)
-        live = len(active)
         perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])  # (live, n)
-        loss_sum = torch.zeros(live, device=device, dtype=x.dtype)
-        buf = x.new_empty(live * batch_size, x.shape[1])  # one buffer for every batch: no allocation per step
-        for idx in perms.split(batch_size, dim=1):  # (live, b)
+        loss_sum = torch.zeros(len(active), device=device, dtype=x.dtype)
+        buf = x.new_empty(len(active) * batch_size, x.shape[1])  # one buffer for every batch: no allocation per step
+        for start in range(0, n, batch_size):
+            idx = perms[:, start:start + batch_size]  # (live, b)
             flat = idx.flatten()
             xb = torch.index_select(x, 0, flat, out=buf[:flat.numel()])
             logits = model(xb.view(*idx.shape, -1))  # (live, b, C)
             losses = F.cross_entropy(logits.flatten(0, 1), y.index_select(0, flat), reduction="none")
             per_run = losses.view(idx.shape).mean(1)  # (live,): each run's mean loss over its batch
+            bad = ~torch.isfinite(per_run)
+            diverged = bad.nonzero().flatten().tolist() if bad.any() else []
             optimizer.zero_grad(set_to_none=True)
-            per_run.sum().backward()
+            (per_run.where(~bad, 0.0) if diverged else per_run).sum().backward()
+            if diverged:  # its row steps on a zero gradient and leaves the stack below; rows never mix,
+                _zero_rows(optimizer, bad)  # so the other runs take exactly the step they take alone
             optimizer.step()
             loss_sum += per_run.detach() * idx.shape[1]
             step += 1
@@ -337,6 +342,19 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                     optimizer.state.clear()
             if scheduler is not None:
                 scheduler.step()
+            if diverged:  # as train.train: recorded as diverged at this step, its unfinished epoch not recorded
+                for row in diverged:
+                    records[active[row]].status, records[active[row]].diverged_step = DIVERGED, step
+                keep = [r for r in range(len(active)) if r not in diverged]
+                active, gens = [active[r] for r in keep], [gens[r] for r in keep]
+                if not active:
+                    break
+                _keep_rows(model, optimizer, torch.tensor(keep, device=device))
+                model.set_generators(gens)
+                perms, loss_sum = perms[keep], loss_sum[keep]
+        if not active:
+            break
+        live = len(active)
         if on_epoch_end is not None and on_epoch_end(epoch, gens):
             merges += 1
             if reset_optimizer_on_merge:
@@ -374,6 +392,15 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     for rec in records:
         rec.wall_s = wall / runs  # each run's share of the stack's time
     return records
+
+
+@torch.no_grad()
+def _zero_rows(optimizer: torch.optim.Optimizer, rows: torch.Tensor) -> None:
+    """Zero the gradient of the runs ``rows`` (a (live,) bool mask) in every stacked parameter."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad[rows] = 0.0
 
 
 @torch.no_grad()

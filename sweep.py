@@ -7,6 +7,7 @@ as soon as it finishes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -21,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError, settings_hash, stable_hash
-from data import load_tasks
+from data import Split, load_tasks
 from lora import lora_scale, wrap_linears
 from randlora import wrap_randlora
 from methods import get_method
 from models import build_model, count_trainable, set_generator
-from results import atomic_path, read_rows, upsert_runs
+from results import DIVERGED, atomic_path, read_runs, upsert_runs
 from stack import StackedModel, evaluate_stack, train_stack
 from train import Record, evaluate, train
 
@@ -83,7 +84,7 @@ class Sweep:
         self.commit = commit
         self.results_dir = Path(cfg.results_dir)
         self.tasks = load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed, self.device)
-        self.done = {r["config_hash"]: r for r in read_rows(self.results_dir / "runs.csv")} if cfg.resume else {}
+        self.done = {r["config_hash"]: r for r in read_runs(self.results_dir / "runs.csv")} if cfg.resume else {}
         self.rows: list[dict] = []
 
     # --- the base model, trained once per setting and cached as a checkpoint ---
@@ -91,17 +92,13 @@ class Sweep:
         cfg, dev = self.cfg, self.device.type
         key = run_hash(cfg, dev, "base", None, None, cfg.base_seed)
         ckpt = self.results_dir / "checkpoints" / f"base_{key}.pt"
-        if ckpt.exists():
-            model = build_model(cfg.hidden, cfg.dropout, None, self.device)
-            try:
-                saved = torch.load(ckpt, map_location=self.device, weights_only=True)
-                model.load_state_dict(saved["state_dict"])
-            except Exception as e:
-                raise CheckpointError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); "
-                                      f"delete it and the base model is retrained") from None
-            record = Record(**saved["record"])
-            tqdm.write(f"base model: loaded {ckpt}")
+        model = build_model(cfg.hidden, cfg.dropout, None, self.device)
+        record, problem = load_checkpoint(ckpt, model, self.tasks["A"].val) if ckpt.exists() else (None, None)
+        if record is not None:
+            tqdm.write(f"base model: loaded {ckpt} (checksum, finite weights and validation loss verified)")
         else:
+            if problem:
+                tqdm.write(f"base model: checkpoint {ckpt} {problem}; not used, training the base model again")
             g = torch.Generator(device=self.device).manual_seed(cfg.base_seed)
             model = build_model(cfg.hidden, cfg.dropout, g, self.device)
             set_generator(model, g)
@@ -109,9 +106,10 @@ class Sweep:
             with bar:
                 record = train(model, list(model.parameters()), self.tasks["A"], generator=g,
                                progress=lambda row: bar.update(1), **_train_kw(cfg))
-            with atomic_path(ckpt) as tmp:
-                torch.save({"state_dict": model.state_dict(), "record": dataclasses.asdict(record),
-                            "config": cfg.to_dict()}, tmp)
+            if record.status == DIVERGED:
+                raise ConfigError(f"the base model diverged (its training loss was not finite at step "
+                                  f"{record.diverged_step}); lower --lr (now {cfg.lr})")
+            save_checkpoint(ckpt, model, record, cfg)
         if key not in self.done:
             spec = dict(method="base", sketch=None, rank=None, seed=cfg.base_seed)
             self.record([result_rows(cfg, dev, self.commit, spec, record, *_test_accs(model, self.tasks),
@@ -135,6 +133,58 @@ class Sweep:
         """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
         upsert_runs(self.results_dir, [row for row, _ in results], [c for _, curve in results for c in curve])
         self.rows.extend(row for row, _ in results)
+
+
+# --- checkpoints: a checkpoint proves itself before it is used ----------------------------------------
+CHECKPOINT_FORMAT = 2  # 2: with a checksum of its tensors
+
+
+def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, record: Record, cfg) -> None:
+    state = model.state_dict()
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "checksum": tensor_checksum(state),
+                    "record": dataclasses.asdict(record), "config": cfg.to_dict()}, tmp)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, val: Split) -> tuple[Record | None, str | None]:
+    """Load ``path`` into ``model`` if it proves itself: it reads, has every entry, its tensors match
+    their checksum, every value is finite, and the model reproduces the validation loss recorded when
+    it was saved (to 1e-5 relative). Returns (record, None), or (None, what is wrong) with ``model``
+    left unusable: the caller trains a new one."""
+    try:
+        saved = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    except Exception as e:  # a damaged zip, a truncated file, a foreign pickle: torch raises many kinds
+        return None, f"is unreadable ({type(e).__name__})"
+    if not isinstance(saved, dict):
+        return None, "is not a checkpoint of this program"
+    missing = [k for k in ("state_dict", "record", "checksum") if k not in saved]
+    if missing:
+        return None, f"lacks its {', '.join(map(repr, missing))} entr{'ies' if len(missing) > 1 else 'y'}"
+    state = saved["state_dict"]
+    try:
+        if tensor_checksum(state) != saved["checksum"]:
+            return None, "does not match its checksum (its tensors were changed or damaged)"
+        if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+            return None, "holds non-finite weights"
+        model.load_state_dict(state)
+        record = Record(**saved["record"])
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
+        return None, f"does not fit this model ({type(e).__name__})"
+    val_loss = evaluate(model, val)[0]
+    if not abs(val_loss - record.best_val_loss) <= 1e-5 * max(1.0, abs(record.best_val_loss)):
+        return None, (f"gives validation loss {val_loss:.6g} where {record.best_val_loss:.6g} was recorded "
+                      f"(made with other data or code)")
+    return record, None
 
 
 def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dict]]:
@@ -247,9 +297,12 @@ def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Recor
     adapters the trained factors."""
     method, sketch, rank, seed = spec["method"], spec["sketch"], spec["rank"], spec["seed"]
     key = run_hash(cfg, device, method, sketch, rank, seed)
-    row = dict(method=method, sketch=sketch, rank=rank, seed=seed, trainable_params=trainable,
+    if record.status == DIVERGED:  # no result: left out of every mean, counted as diverged
+        acc_a = acc_b = None
+    row = dict(method=method, sketch=sketch, rank=rank, seed=seed, status=record.status, trainable_params=trainable,
                epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
-               test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, wall_s=round(record.wall_s, 3),
+               test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, diverged_step=record.diverged_step,
+               wall_s=round(record.wall_s, 3),
                config_hash=key, settings_hash=settings_hash(cfg, device, _kind(method), method),
                git_commit=commit, device=device,
                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -310,8 +363,66 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _start_worker(threads: int, init, initargs: tuple) -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal this process gets when its parent dies
+PARENT_POLL_S = 0.5  # the fallback watcher's period, where prctl is not available
+
+
+def _die_with_parent(parent: int, use_prctl: bool = True) -> str:
+    """Make this worker process end at once when ``parent`` (the process that started it) dies, however
+    it dies (SIGKILL included, where no handler of the parent's can run): otherwise an orphaned worker
+    trains on until its job ends and only then finds the parent gone. Returns how: "prctl" or "poll".
+
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG). The kernel sends it
+    when the parent *thread* that forked this process ends, not the parent process: worker_pool's Pool
+    starts its workers from the parent's main thread, which lives as long as the process. (A Pool only
+    starts workers from its handler thread to replace one that died, or with maxtasksperchild, which we
+    do not use: such a replacement would be killed when the pool shuts down, by then with no job left.)
+    Elsewhere, a daemon thread polls os.getppid() every PARENT_POLL_S seconds. Either way, a parent
+    that died before this ran (the process start takes seconds) is seen here: we exit at once.
+    """
+    import sys
+
+    how = "poll"
+    if use_prctl and sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+            prctl.restype = ctypes.c_int
+            if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):  # no libc symbol: fall back to polling
+            pass
+    if os.getppid() != parent:  # the parent died before the death signal was armed: its job is gone
+        os._exit(1)
+    if how == "poll":
+        import threading
+
+        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+    return how
+
+
+def _watch_parent(parent: int, period: float = PARENT_POLL_S) -> None:
+    """Exit this process at once (no clean-up: the parent that would read the results is gone) when
+    its parent process is no longer ``parent`` (an orphan is re-parented to init or a subreaper)."""
+    while os.getppid() == parent:
+        time.sleep(period)
+    os._exit(1)
+
+
+def _start_worker(parent: int, from_main_thread: bool, threads: int, init, initargs: tuple) -> None:
+    _die_with_parent(parent, use_prctl=from_main_thread)  # first: the rest (loading data) takes seconds
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    # tqdm's default lock holds a multiprocessing RLock, and in a spawned process that is a named
+    # semaphore registered with the parent's resource tracker: a worker stopped by pool.terminate()
+    # (Ctrl-C, SIGTERM) never unregisters it, and the tracker then prints "leaked semaphore objects"
+    # after the one-line message. Workers draw no bars: a thread lock is all they need.
+    import threading
+
+    import tqdm.std
+
+    tqdm.std.tqdm.set_lock(threading.RLock())
     torch.set_num_threads(threads)
     init(*initargs)
 
@@ -319,9 +430,18 @@ def _start_worker(threads: int, init, initargs: tuple) -> None:
 @contextmanager
 def worker_pool(workers: int, threads: int, init, initargs: tuple):
     """``workers`` spawned processes of ``threads`` torch threads each, ignoring Ctrl-C, set up by
-    ``init(*initargs)``. If the body raises (Ctrl-C, a failed job) the workers are stopped at once
-    and the exception goes on; what the body already recorded is kept."""
-    pool = mp.get_context("spawn").Pool(workers, _start_worker, (threads, init, initargs))
+    ``init(*initargs)``. If the body raises (Ctrl-C, SIGTERM as cli.Terminated, a failed job) the workers
+    are stopped at once and the exception goes on; what the body already recorded is kept. If this
+    process dies without a chance to stop them (SIGKILL, a crash), they die with it (_die_with_parent).
+
+    main.py and scratch.py call it from the main thread: the workers are started here, by the calling
+    thread, and on Linux their death signal is tied to that thread's life (see _die_with_parent); from
+    another thread, which may end before the pool does, the workers poll for their parent instead. No
+    maxtasksperchild, so the Pool never starts workers from its own handler thread."""
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    pool = mp.get_context("spawn").Pool(workers, _start_worker, (os.getpid(), main_thread, threads, init, initargs))
     try:
         yield pool
     except BaseException:

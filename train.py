@@ -1,7 +1,8 @@
 """One plain training loop: AdamW, seeded mini-batches, early stopping on validation loss.
 
 It knows nothing about adapters. A method that merges does so through ``on_epoch_end``, which
-the loop calls after each epoch's training and before its evaluation.
+the loop calls after each epoch's training and before its evaluation. A run whose training loss
+becomes non-finite stops at that step, before the step is taken, and is recorded as diverged.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Split, Task, batches
+from results import DIVERGED
 
 
 @dataclass
@@ -25,6 +27,9 @@ class Record:
     epochs: int = 0  # epochs actually run (early stopping may end before max_epochs)
     merges: int = 0  # how many times on_epoch_end reported a merge
     wall_s: float = 0.0  # seconds spent in the loop, evaluations included
+    status: str = "finished"  # or DIVERGED: the training loss became nan or inf
+    diverged_step: int | None = None  # the optimizer step (from 1) whose loss was not finite; None if finished
+
 
 
 @torch.no_grad()
@@ -46,7 +51,8 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
           progress: Callable[[dict], None] | None = None) -> Record:
     """Train ``params`` of ``model`` on ``task.train``; keep the weights of the lowest validation loss.
 
-    Stops after ``patience`` epochs without a lower validation loss, or at ``max_epochs``.
+    Stops after ``patience`` epochs without a lower validation loss, or at ``max_epochs``, or at once
+    when a batch's loss is not finite (``record.status`` DIVERGED; the unfinished epoch is not recorded).
     ``generator`` supplies the batch order (and the model's dropout masks, if it was given the same
     one). ``on_epoch_end(epoch)`` may change the model (merge) as long as it keeps its function; it
     returns True when it merged, and then the optimizer state is cleared if
@@ -69,6 +75,9 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
         loss_sum = torch.zeros((), device=device, dtype=x.dtype)  # summed on device: no host sync per step
         for idx in batches(len(task.train), batch_size, generator, device):
             loss = F.cross_entropy(model(x[idx]), y[idx])
+            if not torch.isfinite(loss):  # stop before the step: the kept weights stay finite
+                record.status, record.diverged_step = DIVERGED, step + 1
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -80,6 +89,8 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
                     optimizer.state.clear()
             if scheduler is not None:
                 scheduler.step()
+        if record.status == DIVERGED:
+            break
         if on_epoch_end is not None and on_epoch_end(epoch):
             merges += 1
             if reset_optimizer_on_merge:

@@ -8,8 +8,12 @@ from __future__ import annotations
 import csv
 import importlib
 import math
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,9 +247,17 @@ def test_cli_writes_csv_and_plots(tmp_path):
     assert not list(res.glob("*.tmp"))  # atomic write left no temp file behind
 
 
-@pytest.mark.parametrize("args", [["--steps", "0"], ["--seed", "-1"], ["--links", "many"], ["--nope", "1"]])
-def test_cli_rejects_bad_values_in_one_line(args, capsys, tmp_path):
+@pytest.mark.parametrize("args", [
+    ["--steps", "0"], ["--seed", "-1"], ["--links", "many"], ["--nope", "1"],
+    ["--seed="], ["--steps", ""], ["--seed", "1e3"], ["--seed", "0x10"], ["--seed", "\u0663"], ["--seed", "-1e3"],
+    ["--seed", str(2 ** 63)], ["--seed", str(2 ** 64)], ["--seed", "9" * 5000], ["--steps", "-" + "9" * 5000],
+    ["--steps", str(10 ** 12)], ["--steps", str(cv.MAX_STEPS + 1)], ["--links", str(cv.MAX_LINKS + 1)],
+    ["--seed", "1", "--seed", "2"], ["--steps=5", "--steps=5"], ["--se", "1", "--seed", "1"],
+    ["--nope\nx"], ["--seed", "1\n2"], ["--seed", "\u2028"], ["\x00"], ["--s", "1"], ["--="],
+])
+def test_cli_rejects_bad_values_in_one_line(args, capsys, tmp_path, monkeypatch):
     """main() parses before it does anything, so this is the whole story of a bad command line."""
+    monkeypatch.setattr(cv, "counterexample_runs", None)  # a value that got through fails at once, not in hours
     with pytest.raises(SystemExit) as exit_info:
         cv.main(args + ["--results_dir", str(tmp_path / "r"), "--plots_dir", str(tmp_path / "p")])
     assert exit_info.value.code != 0
@@ -262,3 +274,70 @@ def test_import_does_nothing(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr() == ("", "")
     assert not list(tmp_path.iterdir())
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+
+
+def test_cli_accepts_the_edges_of_each_range():
+    args = cv.parse_args(["--seed", str(2 ** 63 - 1), "--steps", str(cv.MAX_STEPS), "--links", " 0007 "])
+    assert (args.seed, args.steps, args.links) == (2 ** 63 - 1, cv.MAX_STEPS, 7)
+    assert cv.parse_args(["--seed=+0"]).seed == 0
+    assert "ends within the hour" in " ".join(cv._parser().format_help().split())
+
+
+@pytest.mark.parametrize("field", ["results_dir", "plots_dir"])
+def test_cli_checks_output_folders_before_computing(field, capsys, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(cv, "counterexample_runs", None)  # any compute would raise TypeError
+    for bad in [str(tmp_path / "a_file"), "", "/proc/convergence", "a\x00b"]:
+        folders = {"results_dir": str(tmp_path / "r"), "plots_dir": str(tmp_path / "p"), field: bad}
+        with pytest.raises(SystemExit) as exit_info:
+            cv.main([arg for name, value in folders.items() for arg in (f"--{name}", value)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"convergence.py: error: {field}"), err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted:"), (signal.SIGTERM, 143, "terminated:")])
+def test_cli_ctrl_c_and_sigterm_end_in_one_line(sig, code, word, tmp_path):
+    """Sent while it computes (its first line says it started): one line, no traceback, the exit
+    status of the signal, and no file written or left half-written."""
+    res, plots = tmp_path / "res", tmp_path / "figs"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "convergence.py"), "--steps", "200000", "--results_dir",
+                             str(res), "--plots_dir", str(plots)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        select.select([proc.stdout], [], [], 60)  # the first line: computing has begun
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(word) and "nothing was written" in lines[0], err
+    assert "Traceback" not in out + err
+    assert not [p for d in (res, plots) for p in d.iterdir()]  # both folders checked (made), nothing in them
+
+
+def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, monkeypatch):
+    """... and the next run removed the temporary file of a writer that was killed, not a live one's."""
+    res, plots = tmp_path / "res", tmp_path / "figs"
+    plots.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = plots / f"convergence_rates.png.{int(dead.stdout)}.x1y2.tmp"  # its writer has exited
+    live = plots / f"convergence_rates.png.{os.getpid()}.x3y4.tmp"  # this process: alive
+    stale.write_bytes(b"half"), live.write_bytes(b"half")
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cv, "plot_rates", ctrl_c)
+    try:
+        code = cv.main(["--steps", "20", "--links", "20", "--results_dir", str(res), "--plots_dir", str(plots)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main()")
+    err = capsys.readouterr().err
+    assert code == 130 and len(err.strip().splitlines()) == 1 and err.strip().startswith("interrupted: wrote"), err
+    assert "convergence.csv" in err and "convergence_counterexample.png" in err and "not the rest" in err
+    assert (res / "convergence.csv").exists() and (plots / "convergence_counterexample.png").exists()
+    assert not stale.exists() and live.exists()
+    assert not (plots / "convergence_rates.png").exists()
