@@ -103,8 +103,10 @@ def conventional_epoch_seconds(device, loader_workers: int, epochs: int) -> list
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
-    train_set = datasets.MNIST(str(DATA), train=True, transform=tf, target_transform=_shift_label)
-    test_set = datasets.MNIST(str(DATA), train=False, transform=tf, target_transform=_shift_label)
+    # download=True: torchvision extracts the shipped .gz archives itself (data.py never extracts them);
+    # the archives are there, so nothing is fetched
+    train_set = datasets.MNIST(str(DATA), train=True, download=True, transform=tf, target_transform=_shift_label)
+    test_set = datasets.MNIST(str(DATA), train=False, download=True, transform=tf, target_transform=_shift_label)
     perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(CFG.split_seed))
     val_idx, train_idx = perm[:CFG.val_size], perm[CFG.val_size:]
     five_up = lambda ds, idx: [int(i) for i in idx if ds.targets[int(i)] >= 5]  # noqa: E731
