@@ -63,7 +63,7 @@ def check_memory(cfg) -> None:
     if getattr(cfg, "plots_only", False):
         return
     from config import check_fits
-    from sweep import cpu_count, resolve_device
+    from runner import cpu_count, resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":

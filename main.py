@@ -23,7 +23,8 @@ def run(cfg) -> None:
     from data import DataError
     from plots import draw_all
     from results import git_commit, read_results, summary_table
-    from sweep import resolve_device, run_sweep
+    from runner import resolve_device
+    from sweep import run_sweep
 
     runs_csv = Path(cfg.results_dir) / "runs.csv"
     sweep_rows = None if cfg.plots_only else run_sweep(cfg, git_commit())

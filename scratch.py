@@ -42,15 +42,9 @@ def optimizer_name(cfg, form: str) -> str:
     return "galore" if form == "galore" else cfg.optimizer
 
 
-def stacks(todo: list[dict], stack_size: int) -> list[list[dict]]:
-    """One form and rank per stack (the seeds differ), at most ``stack_size`` runs each; biggest models first."""
-    groups: dict[tuple, list[dict]] = {}
-    for spec in todo:
-        groups.setdefault((spec["form"], spec["rank"]), []).append(spec)
-    from sweep import even_chunks
-
-    out = [chunk for specs in groups.values() for chunk in even_chunks(specs, stack_size)]
-    return sorted(out, key=lambda s: -(s[0]["rank"] or 10 ** 6))  # the full-size forms, then high ranks
+def stack_order(specs: list[dict]) -> int:
+    """The full-size forms first, then high ranks: the biggest models start first."""
+    return -(specs[0]["rank"] or 10 ** 6)
 
 
 class ScratchTrainer:
@@ -58,7 +52,7 @@ class ScratchTrainer:
 
     def __init__(self, cfg, commit: str, task=None, show_epochs: bool = True):
         from data import load_ten_classes
-        from sweep import resolve_device
+        from runner import resolve_device
 
         self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
         self.device = resolve_device(cfg.device)
@@ -146,61 +140,23 @@ def describe(specs: list[dict]) -> str:
     return f"{s['form']}" + (f" r={s['rank']}" if s["rank"] is not None else "") + f" seed{'s' * (len(specs) > 1)} {seeds}"
 
 
-_WORKER = None
-
-
-def _init_worker(cfg, commit: str) -> None:
-    global _WORKER
-    _WORKER = ScratchTrainer(cfg, commit, show_epochs=False)
-
-
-def _work(specs: list[dict]):
-    return _WORKER.run(specs)
-
-
 def run_study(cfg, commit: str) -> list[dict]:
-    """Train every run of the plan not yet recorded; return this study's scratch_runs.csv rows."""
+    """Train every run of the plan not yet recorded (runner.run_study); return this study's scratch_runs.csv rows."""
     from tqdm.auto import tqdm
 
-    from results import read_runs, upsert_runs
-    from sweep import cpu_count, worker_pool
+    from runner import Study, run_study as run
 
     t0 = time.perf_counter()
     trainer = ScratchTrainer(cfg, commit, show_epochs=True)
     dev = trainer.device.type
-    results_dir = Path(cfg.results_dir)
-    done = {r["config_hash"]: r for r in read_runs(results_dir / f"{PREFIX}runs.csv")} if cfg.resume else {}
-    rows, todo = [], []
-    for spec in plan(cfg):
-        key = run_hash(cfg, dev, **spec)
-        if key in done:
-            rows.append(done[key])
-        else:
-            todo.append(spec)
     t = trainer.task
     tqdm.write(f"device: {trainer.device}; {cfg.dataset}, ten classes: {len(t.train)} train / {len(t.val)} val / "
-               f"{len(t.test)} test images; {len(todo)} runs to train, {len(rows)} already recorded")
-
-    def record(results):
-        upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=PREFIX,
-                    run_columns=RUN_COLUMNS, curve_columns=CURVE_COLUMNS)
-        rows.extend(r for r, _ in results)
-
-    jobs = stacks(todo, cfg.stack_size)
-    workers = min(cfg.workers or (cpu_count() if dev == "cpu" else 1), len(jobs))
-    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
-    with bar:
-        if workers <= 1:
-            for specs in jobs:
-                record(trainer.run(specs))
-                bar.update(len(specs))
-        else:
-            threads = max(1, cpu_count() // workers)
-            tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
-            with worker_pool(workers, threads, _init_worker, (cfg, commit)) as pool:
-                for results in pool.imap_unordered(_work, jobs):
-                    record(results)
-                    bar.update(len(results))
+               f"{len(t.test)} test images")
+    study = Study(plan=plan(cfg), run_hash=lambda spec: run_hash(cfg, dev, **spec),
+                  stack_key=lambda spec: (spec["form"], spec["rank"]), make_trainer=ScratchTrainer,
+                  trainer_args=(cfg, commit), trainer=trainer, prefix=PREFIX, run_columns=RUN_COLUMNS,
+                  curve_columns=CURVE_COLUMNS, balance=False, order=stack_order)
+    rows = run(study, cfg, trainer.device)
     tqdm.write(f"study finished in {time.perf_counter() - t0:.1f} s")
     return rows
 
@@ -241,7 +197,7 @@ def study(cfg) -> None:
     from data import DataError
     from plots import draw_scratch
     from results import git_commit, read_results
-    from sweep import resolve_device
+    from runner import resolve_device
 
     runs_csv, curves_csv = Path(cfg.results_dir) / f"{PREFIX}runs.csv", Path(cfg.results_dir) / f"{PREFIX}curves.csv"
     study_rows = None if cfg.plots_only else run_study(cfg, git_commit())

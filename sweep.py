@@ -10,11 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing as mp
-import os
-import signal
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from randlora import wrap_randlora
 from methods import get_method
 from models import build_model, count_trainable, set_generator
 from results import DIVERGED, atomic_path, read_runs, upsert_runs
+from runner import Study, resolve_device, run_study
 from stack import StackedModel, evaluate_stack, train_stack
 from train import Record, evaluate, train
 
@@ -37,21 +34,6 @@ class CheckpointError(RuntimeError):
 
 
 LAYER_DIMS_NOTE = "note: rank {r} exceeds min(in, out) = {m} of the {i}->{o} layer; its update there has rank at most {m}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda, then mps, then cpu; an explicit device that is not available is a ConfigError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' is not available on this machine; allowed here: auto, cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' is not available on this machine; allowed here: auto, cpu")
-    return torch.device(name)
 
 
 def run_plan(cfg: Config) -> list[dict]:
@@ -118,17 +100,6 @@ class Sweep:
             self.rows.append(self.done[key])
         return model
 
-    def pending(self) -> list[dict]:
-        """The plan's runs not yet in runs.csv; the finished ones go straight into ``rows``."""
-        todo = []
-        for spec in run_plan(self.cfg):
-            key = run_hash(self.cfg, self.device.type, **spec)
-            if key in self.done:
-                self.rows.append(self.done[key])
-            else:
-                todo.append(spec)
-        return todo
-
     def record(self, results: list[tuple[dict, list[dict]]]) -> None:
         """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
         upsert_runs(self.results_dir, [row for row, _ in results], [c for _, curve in results for c in curve])
@@ -185,31 +156,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, val: Split) -> tuple[Rec
         return None, (f"gives validation loss {val_loss:.6g} where {record.best_val_loss:.6g} was recorded "
                       f"(made with other data or code)")
     return record, None
-
-
-def stacks(plan: list[dict], stack_size: int, workers: int = 1) -> list[list[dict]]:
-    """Group runs into stacks: one method and sketch per stack (ranks and seeds mixed), at most
-    ``stack_size`` runs, sizes as even as possible. With several workers, the biggest stack is
-    halved while there are fewer stacks than workers or it holds more than a worker's even share
-    of the runs, so that no worker idles while another trains a big stack."""
-    groups: dict[tuple, list[dict]] = {}
-    for spec in plan:  # RandLoRA's layers differ in shape by rank: one rank per stack
-        one_rank = spec["method"] != "fpft" and get_method(spec["method"]).adapter == "randlora"
-        key = (spec["method"], spec["sketch"]) + ((spec["rank"],) if one_rank else ())
-        groups.setdefault(key, []).append(spec)
-    out = [chunk for specs in groups.values() for chunk in even_chunks(specs, stack_size)]
-    share = math.ceil(len(plan) / workers)  # runs per worker if the work were spread evenly
-    while out and (len(out) < workers or max(map(len, out)) > share) and max(map(len, out)) > 1:
-        big = max(range(len(out)), key=lambda i: len(out[i]))
-        s = out.pop(big)
-        out[big:big] = [s[:len(s) // 2], s[len(s) // 2:]]
-    return out
-
-
-def even_chunks(items: list, size: int) -> list[list]:
-    """``items`` cut into the fewest pieces of at most ``size``, their lengths as even as possible."""
-    k = math.ceil(len(items) / size)
-    return [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)]
 
 
 class Trainer:
@@ -346,114 +292,15 @@ def _span(values: list[int]) -> str:
         else ",".join(map(str, values))
 
 
-# --- worker processes ---------------------------------------------------------------------------
-_WORKER: Trainer | None = None
-
-
-def _init_worker(cfg: Config, commit: str, base_state: dict) -> None:
-    global _WORKER
-    _WORKER = Trainer(cfg, commit, base_state, show_epochs=False)
-
-
-def _work(specs: list[dict]) -> list[tuple[dict, list[dict]]]:
-    return _WORKER.run(specs)
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal this process gets when its parent dies
-PARENT_POLL_S = 0.5  # the fallback watcher's period, where prctl is not available
-
-
-def _die_with_parent(parent: int, use_prctl: bool = True) -> str:
-    """Make this worker process end at once when ``parent`` (the process that started it) dies, however
-    it dies (SIGKILL included, where no handler of the parent's can run): otherwise an orphaned worker
-    trains on until its job ends and only then finds the parent gone. Returns how: "prctl" or "poll".
-
-    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG). The kernel sends it
-    when the parent *thread* that forked this process ends, not the parent process: worker_pool's Pool
-    starts its workers from the parent's main thread, which lives as long as the process. (A Pool only
-    starts workers from its handler thread to replace one that died, or with maxtasksperchild, which we
-    do not use: such a replacement would be killed when the pool shuts down, by then with no job left.)
-    Elsewhere, a daemon thread polls os.getppid() every PARENT_POLL_S seconds. Either way, a parent
-    that died before this ran (the process start takes seconds) is seen here: we exit at once.
-    """
-    import sys
-
-    how = "poll"
-    if use_prctl and sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            prctl = ctypes.CDLL(None, use_errno=True).prctl
-            prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-            prctl.restype = ctypes.c_int
-            if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-                how = "prctl"
-        except (OSError, AttributeError):  # no libc symbol: fall back to polling
-            pass
-    if os.getppid() != parent:  # the parent died before the death signal was armed: its job is gone
-        os._exit(1)
-    if how == "poll":
-        import threading
-
-        threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
-    return how
-
-
-def _watch_parent(parent: int, period: float = PARENT_POLL_S) -> None:
-    """Exit this process at once (no clean-up: the parent that would read the results is gone) when
-    its parent process is no longer ``parent`` (an orphan is re-parented to init or a subreaper)."""
-    while os.getppid() == parent:
-        time.sleep(period)
-    os._exit(1)
-
-
-def _start_worker(parent: int, from_main_thread: bool, threads: int, init, initargs: tuple) -> None:
-    _die_with_parent(parent, use_prctl=from_main_thread)  # first: the rest (loading data) takes seconds
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
-    # tqdm's default lock holds a multiprocessing RLock, and in a spawned process that is a named
-    # semaphore registered with the parent's resource tracker: a worker stopped by pool.terminate()
-    # (Ctrl-C, SIGTERM) never unregisters it, and the tracker then prints "leaked semaphore objects"
-    # after the one-line message. Workers draw no bars: a thread lock is all they need.
-    import threading
-
-    import tqdm.std
-
-    tqdm.std.tqdm.set_lock(threading.RLock())
-    torch.set_num_threads(threads)
-    init(*initargs)
-
-
-@contextmanager
-def worker_pool(workers: int, threads: int, init, initargs: tuple):
-    """``workers`` spawned processes of ``threads`` torch threads each, ignoring Ctrl-C, set up by
-    ``init(*initargs)``. If the body raises (Ctrl-C, SIGTERM as cli.Terminated, a failed job) the workers
-    are stopped at once and the exception goes on; what the body already recorded is kept. If this
-    process dies without a chance to stop them (SIGKILL, a crash), they die with it (_die_with_parent).
-
-    main.py and scratch.py call it from the main thread: the workers are started here, by the calling
-    thread, and on Linux their death signal is tied to that thread's life (see _die_with_parent); from
-    another thread, which may end before the pool does, the workers poll for their parent instead. No
-    maxtasksperchild, so the Pool never starts workers from its own handler thread."""
-    import threading
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    pool = mp.get_context("spawn").Pool(workers, _start_worker, (os.getpid(), main_thread, threads, init, initargs))
-    try:
-        yield pool
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
-    pool.close()  # every job is done: let the workers exit on their own
-    pool.join()
+def stack_key(spec: dict) -> tuple:
+    """Runs of one method and sketch share a stack (ranks and seeds mixed); RandLoRA's layers differ in
+    shape by rank, so its stacks hold one rank."""
+    one_rank = spec["method"] != "fpft" and get_method(spec["method"]).adapter == "randlora"
+    return (spec["method"], spec["sketch"]) + ((spec["rank"],) if one_rank else ())
 
 
 def run_sweep(cfg: Config, commit: str) -> list[dict]:
-    """Base model, then every run of the plan, in stacks; returns this sweep's runs.csv rows."""
+    """Base model, then every run of the plan, in stacks (runner.run_study); returns this sweep's runs.csv rows."""
     t0 = time.perf_counter()
     sweep = Sweep(cfg, commit)
     tqdm.write(f"device: {sweep.device}; task B: {len(sweep.tasks['B'].train)} train / "
@@ -464,24 +311,10 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     if low_rank and max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
         tqdm.write(LAYER_DIMS_NOTE.format(r=max(cfg.ranks), m=min(narrowest), i=narrowest[0], o=narrowest[1]))
     base = sweep.base_model()
-    workers = cfg.workers or (cpu_count() if sweep.device.type == "cpu" else 1)
-    todo = stacks(sweep.pending(), cfg.stack_size, workers)
-    workers = min(workers, len(todo))
-    bar = tqdm(total=sum(map(len, todo)), desc="runs", unit="run", disable=not cfg.progress)
-    with bar:
-        if workers <= 1:
-            trainer = Trainer(cfg, commit, base.state_dict(), sweep.tasks)
-            for specs in todo:
-                sweep.record(trainer.run(specs))
-                bar.update(len(specs))
-        else:
-            threads = max(1, cpu_count() // workers)
-            tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
-            state = {k: v.cpu() for k, v in base.state_dict().items()}
-            todo.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
-            with worker_pool(workers, threads, _init_worker, (cfg, commit, state)) as pool:
-                for results in pool.imap_unordered(_work, todo):
-                    sweep.record(results)
-                    bar.update(len(results))
+    state = {k: v.cpu() for k, v in base.state_dict().items()}
+    study = Study(plan=run_plan(cfg), run_hash=lambda spec: run_hash(cfg, sweep.device.type, **spec),
+                  stack_key=stack_key, make_trainer=Trainer, trainer_args=(cfg, commit, state),
+                  trainer=Trainer(cfg, commit, base.state_dict(), sweep.tasks))
+    rows = sweep.rows + run_study(study, cfg, sweep.device)
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")
-    return sweep.rows
+    return rows

@@ -20,7 +20,7 @@ from data import load_tasks  # noqa: E402
 from lora import lora_scale, wrap_linears  # noqa: E402
 from methods import METHODS  # noqa: E402
 from models import build_model, set_generator  # noqa: E402
-from sweep import resolve_device  # noqa: E402
+from runner import resolve_device  # noqa: E402
 from train import train  # noqa: E402
 
 

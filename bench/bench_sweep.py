@@ -41,7 +41,7 @@ from lora import lora_scale, wrap_linears  # noqa: E402
 from methods import METHODS  # noqa: E402
 from models import build_model, set_generator  # noqa: E402
 from stack import StackedModel, train_stack  # noqa: E402
-from sweep import cpu_count, resolve_device  # noqa: E402
+from runner import cpu_count, resolve_device  # noqa: E402
 from train import train  # noqa: E402
 
 CFG = Config(method="rac_lora", sketch="left", ranks=[1])

@@ -144,8 +144,8 @@ def test_sigterm_stops_workers_and_says_so_in_one_line(shared, tmp_path):
 # started by an intermediate process that the test then kills.
 _CHILD = textwrap.dedent("""
     import os, sys, time
-    import sweep
-    how = sweep._die_with_parent(int(sys.argv[1]), use_prctl=sys.argv[2] == "prctl")
+    import runner
+    how = runner._die_with_parent(int(sys.argv[1]), use_prctl=sys.argv[2] == "prctl")
     os.write(1, f"{how}\\n".encode())  # one write: the two children share the pipe
     time.sleep(120)
 """)
@@ -176,7 +176,7 @@ def test_die_with_parent_by_prctl_and_by_polling():
 
 def test_worker_whose_parent_already_died_exits_at_once():
     """The race the prctl cannot close: the parent died while the worker was starting (seconds)."""
-    code = "import os, sweep; sweep._die_with_parent(os.getppid() + 10 ** 6); print('still here')"
+    code = "import os, runner; runner._die_with_parent(os.getppid() + 10 ** 6); print('still here')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "still here" not in proc.stdout, proc.stderr
 

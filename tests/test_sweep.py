@@ -1,8 +1,13 @@
-"""How the sweep groups runs into stacks."""
+"""How the runner groups the sweep's runs into stacks."""
 from __future__ import annotations
 
 from config import Config
-from sweep import run_plan, stacks
+from runner import stacks as grouped
+from sweep import run_plan, stack_key
+
+
+def stacks(plan, stack_size, workers=1):
+    return grouped(plan, stack_size, workers, stack_key)
 
 
 def test_stacks_keep_one_method_and_sketch_and_respect_the_size():
