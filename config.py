@@ -87,7 +87,8 @@ class Config:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     stack_size: int = 16  # runs of one method trained at once as one stacked model (1 = one run at a time)
     workers: int = 0  # processes training stacks side by side, each with cores/workers threads; 0 = one per core on CPU, 1 on a GPU
-    resume: bool = True  # skip runs already recorded in runs.csv under the same config hash
+    resume: bool = True  # skip runs already recorded in runs.csv under the same config hash and code fingerprint
+    resume_any_code: bool = False  # with resume, also skip runs recorded by other versions of the code (said in one line)
     plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
     progress: bool = True  # show tqdm progress bars
 
@@ -164,7 +165,8 @@ class ScratchConfig:
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     stack_size: int = 16  # runs of one form and rank (seeds) trained at once as one stacked model
     workers: int = 0  # processes training stacks side by side; 0 = one per core on CPU, 1 on a GPU
-    resume: bool = True  # skip runs already recorded in scratch_runs.csv under the same config hash
+    resume: bool = True  # skip runs already recorded in scratch_runs.csv under the same config hash and code fingerprint
+    resume_any_code: bool = False  # with resume, also skip runs recorded by other versions of the code (said in one line)
     plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
     progress: bool = True  # show tqdm progress bars
 
@@ -202,7 +204,7 @@ class ScratchConfig:
 _FORM_FIELDS = {"lte_heads": {"lte", "lora"}, "lte_every": {"lte", "lora"}, "galore_every": {"galore"},
                 "galore_scale": {"galore"}, "optimizer": set(FORMS) - {"galore"}}
 _SCRATCH_NOT_IN_HASH = {"form", "ranks", "seeds", "data_dir", "results_dir", "plots_dir", "stack_size", "workers",
-                        "resume", "plots_only", "progress"}
+                        "resume", "resume_any_code", "plots_only", "progress"}
 
 
 def scratch_settings_hash(cfg: ScratchConfig, device: str, form: str) -> str:
@@ -215,7 +217,7 @@ def scratch_settings_hash(cfg: ScratchConfig, device: str, form: str) -> str:
 
 # Fields that do not change what a run computes, so they stay out of every hash (stack_size and
 # workers change it only to float rounding: a run is the same run alone or in a stack).
-_NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "plots_only", "progress",
+_NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "resume_any_code", "plots_only", "progress",
                 "method", "sketch", "ranks", "seeds", "run_fpft", "stack_size", "workers"}
 # Fields that only some methods read: they enter the hash of those methods' runs only.
 _METHOD_FIELDS = {"loraplus_ratio": {"lora_plus", "cola_plus"}, "relora_every": {"relora"},

@@ -22,7 +22,7 @@ def run(cfg) -> None:
     from config import METHODS, settings_hash
     from data import DataError
     from plots import draw_all
-    from results import git_commit, read_results, summary_table
+    from results import git_commit, mixed_code_note, read_results, summary_table
     from runner import resolve_device
     from sweep import run_sweep
 
@@ -39,6 +39,9 @@ def run(cfg) -> None:
                         f"or give --plots-only the same overrides the sweep was run with")
     print()
     print(summary_table(sweep_rows if sweep_rows is not None else plot_rows))
+    note = mixed_code_note(plot_rows)  # the plots draw every run recorded under these settings
+    if note:
+        print(note)
     for path in draw_all(plot_rows, curves, cfg.plots_dir):
         print(f"wrote {path}")
     print(f"results in {runs_csv} and {Path(cfg.results_dir) / 'curves.csv'}")

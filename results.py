@@ -15,6 +15,7 @@ rows are seen together or not at all.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import re
@@ -28,7 +29,8 @@ from methods import display_order
 
 RUN_COLUMNS = [
     "method", "sketch", "rank", "seed", "status", "trainable_params", "epochs", "best_epoch", "best_val_loss",
-    "test_acc_b", "test_acc_a", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit", "device",
+    "test_acc_b", "test_acc_a", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit",
+    "code_fingerprint", "device",
     "scaling", "lora_alpha", "random_init", "merge_every", "reset_optimizer_on_merge", "lr", "weight_decay",
     "batch_size", "max_epochs", "patience", "finished_at", "config",
 ]
@@ -243,6 +245,39 @@ def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows
         curves = [r for r in read_rows(curves_csv) if r["config_hash"] in landed]
         write_rows(curves_csv, curves + curve_rows, curve_columns)
         write_rows(runs_csv, runs + run_rows, run_columns)
+
+
+def code_fingerprint(modules: list[str]) -> str:
+    """First 12 hex digits of the SHA-256 of the source files of ``modules`` (names as imported, e.g.
+    "stack"), in the given order: what identifies the code that determines a study's numbers."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"no source file for module {name!r}")
+        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return h.hexdigest()[:12]
+
+
+def same_code(row: dict, fingerprint: str, any_code: bool) -> bool:
+    """Whether a recorded row may stand for a run of the current code: its fingerprint is ``fingerprint``,
+    or ``any_code`` (rows from older versions have none)."""
+    return any_code or row.get("code_fingerprint") == fingerprint
+
+
+def mixed_code_note(rows: list[dict]) -> str | None:
+    """One line when ``rows`` come from more than one version of the code (code_fingerprint), else None."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        fp = r.get("code_fingerprint") or "none (older rows)"
+        counts[fp] = counts.get(fp, 0) + 1
+    if len(counts) < 2:
+        return None
+    parts = ", ".join(f"{fp}: {n} run{'s' if n > 1 else ''}" for fp, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"note: these results combine {len(counts)} versions of the code ({parts}); a run recorded by "
+            f"other code is trained again when a command asks for it (unless --resume_any_code true)")
 
 
 def git_commit() -> str:

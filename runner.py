@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from config import ConfigError
-from results import read_runs, upsert_runs
+from results import code_fingerprint, read_runs, same_code, upsert_runs
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Study:
     run_hash: Callable[[dict], str]  # spec -> the config_hash its row is recorded under
     stack_key: Callable[[dict], tuple]  # runs with the same key may share a stack
     make_trainer: Callable  # make_trainer(*trainer_args, show_epochs) -> object with .run(specs) -> rows
+    code: list[str]  # the modules whose source determines the study's numbers (results.code_fingerprint)
     trainer_args: tuple  # picklable: worker processes build their own trainer from them
     trainer: object | None = None  # this process's trainer, if already built (it may hold the loaded data)
     prefix: str = ""  # results/<prefix>runs.csv and <prefix>curves.csv
@@ -43,11 +44,13 @@ class Study:
 
 def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     """Train every run of ``study.plan`` not yet recorded (``cfg.resume``) and return the runs rows of
-    the whole plan: those already recorded, in plan order, then the new ones as they finish. Uses
-    cfg.results_dir, stack_size, workers, resume and progress."""
+    the whole plan: those already recorded, in plan order, then the new ones as they finish. A recorded
+    run counts only if the same code made it (its code_fingerprint), unless ``cfg.resume_any_code``.
+    Uses cfg.results_dir, stack_size, workers, resume, resume_any_code and progress."""
     results_dir = Path(cfg.results_dir)
-    done = ({r["config_hash"]: r for r in read_runs(results_dir / f"{study.prefix}runs.csv")}
-            if cfg.resume else {})
+    fingerprint = code_fingerprint(study.code)
+    recorded = read_runs(results_dir / f"{study.prefix}runs.csv") if cfg.resume else []
+    done = {r["config_hash"]: r for r in recorded if same_code(r, fingerprint, cfg.resume_any_code)}
     rows, todo = [], []
     for spec in study.plan:
         key = study.run_hash(spec)
@@ -55,7 +58,12 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
             rows.append(done[key])
         else:
             todo.append(spec)
-    tqdm.write(f"{len(todo)} run{'s' if len(todo) != 1 else ''} to train, {len(rows)} already recorded")
+    tqdm.write(f"{len(todo)} run{'s' if len(todo) != 1 else ''} to train, {len(rows)} already recorded "
+               f"(code fingerprint {fingerprint})")
+    others = sum(not same_code(r, fingerprint, False) for r in rows)
+    if others:
+        tqdm.write(f"note: {others} of the recorded runs kept were made by other versions of the code "
+                   f"(--resume_any_code)")
     workers = cfg.workers or (cpu_count() if device.type == "cpu" else 1)
     jobs = stacks(todo, cfg.stack_size, workers if study.balance else 1, study.stack_key)
     workers = min(workers, len(jobs))
@@ -65,6 +73,8 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
         jobs.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
 
     def record(results: list[tuple[dict, list[dict]]]) -> None:
+        for row, _ in results:
+            row["code_fingerprint"] = fingerprint
         upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=study.prefix,
                     run_columns=study.run_columns, curve_columns=study.curve_columns)
         rows.extend(r for r, _ in results)

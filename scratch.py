@@ -18,10 +18,13 @@ from pathlib import Path
 
 RUN_COLUMNS = ["form", "rank", "seed", "status", "dataset", "optimizer", "lr", "batch_size", "max_epochs",
                "trainable_params", "optimizer_state", "final_test_acc", "best_epoch", "best_test_acc", "best_val_loss",
-               "epochs", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit", "device", "finished_at", "config"]
+               "epochs", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit",
+               "code_fingerprint", "device", "finished_at", "config"]
 CURVE_COLUMNS = ["config_hash", "form", "rank", "seed", "dataset", "optimizer", "epoch", "train_loss", "val_loss",
                  "val_acc", "test_acc", "merged"]
 PREFIX = "scratch_"  # results/scratch_runs.csv, results/scratch_curves.csv
+# The modules whose source determines this study's numbers (results.code_fingerprint)
+CODE = ["data", "models", "lora", "randlora", "train", "stack", "lowrank", "galore", "scratch"]
 
 
 def plan(cfg) -> list[dict]:
@@ -153,7 +156,7 @@ def run_study(cfg, commit: str) -> list[dict]:
     tqdm.write(f"device: {trainer.device}; {cfg.dataset}, ten classes: {len(t.train)} train / {len(t.val)} val / "
                f"{len(t.test)} test images")
     study = Study(plan=plan(cfg), run_hash=lambda spec: run_hash(cfg, dev, **spec),
-                  stack_key=lambda spec: (spec["form"], spec["rank"]), make_trainer=ScratchTrainer,
+                  stack_key=lambda spec: (spec["form"], spec["rank"]), make_trainer=ScratchTrainer, code=CODE,
                   trainer_args=(cfg, commit), trainer=trainer, prefix=PREFIX, run_columns=RUN_COLUMNS,
                   curve_columns=CURVE_COLUMNS, balance=False, order=stack_order)
     rows = run(study, cfg, trainer.device)
@@ -196,7 +199,7 @@ def study(cfg) -> None:
     from config import FORMS, scratch_settings_hash
     from data import DataError
     from plots import draw_scratch
-    from results import git_commit, read_results
+    from results import git_commit, mixed_code_note, read_results
     from runner import resolve_device
 
     runs_csv, curves_csv = Path(cfg.results_dir) / f"{PREFIX}runs.csv", Path(cfg.results_dir) / f"{PREFIX}curves.csv"
@@ -210,6 +213,9 @@ def study(cfg) -> None:
                         f"or give --plots-only the same overrides the study was run with")
     print()
     print(summary(study_rows if study_rows is not None else plot_rows))
+    note = mixed_code_note(plot_rows)
+    if note:
+        print(note)
     for path in draw_scratch(plot_rows, curves, cfg.plots_dir):
         print(f"wrote {path}")
     print(f"results in {runs_csv} and {curves_csv}")

@@ -23,7 +23,7 @@ from lora import lora_scale, wrap_linears
 from randlora import wrap_randlora
 from methods import get_method
 from models import build_model, count_trainable, set_generator
-from results import DIVERGED, atomic_path, read_runs, upsert_runs
+from results import DIVERGED, atomic_path, code_fingerprint, read_runs, same_code, upsert_runs
 from runner import Study, resolve_device, run_study
 from stack import StackedModel, evaluate_stack, train_stack
 from train import Record, evaluate, train
@@ -32,6 +32,10 @@ from train import Record, evaluate, train
 class CheckpointError(RuntimeError):
     """A cached checkpoint that cannot be loaded; the message says what to delete."""
 
+
+# The modules whose source determines this study's numbers: data, model, adapters, methods, engines and
+# this file (the runs' rows). A change to any of them changes every row's code_fingerprint.
+CODE = ["data", "models", "lora", "randlora", "methods", "train", "stack", "sweep"]
 
 LAYER_DIMS_NOTE = "note: rank {r} exceeds min(in, out) = {m} of the {i}->{o} layer; its update there has rank at most {m}"
 
@@ -66,7 +70,9 @@ class Sweep:
         self.commit = commit
         self.results_dir = Path(cfg.results_dir)
         self.tasks = load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed, self.device)
-        self.done = {r["config_hash"]: r for r in read_runs(self.results_dir / "runs.csv")} if cfg.resume else {}
+        self.fingerprint = code_fingerprint(CODE)
+        recorded = read_runs(self.results_dir / "runs.csv") if cfg.resume else []
+        self.done = {r["config_hash"]: r for r in recorded if same_code(r, self.fingerprint, cfg.resume_any_code)}
         self.rows: list[dict] = []
 
     # --- the base model, trained once per setting and cached as a checkpoint ---
@@ -102,6 +108,8 @@ class Sweep:
 
     def record(self, results: list[tuple[dict, list[dict]]]) -> None:
         """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
+        for row, _ in results:
+            row["code_fingerprint"] = self.fingerprint
         upsert_runs(self.results_dir, [row for row, _ in results], [c for _, curve in results for c in curve])
         self.rows.extend(row for row, _ in results)
 
@@ -313,7 +321,7 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     base = sweep.base_model()
     state = {k: v.cpu() for k, v in base.state_dict().items()}
     study = Study(plan=run_plan(cfg), run_hash=lambda spec: run_hash(cfg, sweep.device.type, **spec),
-                  stack_key=stack_key, make_trainer=Trainer, trainer_args=(cfg, commit, state),
+                  stack_key=stack_key, make_trainer=Trainer, code=CODE, trainer_args=(cfg, commit, state),
                   trainer=Trainer(cfg, commit, base.state_dict(), sweep.tasks))
     rows = sweep.rows + run_study(study, cfg, sweep.device)
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")

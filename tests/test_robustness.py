@@ -352,3 +352,21 @@ def test_non_finite_values_never_train():
                          ("main.py", ["--weight_decay", "nan"]), ("scratch.py", ["--lr", "inf"]),
                          ("scratch.py", ["--weight_decay", "nan"])):
         _one_line_error(_run(script, *args, timeout=60), "must be a finite number")
+
+
+def test_rows_record_their_code_and_a_mix_is_said_in_one_line(small_sweep, tmp_path):
+    from results import code_fingerprint
+    from sweep import CODE
+
+    out, args = small_sweep
+    results = tmp_path / "results"
+    shutil.copytree(out / "results", results)
+    rows = read_rows(results / "runs.csv")
+    assert {r["code_fingerprint"] for r in rows} == {code_fingerprint(CODE)}
+    rows[-1]["code_fingerprint"] = "0123456789ab"
+    write_rows(results / "runs.csv", rows, RUN_COLUMNS)
+    swapped = [results if a == out / "results" else tmp_path / "plots" if a == out / "plots" else a for a in args]
+    proc = _run("main.py", *swapped, "--plots-only")
+    assert proc.returncode == 0, proc.stderr
+    notes = [l for l in proc.stdout.splitlines() if l.startswith("note: these results combine 2 versions of the code")]
+    assert len(notes) == 1 and "0123456789ab: 1 run" in notes[0]

@@ -10,7 +10,7 @@ import torch
 from results import read_results, read_rows, write_rows
 from runner import Study, run_study
 
-COLUMNS = ["name", "seed", "test_acc", "trained_by", "config_hash"]  # test_acc: a float column of results.py
+COLUMNS = ["name", "seed", "test_acc", "trained_by", "config_hash", "code_fingerprint"]  # test_acc: a float column of results.py
 CURVES = ["config_hash", "epoch", "test_acc"]
 
 
@@ -47,13 +47,13 @@ class Counting(ToyTrainer):
 
 def toy_study(plan, trainer=None):
     return Study(plan=plan, run_hash=lambda s: f"{s['name']}-{s['seed']}", stack_key=lambda s: (s["name"],),
-                 make_trainer=ToyTrainer, trainer_args=(0.5,), trainer=trainer, prefix="toy_",
+                 make_trainer=ToyTrainer, trainer_args=(0.5,), trainer=trainer, prefix="toy_", code=["tests.test_runner"],
                  run_columns=COLUMNS, curve_columns=CURVES)
 
 
 def cfg(tmp_path, **kw):
-    return SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, workers=1, stack_size=3,
-                                     progress=False), **kw})
+    return SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=1,
+                                     stack_size=3, progress=False), **kw})
 
 
 PLAN = [dict(name=n, seed=s) for n in ("a", "b") for s in range(5)]
@@ -90,3 +90,32 @@ def test_a_run_recorded_with_a_nan_result_is_trained_again(tmp_path):
     run_study(toy_study(PLAN, Counting(0.5)), cfg(tmp_path), torch.device("cpu"))
     assert Counting.calls == [PLAN[3]]
     assert all(math.isfinite(r["test_acc"]) for r in read_rows(tmp_path / "toy_runs.csv"))
+
+
+def test_resume_skips_only_runs_of_the_same_code(tmp_path, capsys):
+    from results import code_fingerprint, mixed_code_note
+
+    run_study(toy_study(PLAN), cfg(tmp_path), torch.device("cpu"))
+    rows = read_rows(tmp_path / "toy_runs.csv")
+    assert {r["code_fingerprint"] for r in rows} == {code_fingerprint(["tests.test_runner"])}
+    rows[0]["code_fingerprint"], rows[1]["code_fingerprint"] = "0123456789ab", None  # other code; before fingerprints
+    write_rows(tmp_path / "toy_runs.csv", rows, COLUMNS)
+    assert "combine 3 versions of the code" in mixed_code_note(rows)
+    run_study(toy_study(PLAN, Counting(0.5)), cfg(tmp_path, resume_any_code=True), torch.device("cpu"))
+    assert Counting.calls == [] and "2 of the recorded runs kept were made by other versions" in capsys.readouterr().out
+    run_study(toy_study(PLAN, Counting(0.5)), cfg(tmp_path), torch.device("cpu"))
+    assert Counting.calls == PLAN[:2]  # the default: runs of other code are trained again
+    assert mixed_code_note(read_rows(tmp_path / "toy_runs.csv")) is None
+
+
+def test_the_fingerprint_follows_the_source(tmp_path, monkeypatch):
+    from results import code_fingerprint
+
+    (tmp_path / "toy_code_a.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = code_fingerprint(["toy_code_a", "runner"])
+    assert code_fingerprint(["toy_code_a", "runner"]) == before
+    (tmp_path / "toy_code_a.py").write_text("X = 2\n")
+    assert code_fingerprint(["toy_code_a", "runner"]) != before
+    (tmp_path / "toy_code_a.py").write_text("X = 1\r\n")  # line endings alone do not count
+    assert code_fingerprint(["toy_code_a", "runner"]) == before
