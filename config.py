@@ -15,9 +15,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# Names the sweep accepts. The method registry in methods.py is the authority on what each
-# method does; config.py only knows the names so that it can reject a typo early.
-METHODS = ("lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus", "relora", "randlora")
+from methods import METHODS as _REGISTRY  # the registry's names (methods.py imports no torch)
+
+# Names the sweep accepts: the method registry of methods.py, the one list of names.
+METHODS = tuple(_REGISTRY)
 METHOD_CHOICES = METHODS + ("all",)
 SKETCHES = ("left", "right")
 SKETCH_CHOICES = SKETCHES + ("both",)
@@ -54,7 +55,7 @@ def one_line(text: str) -> str:
 @dataclass
 class Config:
     # --- what to run ---
-    method: str = "rac_lora"  # lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | relora | randlora | all
+    method: str = "rac_lora"  # a method of the registry in methods.py (the error for a wrong one lists them), or all
     sketch: str = "left"  # left: B random, A zero+trained ("(Zero, Gaussian)"); right: A random, B trained; both
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # adapter ranks to sweep
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each method x rank

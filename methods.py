@@ -13,18 +13,21 @@ A strategy says three things, and the adapter layer never asks which method it i
 
 Both engines (train.py one run at a time, stack.py many at once) drive the same strategy, through
 ``optimizer_groups``, ``end_of_epoch``, ``after_step`` and ``lr_lambda``.
-To add a variant, add one entry to METHODS (and its name to config.METHODS).
+To add a variant, add one entry to METHODS: it is the one list of method names (config.py reads it).
+Importing this module imports no torch (the types below are only annotations), so that the command
+line can check a method name at once.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from lora import LoRALinear
+    from lora import LoRALinear
 
 
 @dataclass(frozen=True)

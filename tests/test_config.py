@@ -92,3 +92,17 @@ def test_settings_hash_ignores_names_and_paths_but_not_settings():
     # the base model does not depend on adapter settings
     assert settings_hash(Config(scaling="alpha/r"), "cpu", "base") == settings_hash(Config(), "cpu", "base")
     assert settings_hash(Config(scaling="alpha/r"), "cpu") != a
+
+
+def test_method_names_come_from_the_registry_without_importing_torch():
+    import subprocess
+    import sys
+
+    from config import METHODS
+    from methods import METHODS as REGISTRY
+    from tests.conftest import ROOT
+
+    assert METHODS == tuple(REGISTRY)
+    code = "import sys, config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
