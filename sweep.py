@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from config import Config, ConfigError, settings_hash, stable_hash
 from data import Split, load_tasks
-from lora import lora_scale, wrap_linears
-from randlora import wrap_randlora
+from build import build_run
+from lora import lora_scale
 from methods import get_method
 from models import build_model, count_trainable, set_generator
 from results import DIVERGED, atomic_path, code_fingerprint, read_runs, same_code, upsert_runs
 from runner import Study, resolve_device, run_study
-from stack import StackedModel, evaluate_stack, train_stack
+from stack import evaluate_stack, train_stack
 from train import Record, evaluate, train
 
 
@@ -185,60 +185,43 @@ class Trainer:
             return [self._alone(specs[0])]
         return self._stacked(specs)
 
+    def _build(self, specs: list[dict], stacked: bool):
+        """build.build_run for these runs, with the config's scaling, initialiser and method settings."""
+        cfg = self.cfg
+        gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
+        ranks = [s["rank"] for s in specs]
+        scales = [None if r is None else lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks]
+        steps = cfg.max_epochs * math.ceil(len(self.tasks["B"].train) / cfg.batch_size)
+        run = build_run(self.base, specs[0]["method"], specs[0]["sketch"], ranks, gens, scales,
+                        random_init=cfg.random_init, stacked=stacked, lr=cfg.lr, total_steps=steps,
+                        merge_every=cfg.merge_every, loraplus_ratio=cfg.loraplus_ratio,
+                        relora_every=cfg.relora_every, relora_warmup=cfg.relora_warmup,
+                        reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
+        return run, gens
+
     def _alone(self, spec: dict) -> tuple[dict, list[dict]]:
         cfg = self.cfg
-        method, sketch, rank, seed = spec["method"], spec["sketch"], spec["rank"], spec["seed"]
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        model = build_model(cfg.hidden, cfg.dropout, None, self.device)
-        model.load_state_dict(self.base.state_dict())
-        set_generator(model, g)
-        if method == "fpft":
-            params, hooks = list(model.parameters()), {}
-        else:
-            scale = lora_scale(cfg.scaling, cfg.lora_alpha, rank)
-            if get_method(method).adapter == "randlora":
-                adapters = wrap_randlora(model, rank, scale, g)
-            else:
-                adapters = wrap_linears(model, rank, scale, sketch, cfg.random_init, g)
-            params, hooks = self._method_hooks(method, adapters, g)
+        run, (g,) = self._build([spec], stacked=False)
         bar = _epoch_bar(cfg, _describe([spec]), disable=not self.show_epochs)
-        kw = {**_train_kw(cfg), **hooks}
         with bar:
-            record = train(model, params, self.tasks["B"], generator=g, progress=lambda row: bar.update(1), **kw)
-        return result_rows(cfg, self.device.type, self.commit, spec, record, *_test_accs(model, self.tasks),
-                           count_trainable(model))
-
-    def _method_hooks(self, method: str, adapters, generator) -> tuple[list[dict], dict]:
-        cfg = self.cfg
-        return get_method(method).training(
-            adapters, generator, lr=cfg.lr, total_steps=cfg.max_epochs * math.ceil(len(self.tasks["B"].train) / cfg.batch_size),
-            merge_every=cfg.merge_every, loraplus_ratio=cfg.loraplus_ratio, relora_every=cfg.relora_every,
-            relora_warmup=cfg.relora_warmup, reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
+            record = train(run.model, run.params, self.tasks["B"], generator=g, progress=lambda row: bar.update(1),
+                           **{**_train_kw(cfg), **run.hooks})
+        return result_rows(cfg, self.device.type, self.commit, spec, record, *_test_accs(run.model, self.tasks),
+                           count_trainable(run.model))
 
     def _stacked(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         cfg = self.cfg
-        method, sketch = specs[0]["method"], specs[0]["sketch"]
-        gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
-        model = StackedModel(self.base, len(specs))
-        if method == "fpft":
-            params, hooks = list(model.parameters()), {}
-        else:
-            ranks = [s["rank"] for s in specs]
-            scales = [lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks]
-            if get_method(method).adapter == "randlora":
-                adapters = model.wrap_randlora(ranks[0], scales, gens)
-            else:
-                adapters = model.wrap(ranks, scales, sketch, cfg.random_init, gens)
-            params, hooks = self._method_hooks(method, adapters, None)
+        run, gens = self._build(specs, stacked=True)
+        model = run.model
         bar = _epoch_bar(cfg, _describe(specs), disable=not self.show_epochs)
 
         def progress(epoch: int, live: int) -> None:
             bar.update(1)
             bar.set_postfix(training=f"{live}/{len(specs)} runs")
 
-        kw = {**_train_kw(cfg), **hooks}
         with bar:
-            records = train_stack(model, params, self.tasks["B"], generators=gens, progress=progress, **kw)
+            records = train_stack(model, run.params, self.tasks["B"], generators=gens, progress=progress,
+                                  **{**_train_kw(cfg), **run.hooks})
         _, acc_a = evaluate_stack(model, self.tasks["A"].test)
         _, acc_b = evaluate_stack(model, self.tasks["B"].test)
         return [result_rows(cfg, self.device.type, self.commit, spec, rec, a, b, model.trainable_count(i))

@@ -17,9 +17,9 @@ import torch  # noqa: E402
 
 from config import Config  # noqa: E402
 from data import load_tasks  # noqa: E402
-from lora import lora_scale, wrap_linears  # noqa: E402
-from methods import METHODS  # noqa: E402
-from models import build_model, set_generator  # noqa: E402
+from build import build_run  # noqa: E402
+from lora import lora_scale  # noqa: E402
+from models import build_model  # noqa: E402
 from runner import resolve_device  # noqa: E402
 from train import train  # noqa: E402
 
@@ -39,15 +39,13 @@ def main() -> None:
                        cfg.val_size, cfg.split_seed, device)
     load_s = time.perf_counter() - t0
     g = torch.Generator(device=device).manual_seed(0)
-    model = build_model(cfg.hidden, cfg.dropout, g, device)
-    set_generator(model, g)
-    method = METHODS["rac_lora"]
-    adapters = wrap_linears(model, 1, lora_scale(cfg.scaling, cfg.lora_alpha, 1), "left", cfg.random_init, g)
-    params = method.prepare(adapters)
+    run = build_run(build_model(cfg.hidden, cfg.dropout, g, device), "rac_lora", "left", [1], [g],
+                    [lora_scale(cfg.scaling, cfg.lora_alpha, 1)], random_init=cfg.random_init, lr=cfg.lr,
+                    total_steps=1)
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, patience=10 ** 6,
-              generator=g, on_epoch_end=lambda e: method.end_of_epoch(adapters, e, 1, g))
-    warm = train(model, params, tasks["B"], max_epochs=1, **kw)
-    rec = train(model, params, tasks["B"], max_epochs=args.epochs, **kw)
+              generator=g, **run.hooks)
+    warm = train(run.model, run.params, tasks["B"], max_epochs=1, **kw)
+    rec = train(run.model, run.params, tasks["B"], max_epochs=args.epochs, **kw)
     n = len(tasks["B"].train)
     per_epoch = rec.wall_s / args.epochs
     print(f"device: {device}  torch {torch.__version__}  threads: {torch.get_num_threads()}")

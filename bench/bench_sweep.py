@@ -37,15 +37,14 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from config import Config  # noqa: E402
 from data import MEAN, STD, load_tasks  # noqa: E402
-from lora import lora_scale, wrap_linears  # noqa: E402
-from methods import METHODS  # noqa: E402
-from models import build_model, set_generator  # noqa: E402
-from stack import StackedModel, train_stack  # noqa: E402
+from build import build_run  # noqa: E402
+from lora import lora_scale  # noqa: E402
+from models import build_model  # noqa: E402
+from stack import train_stack  # noqa: E402
 from runner import cpu_count, resolve_device  # noqa: E402
 from train import train  # noqa: E402
 
 CFG = Config(method="rac_lora", sketch="left", ranks=[1])
-METHOD = METHODS["rac_lora"]
 DATA = ROOT / "data"
 
 
@@ -68,26 +67,27 @@ def _seconds_per_epoch(train_epochs, device, epochs: int, warmup=None) -> float:
 def stack_epoch_seconds(tasks, device, runs: int, epochs: int, warmup=None) -> float:
     """Seconds per epoch of a stack of ``runs`` rac_lora rank-1 runs (after one warm-up epoch)."""
     gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
-    model = StackedModel(base_model(device), runs)
-    adapters = model.wrap([1] * runs, [lora_scale(CFG.scaling, CFG.lora_alpha, 1)] * runs, "left",
-                          CFG.random_init, gens)
-    params, hooks = METHOD.training(adapters, None, lr=CFG.lr, total_steps=1)
+    run = rank1_run(device, gens, stacked=True)
     kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6,
-              generators=gens, **hooks)
-    return _seconds_per_epoch(lambda n: train_stack(model, params, tasks["B"], max_epochs=n, **kw), device,
+              generators=gens, **run.hooks)
+    return _seconds_per_epoch(lambda n: train_stack(run.model, run.params, tasks["B"], max_epochs=n, **kw), device,
                               epochs, warmup)
+
+
+def rank1_run(device, gens, stacked: bool):
+    """The benchmarked run(s): rac_lora, left sketch, rank 1, from the seeded base model (build.build_run)."""
+    return build_run(base_model(device), "rac_lora", "left", [1] * len(gens),
+                     gens, [lora_scale(CFG.scaling, CFG.lora_alpha, 1)] * len(gens), random_init=CFG.random_init,
+                     stacked=stacked, lr=CFG.lr, total_steps=1)
 
 
 def plain_epoch_seconds(tasks, device, epochs: int) -> float:
     """Seconds per epoch of one run on the plain engine (train.train, what stack_size = 1 uses)."""
     g = torch.Generator(device=device).manual_seed(0)
-    model = base_model(device)
-    set_generator(model, g)
-    adapters = wrap_linears(model, 1, lora_scale(CFG.scaling, CFG.lora_alpha, 1), "left", CFG.random_init, g)
-    params, hooks = METHOD.training(adapters, g, lr=CFG.lr, total_steps=1)
+    run = rank1_run(device, [g], stacked=False)
     kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6, generator=g,
-              **hooks)
-    return _seconds_per_epoch(lambda n: train(model, params, tasks["B"], max_epochs=n, **kw), device, epochs)
+              **run.hooks)
+    return _seconds_per_epoch(lambda n: train(run.model, run.params, tasks["B"], max_epochs=n, **kw), device, epochs)
 
 
 # --- 1. the conventional pipeline ---------------------------------------------------------------
@@ -117,10 +117,9 @@ def conventional_epoch_seconds(device, loader_workers: int, epochs: int) -> list
         "val": DataLoader(Subset(train_set, five_up(train_set, val_idx)), **common),
         "test": DataLoader(Subset(test_set, five_up(test_set, range(len(test_set)))), **common),
     }
-    model = base_model(device)
-    set_generator(model, g)
-    adapters = wrap_linears(model, 1, lora_scale(CFG.scaling, CFG.lora_alpha, 1), "left", CFG.random_init, g)
-    opt = torch.optim.AdamW(METHOD.prepare(adapters), lr=CFG.lr, weight_decay=CFG.weight_decay)
+    run = rank1_run(device, [g], stacked=False)
+    model = run.model
+    opt = torch.optim.AdamW(run.params, lr=CFG.lr, weight_decay=CFG.weight_decay)
     seconds = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -131,7 +130,7 @@ def conventional_epoch_seconds(device, loader_workers: int, epochs: int) -> list
             opt.zero_grad()
             loss.backward()
             opt.step()
-        METHOD.end_of_epoch(adapters, epoch, 1, g)
+        run.hooks["on_epoch_end"](epoch)  # the merge and re-sampling, as every engine does it
         model.eval()
         with torch.no_grad():
             for name in ("val", "test"):

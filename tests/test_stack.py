@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from data import Split, Task
-from lora import wrap_linears
-from randlora import wrap_randlora
+from build import build_run
 from methods import METHODS
-from models import build_model, count_trainable, set_generator
+from models import build_model, count_trainable
 from stack import StackedModel, evaluate_stack, train_stack
 from train import evaluate, train
 
@@ -49,32 +48,19 @@ def plain_copy(base):
 
 
 def alone(base, task, method, sketch, rank, seed, lr):
-    """One run the plain way: models.MLP + lora.wrap_linears + train.train()."""
+    """One run the plain way: a copy of the MLP + lora.wrap_linears + train.train() (build.build_run)."""
     g = torch.Generator().manual_seed(seed)
-    model = plain_copy(base)
-    set_generator(model, g)
-    if method == "fpft":
-        params, hooks = list(model.parameters()), {}
-    else:
-        adapters = (wrap_randlora(model, rank, SCALE * rank, g) if method == "randlora" else
-                    wrap_linears(model, rank, SCALE * rank, sketch, "gaussian", g))
-        params, hooks = METHODS[method].training(adapters, g, lr=lr, **METHOD_KW)
-    record = train(model, params, task, lr=lr, generator=g, **{**KW, **hooks})
-    return model, record
+    run = build_run(base, method, sketch, [rank], [g], [None if rank is None else SCALE * rank], lr=lr, **METHOD_KW)
+    record = train(run.model, run.params, task, lr=lr, generator=g, **{**KW, **run.hooks})
+    return run.model, record
 
 
 def stacked(base, task, method, sketch, ranks, seeds, lr):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    model = StackedModel(base, len(seeds))
-    if method == "fpft":
-        params, hooks = list(model.parameters()), {}
-    else:
-        scales = [SCALE * r for r in ranks]
-        adapters = (model.wrap_randlora(ranks[0], scales, gens) if method == "randlora" else
-                    model.wrap(ranks, scales, sketch, "gaussian", gens))
-        params, hooks = METHODS[method].training(adapters, None, lr=lr, **METHOD_KW)
-    records = train_stack(model, params, task, generators=gens, lr=lr, **{**KW, **hooks})
-    return model, records
+    run = build_run(base, method, sketch, ranks, gens, [None if r is None else SCALE * r for r in ranks],
+                    stacked=True, lr=lr, **METHOD_KW)
+    records = train_stack(run.model, run.params, task, generators=gens, lr=lr, **{**KW, **run.hooks})
+    return run.model, records
 
 
 def assert_same_runs(base, task, method, sketch, lr):
