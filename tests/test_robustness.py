@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from results import (RUN_COLUMNS, landed_runs, read_results, read_rows, read_runs, summary_table, upsert_runs,
                      write_rows)
