@@ -56,83 +56,101 @@ class StackedDropout(nn.Module):
         return f"p={self.p}"
 
 
-class StackedLinear(FactorRoles, nn.Module):
-    """R independent Linear layers, optionally each with a low-rank adapter ``scale_i * B_i @ A_i``.
-
-    Without an adapter the weight and bias are ordinary (trainable) parameters: full fine-tuning.
-    ``add_adapter`` freezes them and adds the factors; the adapter interface is that of
-    lora.LoRALinear (A, B, zero_factor, random_factor, delta_weight, merge, reset), with the run
-    dimension in front and one generator per run where LoRALinear takes one generator, so the
-    method strategies of methods.py drive both without knowing which they drive.
-    """
+class StackedLinear(nn.Module):
+    """R independent Linear layers: weight (R, out, in), bias (R, out), ordinary (trainable) parameters,
+    as full fine-tuning trains them. StackedLoRALinear and StackedRandLoRALinear add an adapter."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight)  # (R, out, in)
         self.bias = nn.Parameter(bias)  # (R, out)
         self.ranks: list[int] = []  # each run's adapter rank; [] = no adapter
-        self.kind: str | None = None  # "lora" or "randlora" once an adapter is added
 
     @property
     def runs(self) -> int:
         return self.weight.shape[0]
 
-    def add_adapter(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
-                    generators: list[torch.Generator]) -> None:
+    def _frozen_base(self) -> None:
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def weight_now(self) -> torch.Tensor:  # (R, out, in): the weight the layer applies
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (R, N, in), one batch per run, or (N, in) shared by every run; returns (R, N, out)."""
+        if x.dim() == 2:  # evaluation: one product for all runs, (N, in) @ (in, R*out), adapter folded in
+            h = (x @ self.weight_now().flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
+            return h + self.bias.unsqueeze(1)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+    @torch.no_grad()
+    def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
+        """Keep only the runs at positions ``rows``; returns {old parameter: its replacement}.
+
+        New Parameter objects, not new ``.data``: autograd remembers a leaf's shape.
+        """
+        swap = _replace_parameters(self, lambda name, p: p[rows])
+        for name, buf in list(self.named_buffers(recurse=False)):  # scale, and RandLoRA's bases
+            setattr(self, name, buf[rows])
+        self.ranks = [self.ranks[i] for i in rows.tolist()] if self.ranks else []
+        return swap
+
+    def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Run i's tensors under the names the plain model's layer (here nn.Linear) gives them."""
+        return {prefix + "weight": self.weight[i], prefix + "bias": self.bias[i]}
+
+    def trainable_count(self, i: int) -> int:
+        """Run i's trainable parameters, padding not counted."""
+        return sum(p[i].numel() for p in (self.weight, self.bias) if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"runs={self.runs}, in={self.weight.shape[2]}, out={self.weight.shape[1]}, ranks={self.ranks}"
+
+
+class StackedLoRALinear(FactorRoles, StackedLinear):
+    """R frozen Linear layers, each with a low-rank adapter ``scale_i * B_i @ A_i``: factors A (R, r_max, in)
+    and B (R, out, r_max), zero-padded to the stack's largest rank.
+
+    The adapter interface is that of lora.LoRALinear (A, B, zero_factor, random_factor, delta_weight,
+    merge, reset), with the run dimension in front and one generator per run where LoRALinear takes one
+    generator, so the method strategies of methods.py drive both without knowing which they drive.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, ranks: list[int], scales: list[float], sketch: str,
+                 random_init: str, generators: list[torch.Generator]):
+        super().__init__(weight, bias)
         if sketch not in ROLES:
             raise ValueError(f"unknown sketch {sketch!r}; allowed: {', '.join(ROLES)}")
         if len(ranks) != self.runs or len(scales) != self.runs or len(generators) != self.runs:
             raise ValueError(f"need one rank, scale and generator per run ({self.runs})")
-        self.weight.requires_grad_(False)
-        self.bias.requires_grad_(False)
+        self._frozen_base()
         r, (out, inp), kw = max(ranks), self.weight.shape[1:], dict(device=self.weight.device, dtype=self.weight.dtype)
         self.A = nn.Parameter(torch.zeros(self.runs, r, inp, **kw))
         self.B = nn.Parameter(torch.zeros(self.runs, out, r, **kw))
         self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
         self.same_scale = float(scales[0]) if len(set(scales)) == 1 else None
-        self.ranks, self.kind = list(ranks), "lora"
+        self.ranks = list(ranks)
         self.sketch, self.random_init = sketch, random_init
         self.zero_name, self.random_name = ROLES[sketch]
         self.reset(generators)
 
-    def add_randlora(self, rank: int, scales: list[float], a_shared: torch.Tensor, b_shared: torch.Tensor) -> None:
-        """RandLoRA on every run (one rank for the stack): slices of each run's shared bases,
-        a_shared (R, r, D_min) and b_shared (R, D_max, N_max, r), as randlora.RandLoRALinear takes them."""
-        self.weight.requires_grad_(False)
-        self.bias.requires_grad_(False)
-        out, inp = self.weight.shape[1:]
-        self.d_min, self.d_max, self.transposed = min(out, inp), max(out, inp), out < inp
-        n, kw = num_bases(self.d_min, rank), dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.register_buffer("A", a_shared[:, :, :self.d_min].clone())
-        self.register_buffer("Bases", b_shared[:, :self.d_max, :n, :].clone())
-        self.lam = nn.Parameter(torch.zeros(self.runs, rank, n, **kw))
-        self.gam = nn.Parameter(torch.full((self.runs, n, self.d_min), 1.0 / self.d_max, **kw))
-        self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
-        self.ranks, self.kind = [rank] * self.runs, "randlora"
-
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
-        return (self.lam, self.gam) if self.kind == "randlora" else (self.A, self.B)
+        return self.A, self.B
+
+    def weight_now(self) -> torch.Tensor:
+        return self.weight + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (R, N, in), one batch per run, or (N, in) shared by every run; returns (R, N, out)."""
-        if x.dim() == 2:  # evaluation: one product for all runs, (N, in) @ (in, R*out), adapter folded in
-            w = self.weight + self.delta_weight() if self.ranks else self.weight
-            h = (x @ w.flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
-            return h + self.bias.unsqueeze(1)
-        if self.kind == "randlora":  # the update is full-size anyway: one product with W + dW
-            return torch.baddbmm(self.bias.unsqueeze(1), x, (self.weight + self.delta_weight()).transpose(1, 2))
+        if x.dim() == 2:
+            return super().forward(x)
         h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-        if not self.ranks:
-            return h
         xa = x @ self.A.transpose(1, 2)  # (R, N, r)
         if self.same_scale is not None:  # one scale for every run: fold it into the product
             return torch.baddbmm(h, xa, self.B.transpose(1, 2), alpha=self.same_scale)
         return h + self.scale * (xa @ self.B.transpose(1, 2))
 
     def delta_weight(self) -> torch.Tensor:  # (R, out, in)
-        if self.kind == "randlora":
-            d = small_update(self.A, self.Bases, self.lam, self.gam)  # (R, d_max, d_min)
-            return self.scale * (d.transpose(1, 2) if self.transposed else d)
         return self.scale * (self.B @ self.A)
 
     @torch.no_grad()
@@ -153,41 +171,64 @@ class StackedLinear(FactorRoles, nn.Module):
             else:
                 factor[i, :, :rank] = init_factor_(torch.empty_like(factor[i, :, :rank]), self.random_init, g)
 
-    @torch.no_grad()
-    def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
-        """Keep only the runs at positions ``rows``; returns {old parameter: its replacement}.
-
-        New Parameter objects, not new ``.data``: autograd remembers a leaf's shape.
-        """
-        swap = _replace_parameters(self, lambda name, p: p[rows])
-        for name, buf in list(self.named_buffers(recurse=False)):  # scale, and RandLoRA's bases
-            setattr(self, name, buf[rows])
-        self.ranks = [self.ranks[i] for i in rows.tolist()] if self.ranks else []
-        return swap
-
     def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
-        """Run i's tensors under the names the plain model (Linear or LoRALinear) gives them."""
-        if not self.ranks:
-            return {prefix + "weight": self.weight[i], prefix + "bias": self.bias[i]}
-        if self.kind == "randlora":
-            return {prefix + "base.weight": self.weight[i], prefix + "base.bias": self.bias[i],
-                    prefix + "A": self.A[i], prefix + "Bases": self.Bases[i], prefix + "lam": self.lam[i],
-                    prefix + "gam": self.gam[i]}
+        """Run i's tensors under the names lora.LoRALinear gives them (padding cut off)."""
         r = self.ranks[i]
         return {prefix + "base.weight": self.weight[i], prefix + "base.bias": self.bias[i],
                 prefix + "A": self.A[i, :r], prefix + "B": self.B[i, :, :r]}
 
     def trainable_count(self, i: int) -> int:
-        """Run i's trainable parameters, padding not counted."""
-        if not self.ranks:
-            return sum(p[i].numel() for p in (self.weight, self.bias) if p.requires_grad)
-        if self.kind == "randlora":
-            return sum(p[i].numel() for p in (self.lam, self.gam) if p.requires_grad)
         r_max, r = self.A.shape[1], self.ranks[i]
         return sum(p[i].numel() // r_max * r for p in (self.A, self.B) if p.requires_grad)
 
-    def extra_repr(self) -> str:
-        return f"runs={self.runs}, in={self.weight.shape[2]}, out={self.weight.shape[1]}, ranks={self.ranks}"
+
+class StackedRandLoRALinear(StackedLinear):
+    """R frozen Linear layers with RandLoRA (one rank for the stack): slices of each run's shared bases,
+    a_shared (R, r, D_min) and b_shared (R, D_max, N_max, r), as randlora.RandLoRALinear takes them, and
+    the trained lam (R, r, N), gam (R, N, d_min)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rank: int, scales: list[float],
+                 a_shared: torch.Tensor, b_shared: torch.Tensor):
+        super().__init__(weight, bias)
+        self._frozen_base()
+        out, inp = self.weight.shape[1:]
+        self.d_min, self.d_max, self.transposed = min(out, inp), max(out, inp), out < inp
+        n, kw = num_bases(self.d_min, rank), dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.register_buffer("A", a_shared[:, :, :self.d_min].clone())
+        self.register_buffer("Bases", b_shared[:, :self.d_max, :n, :].clone())
+        self.lam = nn.Parameter(torch.zeros(self.runs, rank, n, **kw))
+        self.gam = nn.Parameter(torch.full((self.runs, n, self.d_min), 1.0 / self.d_max, **kw))
+        self.register_buffer("scale", torch.tensor(scales, **kw).view(-1, 1, 1))
+        self.ranks = [rank] * self.runs
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.lam, self.gam
+
+    def weight_now(self) -> torch.Tensor:
+        return self.weight + self.delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return super().forward(x)
+        # the update is full-size anyway: one product with W + dW
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight_now().transpose(1, 2))
+
+    def delta_weight(self) -> torch.Tensor:  # (R, out, in)
+        d = small_update(self.A, self.Bases, self.lam, self.gam)  # (R, d_max, d_min)
+        return self.scale * (d.transpose(1, 2) if self.transposed else d)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.weight += self.delta_weight()
+
+    def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Run i's tensors under the names randlora.RandLoRALinear gives them."""
+        return {prefix + "base.weight": self.weight[i], prefix + "base.bias": self.bias[i],
+                prefix + "A": self.A[i], prefix + "Bases": self.Bases[i], prefix + "lam": self.lam[i],
+                prefix + "gam": self.gam[i]}
+
+    def trainable_count(self, i: int) -> int:
+        return sum(p[i].numel() for p in (self.lam, self.gam) if p.requires_grad)
 
 
 class StackedModel(nn.Module):
@@ -224,22 +265,27 @@ class StackedModel(nn.Module):
             if isinstance(m, StackedDropout):
                 m.generators = list(generators)
 
-    def wrap(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
-             generators: list[torch.Generator]) -> list[StackedLinear]:
-        """Adapters on every layer, drawn layer by layer as lora.wrap_linears draws them; returns them."""
-        for lin in self.linears:
-            lin.add_adapter(ranks, scales, sketch, random_init, generators)
+    def _replace_linears(self, make) -> list[StackedLinear]:
+        """Swap every plain StackedLinear, in order, for ``make(weight, bias)``; return the new layers."""
+        for j, m in enumerate(self.net):
+            if isinstance(m, StackedLinear):
+                self.net[j] = make(m.weight.detach(), m.bias.detach())
         return self.linears
 
-    def wrap_randlora(self, rank: int, scales: list[float], generators: list[torch.Generator]) -> list[StackedLinear]:
+    def wrap(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
+             generators: list[torch.Generator]) -> list[StackedLoRALinear]:
+        """Adapters on every layer, drawn layer by layer as lora.wrap_linears draws them; returns them."""
+        return self._replace_linears(lambda w, b: StackedLoRALinear(w, b, ranks, scales, sketch, random_init,
+                                                                   generators))
+
+    def wrap_randlora(self, rank: int, scales: list[float],
+                      generators: list[torch.Generator]) -> list[StackedRandLoRALinear]:
         """RandLoRA on every layer; each run's shared bases drawn as randlora.wrap_randlora draws them."""
         d_max, d_min = shared_dims([tuple(lin.weight.shape[1:]) for lin in self.linears])
         w = self.linears[0].weight
         drawn = [draw_bases(rank, d_max, d_min, g, w.device, w.dtype) for g in generators]
         a, b = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
-        for lin in self.linears:
-            lin.add_randlora(rank, scales, a, b)
-        return self.linears
+        return self._replace_linears(lambda w, bias: StackedRandLoRALinear(w, bias, rank, scales, a, b))
 
     def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
         swap = {}
