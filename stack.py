@@ -108,7 +108,21 @@ class StackedLinear(nn.Module):
         return f"runs={self.runs}, in={self.weight.shape[2]}, out={self.weight.shape[1]}, ranks={self.ranks}"
 
 
-class StackedLoRALinear(FactorRoles, StackedLinear):
+class _StackedAdapter(StackedLinear):
+    """What every adapted stacked layer shares: the frozen base, W + delta applied, merge adds delta into W."""
+
+    def weight_now(self) -> torch.Tensor:
+        return self.weight + self.delta_weight()
+
+    def delta_weight(self) -> torch.Tensor:  # (R, out, in)
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.weight += self.delta_weight()
+
+
+class StackedLoRALinear(FactorRoles, _StackedAdapter):
     """R frozen Linear layers, each with a low-rank adapter ``scale_i * B_i @ A_i``: factors A (R, r_max, in)
     and B (R, out, r_max), zero-padded to the stack's largest rank.
 
@@ -138,9 +152,6 @@ class StackedLoRALinear(FactorRoles, StackedLinear):
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
         return self.A, self.B
 
-    def weight_now(self) -> torch.Tensor:
-        return self.weight + self.delta_weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return super().forward(x)
@@ -152,10 +163,6 @@ class StackedLoRALinear(FactorRoles, StackedLinear):
 
     def delta_weight(self) -> torch.Tensor:  # (R, out, in)
         return self.scale * (self.B @ self.A)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.weight += self.delta_weight()
 
     @torch.no_grad()
     def reset(self, generators: list[torch.Generator], resample_random: bool = True) -> None:
@@ -182,7 +189,7 @@ class StackedLoRALinear(FactorRoles, StackedLinear):
         return sum(p[i].numel() // r_max * r for p in (self.A, self.B) if p.requires_grad)
 
 
-class StackedRandLoRALinear(StackedLinear):
+class StackedRandLoRALinear(_StackedAdapter):
     """R frozen Linear layers with RandLoRA (one rank for the stack): slices of each run's shared bases,
     a_shared (R, r, D_min) and b_shared (R, D_max, N_max, r), as randlora.RandLoRALinear takes them, and
     the trained lam (R, r, N), gam (R, N, d_min)."""
@@ -204,9 +211,6 @@ class StackedRandLoRALinear(StackedLinear):
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
         return self.lam, self.gam
 
-    def weight_now(self) -> torch.Tensor:
-        return self.weight + self.delta_weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return super().forward(x)
@@ -216,10 +220,6 @@ class StackedRandLoRALinear(StackedLinear):
     def delta_weight(self) -> torch.Tensor:  # (R, out, in)
         d = small_update(self.A, self.Bases, self.lam, self.gam)  # (R, d_max, d_min)
         return self.scale * (d.transpose(1, 2) if self.transposed else d)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.weight += self.delta_weight()
 
     def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
         """Run i's tensors under the names randlora.RandLoRALinear gives them."""
