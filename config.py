@@ -220,9 +220,12 @@ def scratch_settings_hash(cfg: ScratchConfig, device: str, form: str) -> str:
 # workers change it only to float rounding: a run is the same run alone or in a stack).
 _NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "resume_any_code", "plots_only", "progress",
                 "method", "sketch", "ranks", "seeds", "run_fpft", "stack_size", "workers"}
-# Fields that only some methods read: they enter the hash of those methods' runs only.
-_METHOD_FIELDS = {"loraplus_ratio": {"lora_plus", "cola_plus"}, "relora_every": {"relora"},
-                  "relora_warmup": {"relora"}}
+# Fields that only some methods read (each registry entry's ``settings``): they enter the hash of those
+# methods' runs only.
+_METHOD_FIELDS: dict[str, set[str]] = {}
+for _m in _REGISTRY.values():
+    for _field in _m.settings:
+        _METHOD_FIELDS.setdefault(_field, set()).add(_m.name)
 # Fields that only adapters read; the base model and FPFT do not depend on them.
 _ADAPTER_FIELDS = {"merge_every", "scaling", "lora_alpha", "random_init", "reset_optimizer_on_merge",
                    *_METHOD_FIELDS}

@@ -40,6 +40,7 @@ class Method:
     b_lr_ratio: bool = False  # LoRA+: factor B learns at loraplus_ratio x the learning rate of A
     adapter: str = "lora"  # the layer it needs: "lora" (A, B; lora.py) or "randlora" (randlora.py)
     step_merges: bool = False  # ReLoRA: merge every relora_every steps, reset AdamW, re-warm the learning rate
+    settings: tuple[str, ...] = ()  # the Config fields only this method reads: they enter its runs' hashes only
 
     @property
     def uses_sketch(self) -> bool:
@@ -137,11 +138,12 @@ METHODS: dict[str, Method] = {
         Method("rac_lora", "RAC-LoRA", trains=("zero",), merges=True,
                reference="Malinovsky et al., 2024 (arXiv:2410.08305)"),
         Method("lora_plus", "LoRA+", trains=("zero", "random"), merges=False, b_lr_ratio=True,
-               reference="Hayou et al., 2024 (LoRA+)"),
+               settings=("loraplus_ratio",), reference="Hayou et al., 2024 (LoRA+)"),
         Method("cola_plus", "COLA+", trains=("zero", "random"), merges=True, b_lr_ratio=True,
+               settings=("loraplus_ratio",),
                reference="COLA with LoRA+'s learning rates (Xia et al., 2024; Hayou et al., 2024)"),
         Method("relora", "ReLoRA", trains=("zero", "random"), merges=True, step_merges=True,
-               reference="Lialin et al., ICLR 2024 (ReLoRA)"),
+               settings=("relora_every", "relora_warmup"), reference="Lialin et al., ICLR 2024 (ReLoRA)"),
         Method("randlora", "RandLoRA", trains=("lam", "gam"), merges=False, adapter="randlora",
                reference="Albert et al., ICLR 2025 (RandLoRA)"),
     ]

@@ -106,3 +106,45 @@ def test_method_names_come_from_the_registry_without_importing_torch():
     code = "import sys, config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_method_settings_are_config_fields_and_enter_only_their_methods_hashes():
+    import dataclasses
+
+    from methods import METHODS as REGISTRY
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for m in REGISTRY.values():
+        assert set(m.settings) <= fields, m.name
+        for name in m.settings:
+            changed = Config(**{name: getattr(Config(), name) * 2})
+            assert settings_hash(changed, "cpu", "adapter", m.name) != settings_hash(Config(), "cpu", "adapter", m.name)
+            others = [o for o in REGISTRY if name not in REGISTRY[o].settings]
+            assert all(settings_hash(changed, "cpu", "adapter", o) == settings_hash(Config(), "cpu", "adapter", o)
+                       for o in others)
+
+
+def test_the_committed_results_keep_their_hashes():
+    """Every row in docs/results is found again by resume: its config, read back, hashes to its config_hash
+    (a new setting must stay out of the hashes, or every recorded run would be orphaned)."""
+    import glob
+    import json
+
+    import scratch
+    from config import ScratchConfig
+    from results import read_rows
+    from sweep import run_hash
+    from tests.conftest import ROOT
+
+    checked = 0
+    for path in glob.glob(str(ROOT / "docs" / "results" / "*runs.csv")):
+        for r in read_rows(path):
+            if "form" in r:
+                cfg = ScratchConfig(**json.loads(r["config"]))
+                got = scratch.run_hash(cfg, r["device"], r["form"], r["rank"], r["seed"])
+            else:
+                cfg = Config(**json.loads(r["config"]))
+                got = run_hash(cfg, r["device"], r["method"], r["sketch"], r["rank"], r["seed"])
+            assert got == r["config_hash"], (path, r["config_hash"])
+            checked += 1
+    assert checked > 100
