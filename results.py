@@ -87,30 +87,22 @@ def read_runs(path: str | os.PathLike) -> list[dict]:
     return landed_runs(read_rows(path))
 
 
+@contextmanager
 def results_lock(results_dir: str | os.PathLike):
-    """The folder's exclusive write lock (a context manager); ResultsError after LOCK_TIMEOUT_S."""
-    from filelock import FileLock
+    """Hold the folder's exclusive write lock; ResultsError after LOCK_TIMEOUT_S."""
+    from filelock import FileLock, Timeout
 
-    return _Lock(FileLock(str(Path(results_dir) / LOCK_NAME), timeout=LOCK_TIMEOUT_S))
-
-
-class _Lock:
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        from filelock import Timeout
-
-        Path(self.lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.lock.acquire()
-        except Timeout:
-            raise ResultsError(f"could not lock {self.lock.lock_file} in {LOCK_TIMEOUT_S} s: another process is "
-                               f"writing this results folder; wait for it or use another --results_dir") from None
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(results_dir) / LOCK_NAME), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ResultsError(f"could not lock {lock.lock_file} in {LOCK_TIMEOUT_S} s: another process is "
+                           f"writing this results folder; wait for it or use another --results_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_results(results_dir: str | os.PathLike, prefix: str = "") -> tuple[list[dict], list[dict]]:

@@ -49,8 +49,7 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     Uses cfg.results_dir, stack_size, workers, resume, resume_any_code and progress."""
     results_dir = Path(cfg.results_dir)
     fingerprint = code_fingerprint(study.code)
-    recorded = read_runs(results_dir / f"{study.prefix}runs.csv") if cfg.resume else []
-    done = {r["config_hash"]: r for r in recorded if same_code(r, fingerprint, cfg.resume_any_code)}
+    done = recorded_runs(cfg, study.prefix, fingerprint)
     rows, todo = [], []
     for spec in study.plan:
         key = study.run_hash(spec)
@@ -73,11 +72,8 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
         jobs.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
 
     def record(results: list[tuple[dict, list[dict]]]) -> None:
-        for row, _ in results:
-            row["code_fingerprint"] = fingerprint
-        upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=study.prefix,
-                    run_columns=study.run_columns, curve_columns=study.curve_columns)
-        rows.extend(r for r, _ in results)
+        rows.extend(record_results(results_dir, results, fingerprint, study.prefix, study.run_columns,
+                                   study.curve_columns))
 
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
     with bar:
@@ -94,6 +90,24 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
                     record(results)
                     bar.update(len(results))
     return rows
+
+
+def recorded_runs(cfg, prefix: str, fingerprint: str) -> dict[str, dict]:
+    """{config_hash: row} of the runs that resume may skip: landed in <prefix>runs.csv and made by the
+    code of ``fingerprint`` (any code with ``cfg.resume_any_code``); {} without ``cfg.resume``."""
+    recorded = read_runs(Path(cfg.results_dir) / f"{prefix}runs.csv") if cfg.resume else []
+    return {r["config_hash"]: r for r in recorded if same_code(r, fingerprint, cfg.resume_any_code)}
+
+
+def record_results(results_dir, results: list[tuple[dict, list[dict]]], fingerprint: str, prefix: str = "",
+                   run_columns: list[str] | None = None, curve_columns: list[str] | None = None) -> list[dict]:
+    """Stamp finished runs with ``fingerprint`` and write them (runs row, curve rows) to the results
+    store (results.upsert_runs); returns their runs rows."""
+    for row, _ in results:
+        row["code_fingerprint"] = fingerprint
+    upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=prefix,
+                run_columns=run_columns, curve_columns=curve_columns)
+    return [r for r, _ in results]
 
 
 def resolve_device(name: str) -> torch.device:

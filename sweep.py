@@ -23,8 +23,8 @@ from build import build_run
 from lora import lora_scale
 from methods import get_method
 from models import build_model, count_trainable, set_generator
-from results import DIVERGED, atomic_path, code_fingerprint, read_runs, same_code, upsert_runs
-from runner import Study, resolve_device, run_study
+from results import DIVERGED, atomic_path, code_fingerprint
+from runner import Study, record_results, recorded_runs, resolve_device, run_study
 from stack import evaluate_stack, train_stack
 from train import Record, evaluate, train
 
@@ -71,8 +71,7 @@ class Sweep:
         self.results_dir = Path(cfg.results_dir)
         self.tasks = load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed, self.device)
         self.fingerprint = code_fingerprint(CODE)
-        recorded = read_runs(self.results_dir / "runs.csv") if cfg.resume else []
-        self.done = {r["config_hash"]: r for r in recorded if same_code(r, self.fingerprint, cfg.resume_any_code)}
+        self.done = recorded_runs(cfg, "", self.fingerprint)
         self.rows: list[dict] = []
 
     # --- the base model, trained once per setting and cached as a checkpoint ---
@@ -108,10 +107,7 @@ class Sweep:
 
     def record(self, results: list[tuple[dict, list[dict]]]) -> None:
         """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
-        for row, _ in results:
-            row["code_fingerprint"] = self.fingerprint
-        upsert_runs(self.results_dir, [row for row, _ in results], [c for _, curve in results for c in curve])
-        self.rows.extend(row for row, _ in results)
+        self.rows.extend(record_results(self.results_dir, results, self.fingerprint))
 
 
 # --- checkpoints: a checkpoint proves itself before it is used ----------------------------------------
