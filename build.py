@@ -15,9 +15,16 @@ from torch import nn
 
 from lora import wrap_linears
 from methods import get_method
-from models import set_generator
+from data import DIGITS
+from models import build_model, model_settings, set_generator
 from randlora import wrap_randlora
 from stack import StackedModel
+
+
+def config_model(cfg, generator: torch.Generator | None, device) -> nn.Module:
+    """The model ``cfg.model`` (with the config's settings) for tasks A and B; weights drawn from
+    ``generator``, or left for a state dict to fill when it is None."""
+    return build_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes, generator, device)
 
 
 @dataclass
@@ -29,11 +36,12 @@ class Run:
 
 def build_run(base: nn.Module, method: str, sketch: str | None, ranks: list[int | None],
               generators: list[torch.Generator], scales: list[float], *, random_init: str = "gaussian",
-              stacked: bool = False, **method_kw) -> Run:
+              stacked: bool = False, targets: list[str] | None = None, **method_kw) -> Run:
     """Build one run (``stacked=False``: one generator, one rank) or a stack of R runs (one generator,
     rank and scale per run) from ``base``, which is left unchanged.
 
     ``method`` is "fpft" (every parameter trains, no hooks) or a name of the registry in methods.py;
+    ``targets`` selects the Linear layers that get adapters (models.targeted; None = every one);
     ``method_kw`` are Method.training's keyword arguments (lr, total_steps, merge_every, ...). Each run's
     random draws (its factors now, its dropout masks and re-sampled factors later) come from its own
     generator, in the order the run alone makes them.
@@ -49,11 +57,11 @@ def build_run(base: nn.Module, method: str, sketch: str | None, ranks: list[int 
         return Run(model, list(model.parameters()), {})
     m = get_method(method)
     if stacked:
-        adapters = (model.wrap_randlora(ranks[0], scales, generators) if m.adapter == "randlora"
-                    else model.wrap(ranks, scales, sketch, random_init, generators))
+        adapters = (model.wrap_randlora(ranks[0], scales, generators, targets) if m.adapter == "randlora"
+                    else model.wrap(ranks, scales, sketch, random_init, generators, targets))
     else:
         g = generators[0]
-        adapters = (wrap_randlora(model, ranks[0], scales[0], g) if m.adapter == "randlora"
-                    else wrap_linears(model, ranks[0], scales[0], sketch, random_init, g))
+        adapters = (wrap_randlora(model, ranks[0], scales[0], g, targets) if m.adapter == "randlora"
+                    else wrap_linears(model, ranks[0], scales[0], sketch, random_init, g, targets))
     params, hooks = m.training(adapters, None if stacked else generators[0], **method_kw)
     return Run(model, params, hooks)

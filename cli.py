@@ -23,6 +23,7 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
 
     try:
         cfg = parse()
+        cfg.check_setup()  # the checks that need the data's and the model's sizes
         prepare_outputs(cfg)
         check_memory(cfg)
     except ConfigError as e:

@@ -20,6 +20,8 @@ from methods import METHODS as _REGISTRY  # the registry's names (methods.py imp
 # Names the sweep accepts: the method registry of methods.py, the one list of names.
 METHODS = tuple(_REGISTRY)
 METHOD_CHOICES = METHODS + ("all",)
+MODELS = ("mlp", "vit")  # models.py's registry
+TARGET_PRESETS = ("all", "attention", "mlp")  # models.TARGET_PRESETS
 SKETCHES = ("left", "right")
 SKETCH_CHOICES = SKETCHES + ("both",)
 SCALINGS = ("alpha", "alpha/r", "alpha/sqrt(r)")
@@ -27,15 +29,14 @@ RANDOM_INITS = ("gaussian", "kaiming")  # the non-zero factor; the other one alw
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; seeds are 0..2^63-1
 MAX_WORKERS = 256
-TRAIN_IMAGES = 60000  # MNIST and Fashion-MNIST training sets
-MIN_TRAIN_IMAGES = 10000  # val_size leaves at least this many training images (about 5000 per task)
 # Upper limits of the integer settings: far above any sensible run, low enough that a typo
 # (an extra zero or ten) is caught before it allocates or loops for ever.
 INT_RANGES = {"batch_size": (1, 65536), "max_epochs": (1, 100_000), "patience": (1, 100_000),
               "merge_every": (1, 100_000), "relora_every": (1, 10 ** 9), "relora_warmup": (1, 10 ** 9),
               "stack_size": (1, 1024), "lte_heads": (1, 1024), "lte_every": (1, 10 ** 9),
-              "galore_every": (1, 10 ** 9), "val_size": (1, TRAIN_IMAGES - MIN_TRAIN_IMAGES),
-              "split_seed": (0, MAX_SEED), "base_seed": (0, MAX_SEED)}
+              "galore_every": (1, 10 ** 9), "val_size": (1, 10 ** 9),
+              "split_seed": (0, MAX_SEED), "base_seed": (0, MAX_SEED), "vit_patch": (1, 28), "vit_dim": (1, 4096),
+              "vit_depth": (1, 64), "vit_heads": (1, 256), "vit_mlp_dim": (1, 16384)}
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,15 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+# Named protocols: each sets these fields, unless the command line sets them as well.
+PRESETS = {
+    "none": {},
+    # the paper's Table 2 (RoBERTa on GLUE): the merging methods train 10 chains of 10 epochs (a merge after
+    # each), LoRA the same 100 epochs in one piece (it never merges); every run trains all its epochs
+    "table2": {"merge_every": 10, "max_epochs": 100, "patience": 100},
+}
+
+
 @dataclass
 class Config:
     # --- what to run ---
@@ -60,6 +70,7 @@ class Config:
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # adapter ranks to sweep
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each method x rank
     run_fpft: bool = True  # also train the full fine-tuning reference (one run per seed)
+    preset: str = "none"  # none | table2: the paper's Table 2 protocol (10 chains x 10 epochs; see PRESETS)
     # --- adapters ---
     merge_every: int = 1  # epochs between merges, for the methods that merge (cola, rac_lora)
     scaling: str = "alpha"  # scale of B@A: "alpha" (published code), "alpha/r" (LoRA), "alpha/sqrt(r)" (rsLoRA)
@@ -76,7 +87,15 @@ class Config:
     max_epochs: int = 50  # upper limit on epochs per run
     patience: int = 10  # early stopping: epochs without a lower validation loss before stopping
     dropout: float = 0.1  # dropout probability after each hidden layer
-    hidden: list[int] = field(default_factory=lambda: [64, 64])  # hidden widths of the 784-...-5 MLP
+    # --- the model (models.py's registry) and which of its Linear layers get adapters ---
+    model: str = "mlp"  # mlp: the paper's MLP; vit: a small Vision Transformer
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: hidden widths of the (28*28)-...-5 MLP
+    vit_patch: int = 7  # vit: side of the square patches (it divides 28: 16 patches of 7x7)
+    vit_dim: int = 32  # vit: token width
+    vit_depth: int = 2  # vit: transformer blocks
+    vit_heads: int = 2  # vit: attention heads (they divide vit_dim)
+    vit_mlp_dim: int = 64  # vit: hidden width of each block's MLP (fc1, fc2)
+    target_modules: list[str] = field(default_factory=lambda: ["all"])  # presets all | attention (q k v o) | mlp (fc1 fc2), or layer names as PEFT's target_modules
     # --- data ---
     data_dir: str = "./data"  # torchvision root; the raw files live in <data_dir>/MNIST/raw
     val_size: int = 5000  # images held out of the 60k training set for validation
@@ -103,8 +122,13 @@ class Config:
         _choice("scaling", self.scaling, SCALINGS)
         _choice("random_init", self.random_init, RANDOM_INITS)
         _choice("device", self.device, DEVICES)
+        _choice("model", self.model, MODELS)
+        _choice("preset", self.preset, tuple(PRESETS))
         _check_numbers(self)
-        _check_model_lists(self.hidden, self.ranks, self.seeds, n_out=5)
+        _check_model_lists(self.hidden, self.ranks, self.seeds)
+        if not self.target_modules or any(not t for t in self.target_modules):
+            raise ConfigError(f"target_modules must name one or more presets ({', '.join(TARGET_PRESETS)}) or "
+                              f"layer names, got {self.target_modules}")
         _positive("lr", self.lr)
         _positive("loraplus_ratio", self.loraplus_ratio)
         _positive("lora_alpha", self.lora_alpha)
@@ -113,8 +137,26 @@ class Config:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     # --- what a run is made of ---
-    def layer_dims(self) -> list[int]:
-        return [784, *self.hidden, 5]
+    def check_setup(self) -> None:
+        """The checks that need the data's and the model's sizes (data.check_val_size, models.check_model);
+        they import torch, so the command line runs them after parsing, before any compute."""
+        from data import check_val_size
+        from models import check_model
+
+        check_val_size(self.val_size)
+        check_model(self)
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(parameters, activation floats of one evaluation pass, image floats) of one run (models.sizes)."""
+        from data import DIGITS
+        from models import model_settings, sizes
+
+        return sizes(self.model, model_settings(self), DIGITS)
+
+    def targets(self) -> list[str] | None:
+        """target_modules for models.targeted (None: every Linear layer)."""
+        return None if self.target_modules == ["all"] else list(self.target_modules)
+
 
     def runs_per_stack(self) -> int:
         return min(self.stack_size, len(self.ranks) * len(self.seeds))
@@ -144,7 +186,7 @@ class ScratchConfig:
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])  # rank r of every form but full
     seeds: list[int] = field(default_factory=lambda: [0])  # one run per seed for each form x rank
     dataset: str = "mnist"  # mnist | fashion_mnist (the study trained on fashion_mnist)
-    hidden: list[int] = field(default_factory=lambda: [512, 512])  # hidden widths of the 784-...-10 MLP
+    hidden: list[int] = field(default_factory=lambda: [512, 512])  # hidden widths of the (28*28)-...-10 MLP
     # --- optimisation ---
     optimizer: str = "sgd"  # sgd (plain, no momentum: the study) | adamw; galore always runs its own Adam
     lr: float = 1e-3  # learning rate of the optimizer (and of GaLore)
@@ -180,7 +222,7 @@ class ScratchConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("device", self.device, DEVICES)
         _check_numbers(self)
-        _check_model_lists(self.hidden, self.ranks, self.seeds, n_out=10)
+        _check_model_lists(self.hidden, self.ranks, self.seeds)
         for name in ("lr", "galore_scale"):
             _positive(name, getattr(self, name))
         _check_workers_and_decay(self.workers, self.weight_decay)
@@ -188,8 +230,23 @@ class ScratchConfig:
             raise ConfigError(f"batch_size ({self.batch_size}) must be at least lte_heads ({self.lte_heads}): "
                               f"each head trains on its own shard of every batch")
 
-    def layer_dims(self) -> list[int]:
-        return [784, *self.hidden, 10]
+    def check_setup(self) -> None:
+        """The checks that need the data's sizes: val_size, and ranks against the MLP's layers."""
+        from data import TEN_CLASSES, check_val_size
+
+        check_val_size(self.val_size)
+        top = max_useful_rank([TEN_CLASSES.features, *self.hidden, TEN_CLASSES.classes])
+        for r in self.ranks:
+            if r > top:
+                raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {top} (the largest "
+                                  f"min(in, out) among the model's layers)")
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(parameters, activation floats of one evaluation pass, image floats) of the full-form MLP."""
+        from data import TEN_CLASSES
+        from models import sizes
+
+        return sizes("mlp", dict(hidden=self.hidden, dropout=0.0), TEN_CLASSES)
 
     def runs_per_stack(self) -> int:
         return min(self.stack_size, len(self.seeds))
@@ -219,7 +276,13 @@ def scratch_settings_hash(cfg: ScratchConfig, device: str, form: str) -> str:
 # Fields that do not change what a run computes, so they stay out of every hash (stack_size and
 # workers change it only to float rounding: a run is the same run alone or in a stack).
 _NOT_IN_HASH = {"results_dir", "plots_dir", "data_dir", "resume", "resume_any_code", "plots_only", "progress",
-                "method", "sketch", "ranks", "seeds", "run_fpft", "stack_size", "workers"}
+                "method", "sketch", "ranks", "seeds", "run_fpft", "stack_size", "workers", "preset"}
+# Fields that only one model reads: they enter the hash of that model's runs only.
+_MODEL_FIELDS = {"hidden": "mlp", "vit_patch": "vit", "vit_dim": "vit", "vit_depth": "vit", "vit_heads": "vit",
+                 "vit_mlp_dim": "vit"}
+# Fields added after results were committed: at the value every older run had, they stay out of the
+# hash, so that those runs keep their hashes.
+_ADDED_LATER = {"model": "mlp", "target_modules": ["all"]}
 # Fields that only some methods read (each registry entry's ``settings``): they enter the hash of those
 # methods' runs only.
 _METHOD_FIELDS: dict[str, set[str]] = {}
@@ -228,7 +291,7 @@ for _m in _REGISTRY.values():
         _METHOD_FIELDS.setdefault(_field, set()).add(_m.name)
 # Fields that only adapters read; the base model and FPFT do not depend on them.
 _ADAPTER_FIELDS = {"merge_every", "scaling", "lora_alpha", "random_init", "reset_optimizer_on_merge",
-                   *_METHOD_FIELDS}
+                   "target_modules", *_METHOD_FIELDS}
 
 
 def settings_hash(cfg: Config, device: str, kind: str = "adapter", method: str | None = None) -> str:
@@ -241,6 +304,8 @@ def settings_hash(cfg: Config, device: str, kind: str = "adapter", method: str |
     """
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_HASH}
     d = {k: v for k, v in d.items() if k not in _METHOD_FIELDS or method in _METHOD_FIELDS[k]}
+    d = {k: v for k, v in d.items() if k not in _MODEL_FIELDS or cfg.model == _MODEL_FIELDS[k]}
+    d = {k: v for k, v in d.items() if k not in _ADDED_LATER or v != _ADDED_LATER[k]}
     if kind != "adapter":
         d = {k: v for k, v in d.items() if k not in _ADAPTER_FIELDS}
     d["device"] = device
@@ -252,44 +317,41 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def memory_need_bytes(dims: list[int], runs_per_stack: int, processes: int, eval_images: int = 10000) -> int:
-    """Rough peak bytes a sweep of MLPs with layer widths ``dims`` needs: per run, every weight and bias
-    six times in float32 (base copy, trained copy, gradient, AdamW's two moments, best-so-far snapshot)
-    and the activations of one evaluation pass over ``eval_images`` images (two tensors per layer);
-    times the runs of a stack and the worker processes, each of which also holds the images."""
-    params = sum((a + 1) * b for a, b in zip(dims[:-1], dims[1:]))
-    activations = eval_images * sum(dims[1:]) * 2
-    images = (TRAIN_IMAGES + 10000) * dims[0] * 4
-    return processes * (runs_per_stack * 4 * (6 * params + activations) + images)
+def memory_need_bytes(sizes: tuple[int, int, int], runs_per_stack: int, processes: int) -> int:
+    """Rough peak bytes a sweep needs, from one run's (parameters, activation floats of one evaluation pass,
+    image floats): per run, every parameter six times in float32 (base copy, trained copy, gradient, AdamW's
+    two moments, best-so-far snapshot) and the activations; times the runs of a stack and the worker
+    processes, each of which also holds the images."""
+    params, activations, images = sizes
+    return processes * (runs_per_stack * 4 * (6 * params + activations) + 4 * images)
 
 
 def check_fits(cfg, available_bytes: int, processes: int, where: str) -> None:
     """ConfigError when the model and stack asked for need more memory than ``available_bytes``."""
-    need = memory_need_bytes(cfg.layer_dims(), cfg.runs_per_stack(), processes)
+    need = memory_need_bytes(cfg.sizes(), cfg.runs_per_stack(), processes)
     if need > available_bytes:
-        raise ConfigError(f"hidden {cfg.hidden} needs about {need / 2 ** 30:.1f} GiB ({cfg.runs_per_stack()} runs "
+        what = f"hidden {cfg.hidden}" if getattr(cfg, "model", "mlp") == "mlp" else f"the {cfg.model}"
+        raise ConfigError(f"{what} needs about {need / 2 ** 30:.1f} GiB ({cfg.runs_per_stack()} runs "
                           f"per stack x {processes} process{'es' if processes > 1 else ''}) but {where} has "
                           f"{available_bytes / 2 ** 30:.1f} GiB available; use narrower layers, a smaller "
                           f"--stack_size or fewer --workers")
 
 
-def max_useful_rank(hidden: list[int], n_in: int = 784, n_out: int = 5) -> int:
-    """Largest min(in, out) over the MLP's layers: a higher rank adds nothing anywhere."""
-    dims = [n_in, *hidden, n_out]
+def max_useful_rank(dims: list[int]) -> int:
+    """Largest min(in, out) over the layers of an MLP with widths ``dims``: a higher rank adds nothing anywhere."""
     return max(min(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
 
-def _check_model_lists(hidden: list[int], ranks: list[int], seeds: list[int], n_out: int) -> None:
+def _check_model_lists(hidden: list[int], ranks: list[int], seeds: list[int]) -> None:
     """The checks both configs make of the widths, the rank sweep and the seeds."""
     if not hidden or any(h < 1 for h in hidden):
         raise ConfigError(f"hidden must be one or more positive widths, got {hidden}")
     if not ranks:
         raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
-    max_rank = max_useful_rank(hidden, n_out=n_out)
-    for r in ranks:
-        if not 1 <= r <= max_rank:
-            raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {max_rank} "
-                              f"(the largest min(in, out) among the model's layers)")
+    for r in ranks:  # the upper bound depends on the model's layers: check_setup
+        if r < 1:
+            raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to the largest "
+                              f"min(in, out) among the model's layers")
     if not seeds:
         raise ConfigError("seeds is empty: give at least one seed, e.g. --seeds 0 1 2")
     for seed in seeds:
@@ -317,9 +379,7 @@ def _check_numbers(cfg) -> None:
         if f.name in INT_RANGES:
             lo, hi = INT_RANGES[f.name]
             if not lo <= value <= hi:
-                why = (f" (at least {MIN_TRAIN_IMAGES} of the {TRAIN_IMAGES} training images must remain to "
-                       f"train on)" if f.name == "val_size" else "")
-                raise ConfigError(f"{f.name} must be an integer from {lo} to {hi}{why}, got {value}")
+                raise ConfigError(f"{f.name} must be an integer from {lo} to {hi}, got {value}")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -385,7 +445,10 @@ def from_argv(argv: list[str] | None = None, cls=None, prog: str = "main.py",
             kw["const"] = True
         parser.add_argument(*names, **kw)
     args = vars(parser.parse_args(argv))
-    args.pop(_Once.GIVEN, None)
+    given = args.pop(_Once.GIVEN, set())
+    for name, value in PRESETS.get(args.get("preset"), {}).items():  # a preset's fields, unless given too
+        if name not in given:
+            args[name] = value
     return cls(**args)
 
 

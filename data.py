@@ -24,6 +24,33 @@ class DataError(RuntimeError):
     """The data cannot be had; the message says what to put where."""
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a model needs to know of a task: the images' (height, width) and the number of classes."""
+    shape: tuple[int, int]
+    classes: int
+
+    @property
+    def features(self) -> int:  # pixels of one flattened image
+        return self.shape[0] * self.shape[1]
+
+
+TRAIN_IMAGES = 60000  # MNIST's and Fashion-MNIST's training sets; their test sets hold 10000
+MIN_TRAIN_IMAGES = 10000  # val_size leaves at least this many training images (about 5000 per task)
+DIGITS = TaskSpec(shape=(28, 28), classes=5)  # tasks A (digits 0-4) and B (5-9 relabelled 0-4) of load_tasks
+TEN_CLASSES = TaskSpec(shape=(28, 28), classes=10)  # all of MNIST or Fashion-MNIST (scratch.py)
+
+
+def check_val_size(val_size: int) -> None:
+    """ConfigError unless ``val_size`` leaves at least MIN_TRAIN_IMAGES of the training images to train on."""
+    from config import ConfigError
+
+    top = TRAIN_IMAGES - MIN_TRAIN_IMAGES
+    if not 1 <= val_size <= top:
+        raise ConfigError(f"val_size must be an integer from 1 to {top} (at least {MIN_TRAIN_IMAGES} of the "
+                          f"{TRAIN_IMAGES} training images must remain to train on), got {val_size}")
+
+
 @dataclass
 class Split:
     x: torch.Tensor  # (N, 784) float32, normalised
@@ -38,6 +65,7 @@ class Task:
     train: Split
     val: Split
     test: Split
+    spec: TaskSpec = DIGITS  # its images' shape and class count
 
 
 def _raw_dir(data_dir: str | os.PathLike) -> Path:
@@ -172,7 +200,8 @@ def load_tasks(data_dir: str | os.PathLike, val_size: int, split_seed: int,
     tasks = {}
     for name, digits in (("A", range(0, 5)), ("B", range(5, 10))):
         splits = {k: _select(x, y, digits) for k, (x, y) in parts.items()}
-        tasks[name] = Task(**{k: Split(_normalise(s.x).to(device), s.y.to(device)) for k, s in splits.items()})
+        tasks[name] = Task(**{k: Split(_normalise(s.x).to(device), s.y.to(device)) for k, s in splits.items()},
+                           spec=DIGITS)
     return tasks
 
 
@@ -281,7 +310,8 @@ def load_ten_classes(dataset: str, data_dir: str | os.PathLike, val_size: int, s
     else:
         raise DataError(f"unknown dataset {dataset!r}; allowed: mnist, fashion_mnist")
     parts = _split(train, test, val_size, split_seed)
-    return Task(**{k: Split(_normalise(x, mean, std).to(device), y.to(device)) for k, (x, y) in parts.items()})
+    return Task(**{k: Split(_normalise(x, mean, std).to(device), y.to(device)) for k, (x, y) in parts.items()},
+                spec=TEN_CLASSES)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from models import target_linears
+
 
 def lora_scale(scaling: str, alpha: float, rank: int) -> float:
     """The factor in front of B @ A: "alpha" (published RAC-LoRA code), "alpha/r" (LoRA), "alpha/sqrt(r)" (rsLoRA)."""
@@ -122,15 +124,14 @@ class LoRALinear(FactorRoles, nn.Module):
 
 
 def wrap_linears(model: nn.Module, rank: int, scale: float, sketch: str, random_init: str,
-                 generator: torch.Generator | None) -> list[LoRALinear]:
-    """Replace every nn.Linear in ``model`` (in place) by a LoRALinear around it, freeze all
-    other parameters, draw the random factors from ``generator`` and return the adapters in
-    module order."""
+                 generator: torch.Generator | None, targets: list[str] | None = None) -> list[LoRALinear]:
+    """Replace every nn.Linear in ``model`` that ``targets`` selects (models.targeted: presets or module
+    names, PEFT's ``target_modules``; None = every one), in place, by a LoRALinear around it, freeze all
+    other parameters, draw the random factors from ``generator`` and return the adapters in module order."""
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     adapters = []
-    for name, linear in targets:
+    for name, linear in target_linears(model, targets):
         adapter = LoRALinear(linear, rank, scale, sketch, random_init)
         adapter.reset(generator)
         _set_submodule(model, name, adapter)

@@ -5,7 +5,7 @@ has a leading run dimension, draws run i's initial values from ``generators[i]``
 run alone (R = 1) draws them, and offers what stack.train_stack needs of a layer: ``ranks``,
 ``keep_runs``, ``trainable_count``.
 
-Forms (``build`` makes a 784-hidden-10 MLP of one form):
+Forms (``build`` makes an n_in-hidden-n_out MLP of one form; the task gives n_in and n_out):
 
 - ``full``: nn.Linear layers (stack.StackedLinear), nn.Linear's default initialisation.
 - ``lowrank``: W = U V, U (out, r), V (r, in), both U(-1/sqrt(r), 1/sqrt(r)) (the rank-dependent
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stack import StackedLinear, StackedModel, _replace_parameters
+from stack import StackedLinear, StackedModel, _replace_parameters, _Stacked
 
 
 def _uniform(shape, bound: float, g: torch.Generator, device) -> torch.Tensor:
@@ -46,7 +46,7 @@ def orthogonal_rows(r: int, inp: int, g: torch.Generator, device) -> torch.Tenso
     return q.T * (inp / r) ** 0.5
 
 
-class _RunsLayer(nn.Module):
+class _RunsLayer(_Stacked):
     """What every layer here shares: one rank for all runs, and dropping runs from the stack."""
 
     rank: int
@@ -158,24 +158,25 @@ class StackedLTE(_RunsLayer):
 
 class ScratchModel(StackedModel):
     """A Sequential of stacked layers and ReLUs: R runs of one from-scratch MLP."""
+    row_wise, eval_batch, fold_adapters = True, None, False  # as models.MLP
 
     def __init__(self, layers: list[nn.Module]):
         nn.Module.__init__(self)
         body = []
         for layer in layers[:-1]:
             body += [layer, nn.ReLU()]
-        self.net = nn.Sequential(*body, layers[-1])
+        self.body = nn.Sequential(*body, layers[-1])
 
     @property
     def linears(self) -> list[nn.Module]:
-        return [m for m in self.net if not isinstance(m, nn.ReLU)]
+        return [m for m in self.body if not isinstance(m, nn.ReLU)]
 
     def lte_layers(self) -> list[StackedLTE]:
-        return [m for m in self.net if isinstance(m, StackedLTE)]
+        return [m for m in self.body if isinstance(m, StackedLTE)]
 
 
 def build(form: str, hidden: list[int], rank: int | None, generators: list[torch.Generator], device, *,
-          lte_heads: int = 4, n_in: int = 784, n_out: int = 10) -> ScratchModel:
+          n_in: int, n_out: int, lte_heads: int = 4) -> ScratchModel:
     """R = len(generators) runs of the ``form`` MLP n_in-hidden-n_out, layers drawn first to last."""
     dims = [n_in, *hidden, n_out]
     layers = []

@@ -1,7 +1,17 @@
-"""The 784 -> 64 -> 64 -> 5 MLP of the RAC-LoRA MNIST experiment."""
+"""The models adapters are studied on, in one registry: the MLP of the RAC-LoRA MNIST experiment and a
+small pre-norm Vision Transformer.
+
+Every model takes flattened images, (..., N, features) with the task's ``shape`` (H, W), and returns
+(..., N, classes) logits. Each is written so that a leading run dimension passes through it untouched:
+the stacked engine (stack.py) swaps its layers for stacked ones of the same names and trains R runs at
+once. Every random draw (initial weights, dropout masks) comes from a generator the caller gives.
+"""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,40 +39,160 @@ class SeededDropout(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear -> ReLU -> Dropout for each hidden width, then a Linear head. Input: (N, 784) floats."""
+    """Linear -> ReLU -> Dropout for each hidden width, then a Linear head. Input: (N, H*W) floats."""
 
-    def __init__(self, hidden: list[int] | tuple[int, ...] = (64, 64), n_in: int = 784, n_out: int = 5,
+    # the first layer sees each example as one row, so a stack of MLPs can share one (N, H*W) input
+    row_wise = True
+    eval_batch = None  # evaluate a whole split in one pass
+    fold_adapters = False  # stacked LoRA layers: x W^T + s (x A^T) B^T, two thin products beside the base one
+
+    def __init__(self, shape: tuple[int, int], classes: int, hidden: list[int] | tuple[int, ...] = (64, 64),
                  dropout: float = 0.1):
         super().__init__()
-        dims = [n_in, *hidden]
+        dims = [math.prod(shape), *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU(), SeededDropout(dropout)]
-        layers.append(nn.Linear(dims[-1], n_out))
+        layers.append(nn.Linear(dims[-1], classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 784) -> (N, n_out) logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, H*W) -> (..., N, classes) logits
         return self.net(x)
 
 
-def build_model(hidden, dropout: float, generator: torch.Generator | None, device) -> MLP:
-    """An MLP on ``device`` whose weights are drawn from ``generator`` as nn.Linear would draw them.
+class Tokens(nn.Module):
+    """A learned class token in front of the patch tokens, then learned positions added to every token."""
 
-    The module is built on the meta device, so torch's global RNG is never touched. With
-    ``generator=None`` the weights are left uninitialised: only for loading a state dict next.
+    def __init__(self, dim: int, tokens: int):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(dim))  # (d,)
+        self.pos = nn.Parameter(torch.zeros(tokens, dim))  # (T, d), T = patches + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, P, d) -> (N, P + 1, d)
+        cls = self.cls.expand(*x.shape[:-2], 1, x.shape[-1])
+        return torch.cat([cls, x], dim=-2) + self.pos
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with q, k, v and output projections as Linear layers (adaptable by name)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"vit_dim {dim} is not a multiple of vit_heads {heads}")
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., T, d) -> (..., T, d)
+        def split(t):  # (..., T, d) -> (..., heads, T, d / heads)
+            return t.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        # written out rather than F.scaled_dot_product_attention: for 17 tokens its CPU path spends more
+        # time checking masks than multiplying (measured 20 % slower per epoch here)
+        a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (..., heads, T, d/heads)
+        return self.o(a.transpose(-3, -2).flatten(-2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h + drop(attn(ln1(h))), then h + drop(fc2(gelu(fc1(ln2(h)))))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.ln1, self.attn, self.drop1 = nn.LayerNorm(dim), Attention(dim, heads), SeededDropout(dropout)
+        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim)
+        self.drop2 = SeededDropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., T, d)
+        h = h + self.drop1(self.attn(self.ln1(h)))
+        return h + self.drop2(self.fc2(F.gelu(self.fc1(self.ln2(h)))))
+
+
+class ViT(nn.Module):
+    """A small pre-norm Vision Transformer: non-overlapping patch x patch patches, flattened and embedded
+    by a Linear, a class token and learned positions, ``depth`` blocks, LayerNorm, a Linear head on the
+    class token. Dropout (from the run's generator) after the embedding and in every residual branch."""
+
+    row_wise = False  # the first layer sees patches: a stack expands a shared input to one copy per run
+    eval_batch = 1000  # images per evaluation pass: attention over a whole split at once would not fit
+    # stacked LoRA layers: one product with W + s B A. The layers are narrow (32 wide) and see 17 tokens per
+    # image, where thin rank-r products are slow on a CPU: 20-25 % less time per epoch, measured here
+    fold_adapters = True
+
+    def __init__(self, shape: tuple[int, int], classes: int, patch: int = 7, dim: int = 32, depth: int = 2,
+                 heads: int = 2, mlp_dim: int = 64, dropout: float = 0.1):
+        super().__init__()
+        height, width = shape
+        if height % patch or width % patch:
+            raise ValueError(f"vit_patch {patch} does not divide the {height}x{width} images")
+        self.shape, self.patch_size = (height, width), patch
+        patches = (height // patch) * (width // patch)
+        self.patch = nn.Linear(patch * patch, dim)
+        self.tokens = Tokens(dim, patches + 1)
+        self.drop = SeededDropout(dropout)
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_dim, dropout) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, H*W) -> (..., N, patches, p*p), row-major
+        (height, width), p = self.shape, self.patch_size
+        x = x.unflatten(-1, (height // p, p, width // p, p))  # (..., N, gh, p, gw, p)
+        return x.transpose(-3, -2).flatten(-4, -3).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, H*W) -> (..., N, classes)
+        h = self.drop(self.tokens(self.patch(self.patches(x))))  # (..., N, T, d)
+        h = self.norm(self.blocks(h))
+        return self.head(h[..., 0, :])  # the class token
+
+
+# name -> (class, the config fields it reads, as {config field: constructor argument})
+MODELS = {
+    "mlp": (MLP, {"hidden": "hidden", "dropout": "dropout"}),
+    "vit": (ViT, {"vit_patch": "patch", "vit_dim": "dim", "vit_depth": "depth", "vit_heads": "heads",
+                  "vit_mlp_dim": "mlp_dim", "dropout": "dropout"}),
+}
+
+
+def model_settings(cfg) -> dict:
+    """The constructor arguments of ``cfg.model`` taken from the config's fields."""
+    _, fields = MODELS[cfg.model]
+    return {arg: getattr(cfg, f) for f, arg in fields.items()}
+
+
+def build_model(name: str, settings: dict, shape: tuple[int, int], classes: int,
+                generator: torch.Generator | None, device) -> nn.Module:
+    """Model ``name`` of the registry on ``device``, for images of ``shape`` and ``classes`` classes.
+
+    The module is built on the meta device, so torch's global RNG is never touched; its weights are then
+    drawn from ``generator``: every Linear as nn.Linear draws (weight and bias U(+-1/sqrt(in))), LayerNorm
+    at (1, 0), the class token and positions N(0, 0.02^2). With ``generator=None`` the weights are left
+    uninitialised: only for loading a state dict next.
     """
+    cls, _ = MODELS[name]
     with torch.device("meta"):
-        model = MLP(hidden, dropout=dropout)
+        model = cls(tuple(shape), classes, **settings)
     model = model.to_empty(device=device)
     if generator is not None:
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, nn.Linear):
-                    # nn.Linear.reset_parameters, with our generator: weight and bias U(+-1/sqrt(in))
                     bound = 1.0 / m.in_features ** 0.5
                     m.weight.uniform_(-bound, bound, generator=generator)
                     m.bias.uniform_(-bound, bound, generator=generator)
+                elif isinstance(m, nn.LayerNorm):
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+                elif isinstance(m, Tokens):
+                    m.cls.normal_(0.0, 0.02, generator=generator)
+                    m.pos.normal_(0.0, 0.02, generator=generator)
     return model
+
+
+def meta_model(name: str, settings: dict, shape: tuple[int, int], classes: int) -> nn.Module:
+    """The model on the meta device: its layers and shapes, with no memory and no compute."""
+    cls, _ = MODELS[name]
+    with torch.device("meta"):
+        return cls(tuple(shape), classes, **settings)
 
 
 def set_generator(model: nn.Module, generator: torch.Generator) -> None:
@@ -74,3 +204,77 @@ def set_generator(model: nn.Module, generator: torch.Generator) -> None:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- which Linear layers get adapters (PEFT's target_modules) ---------------------------------------
+TARGET_PRESETS = {  # preset -> the module names (last part of the dotted name) it selects; None = every Linear
+    "all": None,
+    "attention": ("q", "k", "v", "o"),
+    "mlp": ("fc1", "fc2"),
+}
+
+
+def targeted(name: str, targets: list[str] | tuple[str, ...] | None) -> bool:
+    """Whether the Linear called ``name`` (dotted) is selected by ``targets``: presets of TARGET_PRESETS
+    or module names, matched as PEFT matches a list: the whole name, or its end after a dot."""
+    if targets is None:
+        return True
+    names: set[str] = set()
+    for t in targets:
+        if t in TARGET_PRESETS:
+            if TARGET_PRESETS[t] is None:
+                return True
+            names.update(TARGET_PRESETS[t])
+        else:
+            names.add(t)
+    return any(name == t or name.endswith("." + t) for t in names)
+
+
+def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of the Linear layers ``targets`` selects, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and targeted(n, targets)]
+
+
+def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
+    """(parameters, activation floats of one evaluation pass, image floats) of model ``name`` on the task
+    ``spec`` (data.TaskSpec): the activations are the outputs of every layer, counted in a forward pass on
+    the meta device (no memory, no compute) over the images the model evaluates at once (its eval_batch, or
+    a whole 10000-image test set), twice (the output and a temporary); the images are MNIST's 70000."""
+    from data import TRAIN_IMAGES
+
+    model = meta_model(name, settings, spec.shape, spec.classes).eval()
+    test_images = 10000
+    batch = min(model.eval_batch or test_images, test_images)
+    floats = [0]
+
+    def count(module, args, out):
+        floats[0] += out.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    model(torch.empty(batch, spec.features, device="meta"))
+    for h in hooks:
+        h.remove()
+    return sum(p.numel() for p in model.parameters()), 2 * floats[0], (TRAIN_IMAGES + test_images) * spec.features
+
+
+def check_model(cfg) -> None:
+    """ConfigError, before any compute, for a model that cannot be built from ``cfg``, target_modules that
+    select none of its Linear layers, or a rank above every selected layer's min(in, out)."""
+    from config import ConfigError
+    from data import DIGITS
+
+    try:
+        model = meta_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    chosen = target_linears(model, cfg.targets())
+    if not chosen:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ConfigError(f"target_modules {' '.join(cfg.target_modules)} selects none of the {cfg.model}'s Linear "
+                          f"layers; allowed: the presets {', '.join(TARGET_PRESETS)} (attention and mlp are the "
+                          f"vit's q k v o and fc1 fc2) or layer names: {' '.join(names)}")
+    top = max(min(m.in_features, m.out_features) for _, m in chosen)
+    for r in cfg.ranks:
+        if r > top:
+            raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {top} (the largest "
+                              f"min(in, out) among the adapted layers of the {cfg.model})")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lora import _set_submodule
+from models import target_linears
 
 
 def num_bases(d_min: int, rank: int) -> int:
@@ -98,11 +99,13 @@ class RandLoRALinear(nn.Module):
         return f"rank={self.rank}, bases={self.lam.shape[1]}, scale={self.scale:g}, d_min={self.d_min}"
 
 
-def wrap_randlora(model: nn.Module, rank: int, scale: float, generator: torch.Generator | None) -> list[RandLoRALinear]:
-    """Replace every nn.Linear by a RandLoRALinear; one pair of shared bases drawn from ``generator``."""
+def wrap_randlora(model: nn.Module, rank: int, scale: float, generator: torch.Generator | None,
+                  targets: list[str] | None = None) -> list[RandLoRALinear]:
+    """Replace every nn.Linear that ``targets`` selects (as lora.wrap_linears) by a RandLoRALinear; one pair
+    of shared bases, sized for the selected layers, drawn from ``generator``."""
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = target_linears(model, targets)
     w = targets[0][1].weight
     a, b = draw_bases(rank, *shared_dims([(m.out_features, m.in_features) for _, m in targets]), generator,
                       w.device, w.dtype)

@@ -1,6 +1,6 @@
 """Training from scratch in low-rank form: `python scratch.py [--field value ...]` (see --help).
 
-A 784-512-512-10 MLP on all ten classes of MNIST or Fashion-MNIST, in one of six forms (lowrank.py):
+A (28*28)-512-512-10 MLP on all ten classes of MNIST or Fashion-MNIST, in one of six forms (lowrank.py):
 full rank; every weight a rank-r product with the rank-dependent initialisation (lowrank) or as two
 default-initialised Linear layers (lowrank_ae); LoRA-the-Explorer's parallel heads (lte) and its
 single-head baseline at equal trainable parameters (lora); and the full model trained by GaLore
@@ -74,7 +74,9 @@ class ScratchTrainer:
         cfg = self.cfg
         form, rank = specs[0]["form"], specs[0]["rank"]
         gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
-        model = build(form, cfg.hidden, rank, gens, self.device, lte_heads=cfg.lte_heads)
+        spec = self.task.spec
+        model = build(form, cfg.hidden, rank, gens, self.device, n_in=spec.features, n_out=spec.classes,
+                      lte_heads=cfg.lte_heads)
         made = []
 
         def make_optimizer(params):

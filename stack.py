@@ -19,6 +19,7 @@ model of models.py + lora.py; only the arithmetic is batched:
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable
 
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Split, Task
-from lora import ROLES, FactorRoles, init_factor_
+from lora import ROLES, FactorRoles, _set_submodule, init_factor_
+from models import SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
-from models import SeededDropout
 from results import DIVERGED
-from train import Record
+from train import Record, logits_of
 
 
 class StackedDropout(nn.Module):
@@ -56,33 +57,12 @@ class StackedDropout(nn.Module):
         return f"p={self.p}"
 
 
-class StackedLinear(nn.Module):
-    """R independent Linear layers: weight (R, out, in), bias (R, out), ordinary (trainable) parameters,
-    as full fine-tuning trains them. StackedLoRALinear and StackedRandLoRALinear add an adapter."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # (R, out, in)
-        self.bias = nn.Parameter(bias)  # (R, out)
-        self.ranks: list[int] = []  # each run's adapter rank; [] = no adapter
+class _Stacked(nn.Module):
+    """A layer of R runs: every parameter and buffer carries the run dimension first."""
 
     @property
     def runs(self) -> int:
-        return self.weight.shape[0]
-
-    def _frozen_base(self) -> None:
-        self.weight.requires_grad_(False)
-        self.bias.requires_grad_(False)
-
-    def weight_now(self) -> torch.Tensor:  # (R, out, in): the weight the layer applies
-        return self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (R, N, in), one batch per run, or (N, in) shared by every run; returns (R, N, out)."""
-        if x.dim() == 2:  # evaluation: one product for all runs, (N, in) @ (in, R*out), adapter folded in
-            h = (x @ self.weight_now().flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
-            return h + self.bias.unsqueeze(1)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return next(self.parameters()).shape[0]
 
     @torch.no_grad()
     def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
@@ -93,16 +73,79 @@ class StackedLinear(nn.Module):
         swap = _replace_parameters(self, lambda name, p: p[rows])
         for name, buf in list(self.named_buffers(recurse=False)):  # scale, and RandLoRA's bases
             setattr(self, name, buf[rows])
-        self.ranks = [self.ranks[i] for i in rows.tolist()] if self.ranks else []
         return swap
 
     def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
-        """Run i's tensors under the names the plain model's layer (here nn.Linear) gives them."""
-        return {prefix + "weight": self.weight[i], prefix + "bias": self.bias[i]}
+        """Run i's tensors under the names the plain model's layer gives them."""
+        return {prefix + name: p[i] for name, p in self.named_parameters(recurse=False)}
 
     def trainable_count(self, i: int) -> int:
-        """Run i's trainable parameters, padding not counted."""
-        return sum(p[i].numel() for p in (self.weight, self.bias) if p.requires_grad)
+        """Run i's trainable parameters."""
+        return sum(p[i].numel() for p in self.parameters(recurse=False) if p.requires_grad)
+
+
+class StackedLayerNorm(_Stacked):
+    """R nn.LayerNorm over the last dimension: weight and bias (R, d)."""
+
+    def __init__(self, plain: nn.LayerNorm, runs: int):
+        super().__init__()
+        self.weight, self.bias, self.eps = _expand(plain.weight, runs), _expand(plain.bias, runs), plain.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, ..., d)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class StackedTokens(_Stacked):
+    """models.Tokens for R runs: class tokens (R, d), positions (R, T, d)."""
+
+    def __init__(self, plain: nn.Module, runs: int):
+        super().__init__()
+        self.cls, self.pos = _expand(plain.cls, runs), _expand(plain.pos, runs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, P, d) -> (R, N, P + 1, d)
+        runs, n, _, d = x.shape
+        cls = self.cls.view(runs, 1, 1, d).expand(runs, n, 1, d)
+        return torch.cat([cls, x], dim=-2) + self.pos.unsqueeze(1)
+
+
+class StackedLinear(_Stacked):
+    """R independent Linear layers: weight (R, out, in), bias (R, out), ordinary (trainable) parameters,
+    as full fine-tuning trains them. StackedLoRALinear and StackedRandLoRALinear add an adapter."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (R, out, in)
+        self.bias = nn.Parameter(bias)  # (R, out)
+        self.ranks: list[int] = []  # each run's adapter rank; [] = no adapter
+
+    def _frozen_base(self) -> None:
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+
+    def weight_now(self) -> torch.Tensor:  # (R, out, in): the weight the layer applies
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (R, ..., in), one batch per run, or (N, in) shared by every run; returns (R, ..., out)."""
+        if x.dim() == 2:  # evaluation: one product for all runs, (N, in) @ (in, R*out), adapter folded in
+            h = (x @ self.weight_now().flatten(0, 1).T).view(x.shape[0], self.runs, -1).transpose(0, 1)
+            return h + self.bias.unsqueeze(1)
+        return self._rows(x, lambda x3: torch.baddbmm(self.bias.unsqueeze(1), x3, self.weight.transpose(1, 2)))
+
+    @staticmethod
+    def _rows(x: torch.Tensor, f) -> torch.Tensor:
+        """f applied to x viewed as (R, rows, in); the result viewed back as (R, ..., out)."""
+        if x.dim() == 3:
+            return f(x)
+        y = f(x.reshape(x.shape[0], -1, x.shape[-1]))
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @torch.no_grad()
+    def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
+        swap = super().keep_runs(rows)
+        self.ranks = [self.ranks[i] for i in rows.tolist()] if self.ranks else []
+        return swap
 
     def extra_repr(self) -> str:
         return f"runs={self.runs}, in={self.weight.shape[2]}, out={self.weight.shape[1]}, ranks={self.ranks}"
@@ -147,6 +190,7 @@ class StackedLoRALinear(FactorRoles, _StackedAdapter):
         self.ranks = list(ranks)
         self.sketch, self.random_init = sketch, random_init
         self.zero_name, self.random_name = ROLES[sketch]
+        self.fold = False  # forward through W + delta in one product (set by StackedModel.wrap)
         self.reset(generators)
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
@@ -155,6 +199,11 @@ class StackedLoRALinear(FactorRoles, _StackedAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return super().forward(x)
+        return self._rows(x, self._forward3)
+
+    def _forward3(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, in) -> (R, N, out)
+        if self.fold:  # one product with W + delta (the model's fold_adapters)
+            return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight_now().transpose(1, 2))
         h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
         xa = x @ self.A.transpose(1, 2)  # (R, N, r)
         if self.same_scale is not None:  # one scale for every run: fold it into the product
@@ -215,7 +264,8 @@ class StackedRandLoRALinear(_StackedAdapter):
         if x.dim() == 2:
             return super().forward(x)
         # the update is full-size anyway: one product with W + dW
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight_now().transpose(1, 2))
+        w = self.weight_now().transpose(1, 2)
+        return self._rows(x, lambda x3: torch.baddbmm(self.bias.unsqueeze(1), x3, w))
 
     def delta_weight(self) -> torch.Tensor:  # (R, out, in)
         d = small_update(self.A, self.Bases, self.lam, self.gam)  # (R, d_max, d_min)
@@ -231,66 +281,91 @@ class StackedRandLoRALinear(_StackedAdapter):
         return sum(p[i].numel() for p in (self.lam, self.gam) if p.requires_grad)
 
 
+def _expand(p: torch.Tensor, runs: int) -> nn.Parameter:
+    """R copies of a plain parameter, (R, *p.shape), trainable as p is."""
+    return nn.Parameter(p.detach().expand(runs, *p.shape).clone(), requires_grad=p.requires_grad)
+
+
+# plain layer type -> its stacked form (a layer with parameters that is not here cannot be stacked)
+STACKED = {
+    nn.Linear: lambda m, runs: StackedLinear(_expand(m.weight, runs).data, _expand(m.bias, runs).data),  # trainable
+    nn.LayerNorm: StackedLayerNorm,
+    Tokens: StackedTokens,
+    SeededDropout: lambda m, runs: StackedDropout(m.p),
+}
+
+
 class StackedModel(nn.Module):
-    """A Sequential of StackedLinear, ReLU and StackedDropout: R copies of a models.MLP."""
+    """R copies of a model of models.py: a copy of the model with every layer swapped for its stacked form
+    (STACKED), under the same names, so that the model's own forward runs R runs at once."""
 
     def __init__(self, plain: nn.Module, runs: int):
         super().__init__()
-        layers = []
-        for m in plain.net:
-            if isinstance(m, nn.Linear):
-                w, b = m.weight.detach(), m.bias.detach()
-                layers.append(StackedLinear(w.expand(runs, *w.shape).clone(), b.expand(runs, *b.shape).clone()))
-            elif isinstance(m, SeededDropout):
-                layers.append(StackedDropout(m.p))
-            elif isinstance(m, nn.ReLU):
-                layers.append(nn.ReLU())
-            else:
-                raise TypeError(f"cannot stack a {type(m).__name__}: only Linear, ReLU and SeededDropout")
-        self.net = nn.Sequential(*layers)
+        self.body = copy.deepcopy(plain)
+        self.row_wise, self.eval_batch, self.fold_adapters = plain.row_wise, plain.eval_batch, plain.fold_adapters
+        for name, m in list(self.body.named_modules()):
+            if type(m) in STACKED:
+                _set_submodule(self.body, name, STACKED[type(m)](m, runs))
+            elif any(True for _ in m.parameters(recurse=False)):
+                raise TypeError(f"cannot stack {name} ({type(m).__name__}): only "
+                                f"{', '.join(t.__name__ for t in STACKED)} have a stacked form")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, 784) or (N, 784) -> (R, N, classes)
-        return self.net(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, H*W) or (N, H*W) -> (R, N, classes)
+        if x.dim() == 2 and not self.row_wise:  # a shared input: one view of it per run
+            x = x.expand(self.runs, *x.shape)
+        return self.body(x)
+
+    def _stacked(self) -> list[tuple[str, _Stacked]]:
+        return [(n, m) for n, m in self.body.named_modules() if isinstance(m, _Stacked)]
 
     @property
     def linears(self) -> list[StackedLinear]:
-        return [m for m in self.net if isinstance(m, StackedLinear)]
+        return [m for m in self.body.modules() if isinstance(m, StackedLinear)]
 
     @property
     def runs(self) -> int:
         return self.linears[0].runs
 
     def set_generators(self, generators: list[torch.Generator]) -> None:
-        for m in self.net:
+        for m in self.body.modules():
             if isinstance(m, StackedDropout):
                 m.generators = list(generators)
 
-    def _replace_linears(self, make) -> list[StackedLinear]:
-        """Swap every plain StackedLinear, in order, for ``make(weight, bias)``; return the new layers."""
-        for j, m in enumerate(self.net):
-            if isinstance(m, StackedLinear):
-                self.net[j] = make(m.weight.detach(), m.bias.detach())
-        return self.linears
+    def _replace_linears(self, make, targets) -> list[StackedLinear]:
+        """Freeze every parameter, swap each plain StackedLinear that ``targets`` selects (models.targeted),
+        in module order, for ``make(weight, bias)``; return the new layers."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        made = []
+        for name, m in list(self.body.named_modules()):
+            if type(m) is StackedLinear and targeted(name, targets):
+                made.append(make(m.weight.detach(), m.bias.detach()))
+                _set_submodule(self.body, name, made[-1])
+        return made
 
     def wrap(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
-             generators: list[torch.Generator]) -> list[StackedLoRALinear]:
-        """Adapters on every layer, drawn layer by layer as lora.wrap_linears draws them; returns them."""
-        return self._replace_linears(lambda w, b: StackedLoRALinear(w, b, ranks, scales, sketch, random_init,
-                                                                   generators))
+             generators: list[torch.Generator], targets: list[str] | None = None) -> list[StackedLoRALinear]:
+        """Adapters on the targeted layers, drawn layer by layer as lora.wrap_linears draws them; returns them."""
+        made = self._replace_linears(lambda w, b: StackedLoRALinear(w, b, ranks, scales, sketch, random_init,
+                                                                   generators), targets)
+        for m in made:
+            m.fold = self.fold_adapters
+        return made
 
-    def wrap_randlora(self, rank: int, scales: list[float],
-                      generators: list[torch.Generator]) -> list[StackedRandLoRALinear]:
-        """RandLoRA on every layer; each run's shared bases drawn as randlora.wrap_randlora draws them."""
-        d_max, d_min = shared_dims([tuple(lin.weight.shape[1:]) for lin in self.linears])
-        w = self.linears[0].weight
+    def wrap_randlora(self, rank: int, scales: list[float], generators: list[torch.Generator],
+                      targets: list[str] | None = None) -> list[StackedRandLoRALinear]:
+        """RandLoRA on the targeted layers; each run's shared bases drawn as randlora.wrap_randlora draws them."""
+        chosen = [m for n, m in self.body.named_modules() if type(m) is StackedLinear and targeted(n, targets)]
+        d_max, d_min = shared_dims([tuple(lin.weight.shape[1:]) for lin in chosen])
+        w = chosen[0].weight
         drawn = [draw_bases(rank, d_max, d_min, g, w.device, w.dtype) for g in generators]
         a, b = torch.stack([d[0] for d in drawn]), torch.stack([d[1] for d in drawn])
-        return self._replace_linears(lambda w, bias: StackedRandLoRALinear(w, bias, rank, scales, a, b))
+        return self._replace_linears(lambda w, bias: StackedRandLoRALinear(w, bias, rank, scales, a, b), targets)
 
     def keep_runs(self, rows: torch.Tensor) -> dict[nn.Parameter, nn.Parameter]:
         swap = {}
-        for lin in self.linears:
-            swap.update(lin.keep_runs(rows))
+        for _, m in self._stacked():
+            swap.update(m.keep_runs(rows))
         return swap
 
     @torch.no_grad()
@@ -304,15 +379,14 @@ class StackedModel(nn.Module):
             setattr(self.get_submodule(module), attr, state[name].clone())
 
     def run_state(self, i: int) -> dict[str, torch.Tensor]:
-        """Run i as a state dict of the plain model (MLP, with LoRALinear layers if adapted)."""
+        """Run i as a state dict of the plain model (with LoRALinear / RandLoRALinear layers if adapted)."""
         state = {}
-        for j, m in enumerate(self.net):
-            if isinstance(m, StackedLinear):
-                state.update(m.run_state(i, f"net.{j}."))
+        for name, m in self._stacked():
+            state.update(m.run_state(i, name + "."))
         return state
 
     def trainable_count(self, i: int) -> int:
-        return sum(lin.trainable_count(i) for lin in self.linears)
+        return sum(m.trainable_count(i) for _, m in self._stacked())
 
 
 @torch.no_grad()
@@ -320,7 +394,7 @@ def evaluate_stack(model: StackedModel, split: Split) -> tuple[torch.Tensor, tor
     """(mean cross-entropy, accuracy) of every run on ``split``, each an (R,) tensor, in eval mode."""
     was_training = model.training
     model.eval()
-    logits = model(split.x)  # (R, N, C)
+    logits = logits_of(model, split.x)  # (R, N, C)
     y = split.y.expand(logits.shape[0], -1)
     loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
     acc = (logits.argmax(2) == y).float().mean(1)  # float32, as train.evaluate computes it

@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, ConfigError, settings_hash, stable_hash
-from data import Split, load_tasks
-from build import build_run
+from data import DIGITS, Split, load_tasks
+from build import build_run, config_model
 from lora import lora_scale
 from methods import get_method
-from models import build_model, count_trainable, set_generator
+from models import count_trainable, meta_model, model_settings, set_generator, target_linears
 from results import DIVERGED, atomic_path, code_fingerprint
 from runner import Study, record_results, recorded_runs, resolve_device, run_study
 from stack import evaluate_stack, train_stack
@@ -79,7 +79,7 @@ class Sweep:
         cfg, dev = self.cfg, self.device.type
         key = run_hash(cfg, dev, "base", None, None, cfg.base_seed)
         ckpt = self.results_dir / "checkpoints" / f"base_{key}.pt"
-        model = build_model(cfg.hidden, cfg.dropout, None, self.device)
+        model = config_model(cfg, None, self.device)
         record, problem = load_checkpoint(ckpt, model, self.tasks["A"].val) if ckpt.exists() else (None, None)
         if record is not None:
             tqdm.write(f"base model: loaded {ckpt} (checksum, finite weights and validation loss verified)")
@@ -87,7 +87,7 @@ class Sweep:
             if problem:
                 tqdm.write(f"base model: checkpoint {ckpt} {problem}; not used, training the base model again")
             g = torch.Generator(device=self.device).manual_seed(cfg.base_seed)
-            model = build_model(cfg.hidden, cfg.dropout, g, self.device)
+            model = config_model(cfg, g, self.device)
             set_generator(model, g)
             bar = _epoch_bar(cfg, "base model (digits 0-4)")
             with bar:
@@ -170,7 +170,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.tasks = tasks if tasks is not None else load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed,
                                                                 self.device)
-        self.base = build_model(cfg.hidden, cfg.dropout, None, self.device)
+        self.base = config_model(cfg, None, self.device)
         self.base.load_state_dict(base_state)
         self.show_epochs = show_epochs
 
@@ -189,7 +189,8 @@ class Trainer:
         scales = [None if r is None else lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks]
         steps = cfg.max_epochs * math.ceil(len(self.tasks["B"].train) / cfg.batch_size)
         run = build_run(self.base, specs[0]["method"], specs[0]["sketch"], ranks, gens, scales,
-                        random_init=cfg.random_init, stacked=stacked, lr=cfg.lr, total_steps=steps,
+                        random_init=cfg.random_init, stacked=stacked, targets=cfg.targets(), lr=cfg.lr,
+                        total_steps=steps,
                         merge_every=cfg.merge_every, loraplus_ratio=cfg.loraplus_ratio,
                         relora_every=cfg.relora_every, relora_warmup=cfg.relora_warmup,
                         reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
@@ -292,8 +293,9 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     sweep = Sweep(cfg, commit)
     tqdm.write(f"device: {sweep.device}; task B: {len(sweep.tasks['B'].train)} train / "
                f"{len(sweep.tasks['B'].val)} val / {len(sweep.tasks['B'].test)} test images")
-    dims = [784, *cfg.hidden, 5]
-    narrowest = min(zip(dims[:-1], dims[1:]), key=lambda io: min(io))
+    shapes = [(m.in_features, m.out_features) for _, m in
+              target_linears(meta_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes), cfg.targets())]
+    narrowest = min(shapes, key=lambda io: min(io))
     low_rank = any(get_method(m).adapter == "lora" for m in cfg.selected_methods())  # RandLoRA is full rank
     if low_rank and max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
         tqdm.write(LAYER_DIMS_NOTE.format(r=max(cfg.ranks), m=min(narrowest), i=narrowest[0], o=narrowest[1]))

@@ -32,12 +32,20 @@ class Record:
 
 
 
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) in passes of ``model.eval_batch`` examples (None: one pass); examples on dimension -2."""
+    size = getattr(model, "eval_batch", None)
+    if size is None or x.shape[0] <= size:
+        return model(x)
+    return torch.cat([model(x[i:i + size]) for i in range(0, x.shape[0], size)], dim=-2)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
     """(mean cross-entropy, accuracy in [0, 1]) of ``model`` on ``split``, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
-    logits = model(split.x)
+    logits = logits_of(model, split.x)
     loss = F.cross_entropy(logits, split.y).item()
     acc = (logits.argmax(1) == split.y).float().mean().item()
     model.train(was_training)

@@ -17,9 +17,8 @@ import torch  # noqa: E402
 
 from config import Config  # noqa: E402
 from data import load_tasks  # noqa: E402
-from build import build_run  # noqa: E402
+from build import build_run, config_model  # noqa: E402
 from lora import lora_scale  # noqa: E402
-from models import build_model  # noqa: E402
 from runner import resolve_device  # noqa: E402
 from train import train  # noqa: E402
 
@@ -39,7 +38,7 @@ def main() -> None:
                        cfg.val_size, cfg.split_seed, device)
     load_s = time.perf_counter() - t0
     g = torch.Generator(device=device).manual_seed(0)
-    run = build_run(build_model(cfg.hidden, cfg.dropout, g, device), "rac_lora", "left", [1], [g],
+    run = build_run(config_model(cfg, g, device), "rac_lora", "left", [1], [g],
                     [lora_scale(cfg.scaling, cfg.lora_alpha, 1)], random_init=cfg.random_init, lr=cfg.lr,
                     total_steps=1)
     kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, patience=10 ** 6,

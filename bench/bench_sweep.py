@@ -1,7 +1,8 @@
 """How fast the stacked sweep engine is: against a conventional DataLoader pipeline, per stack size,
 against the hardware's matrix-product speed, for the whole Table 3, and in memory.
 
-    python bench/bench_sweep.py [--device auto] [--epochs 3] [--skip-table3] [--quick]
+    python bench/bench_sweep.py [--model mlp|vit] [--device auto] [--epochs 3] [--stacks 1 4 16 64]
+                                [--skip-table3] [--quick]
 
 Prints figures; asserts nothing. Sections:
   1. seconds per task-B epoch (rank 1, rac_lora, left): the conventional pipeline (torchvision MNIST,
@@ -13,7 +14,7 @@ Prints figures; asserts nothing. Sections:
   3. achieved GFLOP/s of a training epoch (matrix products counted by recording them) against the
      GFLOP/s of the same matrix products, same shapes and layouts, replayed back to back;
   4. peak memory of a 64-run stack training (a fresh process; RSS on CPU, CUDA allocator peak on GPU);
-  5. wall time of the full Table 3 (every method and sketch at rank 1 plus FPFT, 3 seeds, 50 epochs
+  5. (MLP only) wall time of the full Table 3 (every method and sketch at rank 1 plus FPFT, 3 seeds, 50 epochs
      with early stopping) through `python main.py`, with a fresh results folder.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,19 +39,19 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from config import Config  # noqa: E402
 from data import MEAN, STD, load_tasks  # noqa: E402
-from build import build_run  # noqa: E402
+from build import build_run, config_model  # noqa: E402
 from lora import lora_scale  # noqa: E402
-from models import build_model  # noqa: E402
 from stack import train_stack  # noqa: E402
 from runner import cpu_count, resolve_device  # noqa: E402
 from train import train  # noqa: E402
 
-CFG = Config(method="rac_lora", sketch="left", ranks=[1])
+# the benchmarked model: --model sets BENCH_MODEL before any worker or child process starts, so they see it too
+CFG = Config(method="rac_lora", sketch="left", ranks=[1], model=os.environ.get("BENCH_MODEL", "mlp"))
 DATA = ROOT / "data"
 
 
 def base_model(device):
-    return build_model(CFG.hidden, CFG.dropout, torch.Generator(device=device).manual_seed(0), device)
+    return config_model(CFG, torch.Generator(device=device).manual_seed(0), device)
 
 
 def _seconds_per_epoch(train_epochs, device, epochs: int, warmup=None) -> float:
@@ -258,6 +260,7 @@ def _sync(device) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--model", default=CFG.model, choices=["mlp", "vit"], help="the model of models.py to time")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (after a warm-up epoch)")
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 4, 16, 64], help="stack sizes R for section 2")
     p.add_argument("--skip-table3", action="store_true", help="leave out section 5 (a few minutes)")
@@ -266,8 +269,11 @@ def main() -> None:
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child[0], int(args.memory_child[1]))
+    global CFG
+    os.environ["BENCH_MODEL"] = args.model
+    CFG = Config(method="rac_lora", sketch="left", ranks=[1], model=args.model)
     device = resolve_device(args.device)
-    print(f"machine: {cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"model: {CFG.model}; machine: {cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""), flush=True)
     tasks = load_tasks(DATA, CFG.val_size, CFG.split_seed, device)
     n = len(tasks["B"].train)
@@ -322,7 +328,7 @@ def main() -> None:
         line += f"; CUDA peak allocated {mem['cuda_peak_mib']:.0f} MiB (data alone {mem['cuda_data_mib']:.0f} MiB)"
     print(line, flush=True)
 
-    if not args.skip_table3:
+    if not args.skip_table3 and CFG.model == "mlp":
         print("\n5. full Table 3: python main.py --method all --sketch both --ranks 1 --seeds 0 1 2 (fresh results)")
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, str(ROOT / "main.py"), "--method", "all", "--sketch", "both", "--ranks", "1",

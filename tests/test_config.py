@@ -62,7 +62,7 @@ def test_overrides_parse_types_and_lists():
 ])
 def test_bad_values_are_rejected_with_what_is_allowed(argv, needle):
     with pytest.raises(ConfigError) as e:
-        from_argv(argv)
+        from_argv(argv).check_setup()
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -148,3 +148,30 @@ def test_the_committed_results_keep_their_hashes():
             assert got == r["config_hash"], (path, r["config_hash"])
             checked += 1
     assert checked > 100
+
+
+def test_the_table2_preset_sets_the_papers_protocol_and_yields_to_explicit_flags():
+    from config import PRESETS
+
+    c = from_argv(["--preset", "table2", "--method", "cola"])
+    assert (c.merge_every, c.max_epochs, c.patience) == (10, 100, 100)  # 10 chains x 10 epochs, no early stop
+    lora = from_argv(["--preset", "table2", "--method", "lora"])
+    assert lora.max_epochs == c.max_epochs == 10 * c.merge_every  # LoRA: the same epochs in one piece
+    shorter = from_argv(["--preset", "table2", "--max_epochs", "20", "--merge_every", "2"])
+    assert (shorter.merge_every, shorter.max_epochs, shorter.patience) == (2, 20, 100)
+    # a preset only sets fields: the same fields given by hand make the same runs (the same hashes)
+    by_hand = from_argv(["--method", "cola", *[a for k, v in PRESETS["table2"].items() for a in (f"--{k}", str(v))]])
+    assert settings_hash(c, "cpu", "adapter", "cola") == settings_hash(by_hand, "cpu", "adapter", "cola")
+    with pytest.raises(ConfigError, match="unknown preset 'glue'; allowed: none, table2"):
+        from_argv(["--preset", "glue"])
+
+
+def test_model_fields_enter_only_their_models_hash():
+    mlp, vit = Config(), Config(model="vit")
+    assert settings_hash(mlp, "cpu") == settings_hash(Config(vit_dim=64), "cpu")  # the MLP ignores vit_*
+    assert settings_hash(vit, "cpu") == settings_hash(Config(model="vit", hidden=[8]), "cpu")  # the ViT ignores hidden
+    assert settings_hash(vit, "cpu") != settings_hash(Config(model="vit", vit_dim=64), "cpu")
+    assert settings_hash(vit, "cpu") != settings_hash(mlp, "cpu")
+    attention = Config(model="vit", target_modules=["attention"])
+    assert settings_hash(attention, "cpu") != settings_hash(vit, "cpu")
+    assert settings_hash(attention, "cpu", "fpft") == settings_hash(vit, "cpu", "fpft")  # FPFT has no adapters

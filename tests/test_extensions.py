@@ -10,7 +10,8 @@ from config import Config, settings_hash
 from data import Split, Task
 from lora import wrap_linears
 from methods import METHODS
-from models import build_model, set_generator
+from conftest import mlp
+from models import set_generator
 from train import train
 
 
@@ -22,7 +23,7 @@ def small_task(n=256):
 
 def adapted(method, rank=2, sketch="right", seed=0):
     g = torch.Generator().manual_seed(seed)
-    model = build_model([64, 64], 0.1, g, "cpu")
+    model = mlp([64, 64], 0.1, g, "cpu")
     set_generator(model, g)
     return model, wrap_linears(model, rank, 1.0, sketch, "kaiming", g), g
 
@@ -41,7 +42,7 @@ def test_loraplus_groups_match_peft(method):
     mine = {(name, tuple(p.shape)): g["lr"] for g in ours.param_groups for p in g["params"]
             for name, q in model.named_parameters() if q is p}
 
-    plain = build_model([64, 64], 0.1, torch.Generator().manual_seed(0), "cpu")
+    plain = mlp([64, 64], 0.1, torch.Generator().manual_seed(0), "cpu")
     cfg = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["net.0", "net.3", "net.6"], bias="none")
     pm = peft.get_peft_model(copy.deepcopy(plain), cfg)
     theirs_opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
@@ -103,7 +104,7 @@ def test_relora_resets_adamw_and_rewarms_the_learning_rate():
 
 def test_relora_merges_keep_the_function_and_only_it_merges_by_steps():
     g = torch.Generator().manual_seed(0)
-    model = build_model([64, 64], 0.1, g, "cpu").double()
+    model = mlp([64, 64], 0.1, g, "cpu").double()
     adapters = wrap_linears(model, 2, 1.0, "left", "kaiming", g)
     x = torch.randn(8, 784, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
@@ -131,7 +132,7 @@ def randlora_model(rank, seed=0, dtype=torch.float64):
     from randlora import wrap_randlora
 
     g = torch.Generator().manual_seed(seed)
-    model = build_model([64, 64], 0.0, g, "cpu").to(dtype).eval()
+    model = mlp([64, 64], 0.0, g, "cpu").to(dtype).eval()
     return model, wrap_randlora(model, rank, 0.7, torch.Generator().manual_seed(seed + 1))
 
 
@@ -162,7 +163,7 @@ def test_randlora_forward_matches_peft(rank):
     """PEFT's RandLoRA fed the same shared bases, lambdas and gammas computes the same function."""
     peft = pytest.importorskip("peft")
     model, adapters = randlora_model(rank)
-    plain = build_model([64, 64], 0.0, torch.Generator().manual_seed(0), "cpu").double().eval()
+    plain = mlp([64, 64], 0.0, torch.Generator().manual_seed(0), "cpu").double().eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for ad in adapters:

@@ -174,18 +174,18 @@ def test_plots_only_survives_a_spreadsheet_save_and_a_nan_row(small_sweep, tmp_p
 # --- 2. checkpoints prove themselves -------------------------------------------------------------------
 def _checkpoint(tmp_path):
     from data import Split
-    from models import build_model
+    from conftest import mlp
     from sweep import save_checkpoint
     from train import Record, evaluate
 
     g = torch.Generator().manual_seed(0)
-    model = build_model([16], 0.0, g, "cpu")
+    model = mlp([16], 0.0, g, "cpu")
     val = Split(torch.randn(40, 784, generator=g), torch.randint(0, 5, (40,), generator=g))
     record = Record(best_val_loss=evaluate(model, val)[0], best_epoch=1, epochs=1)
     path = tmp_path / "base.pt"
     from config import Config
     save_checkpoint(path, model, record, Config(hidden=[16]))
-    return path, val, lambda: build_model([16], 0.0, None, "cpu")
+    return path, val, lambda: mlp([16], 0.0, None, "cpu")
 
 
 def _damage(path, kind):
@@ -261,11 +261,12 @@ def test_stacked_divergence_leaves_the_other_runs_as_they_are_alone():
     and alone, and runs 0 and 2 equal their runs alone in float64."""
     from stack import StackedModel, train_stack
     from tests.test_stack import DT, KW, noisy_task, plain_copy
-    from models import build_model, set_generator
+    from conftest import mlp
+    from models import set_generator
     from train import train
 
     task = noisy_task()
-    base = build_model([64, 64], 0.1, torch.Generator().manual_seed(11), "cpu").to(DT)
+    base = mlp([64, 64], 0.1, torch.Generator().manual_seed(11), "cpu").to(DT)
     seeds, poisoned = [3, 4, 5], 4
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     model = StackedModel(base, len(seeds))

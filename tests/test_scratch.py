@@ -32,7 +32,7 @@ def _train(form: str, seeds: list[int], task: Task, epochs: int = 3):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     torch.set_default_dtype(torch.float64)
     try:
-        model = build(form, [12, 12], 3, gens, "cpu", lte_heads=2, n_in=20)
+        model = build(form, [12, 12], 3, gens, "cpu", lte_heads=2, n_in=20, n_out=10)
     finally:
         torch.set_default_dtype(torch.float32)
     lte = model.lte_layers()
@@ -85,9 +85,9 @@ def test_lowrank_forms_rank_init_and_count():
     assert ae.V.abs().max() <= 784 ** -0.5 < ae.U.abs().max() <= 8 ** -0.5  # nn.Linear defaults: 1/sqrt(fan_in)
     assert lr.trainable_count(0) == 8 * (784 + 512) + 512
     assert ae.trainable_count(0) == 8 * (784 + 512) + 8 + 512
-    model = build("lowrank", [512, 512], 4, gens, "cpu")
+    model = build("lowrank", [512, 512], 4, gens, "cpu", n_in=784, n_out=10)
     assert model.trainable_count(0) == sum(4 * (i + o) + o for i, o in ((784, 512), (512, 512), (512, 10)))
-    assert build("full", [512, 512], None, gens, "cpu").trainable_count(0) == 669_706
+    assert build("full", [512, 512], None, gens, "cpu", n_in=784, n_out=10).trainable_count(0) == 669_706
 
 
 def test_lte_merge_is_the_mean_of_the_heads_deltas():
@@ -195,7 +195,7 @@ def test_scratch_config_hashes_and_ranges():
                          (["--dataset", "cifar"], "unknown dataset"), (["--optimizer", "lion"], "allowed: sgd, adamw"),
                          (["--ranks", "513"], "from 1 to 512")):
         with pytest.raises(ConfigError, match=needle):
-            from_argv(argv, ScratchConfig, "scratch.py")
+            from_argv(argv, ScratchConfig, "scratch.py").check_setup()
 
 
 def _run_scratch(*args):

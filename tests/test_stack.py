@@ -7,7 +7,8 @@ import torch
 from data import Split, Task
 from build import build_run
 from methods import METHODS
-from models import build_model, count_trainable
+from conftest import mlp
+from models import count_trainable
 from stack import StackedModel, evaluate_stack, train_stack
 from train import evaluate, train
 
@@ -38,11 +39,11 @@ def task():
 
 @pytest.fixture(scope="module")
 def base():
-    return build_model([64, 64], 0.1, torch.Generator().manual_seed(11), "cpu").to(DT)
+    return mlp([64, 64], 0.1, torch.Generator().manual_seed(11), "cpu").to(DT)
 
 
 def plain_copy(base):
-    model = build_model([64, 64], 0.1, None, "cpu").to(DT)
+    model = mlp([64, 64], 0.1, None, "cpu").to(DT)
     model.load_state_dict(base.state_dict())
     return model
 

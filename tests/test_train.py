@@ -6,7 +6,8 @@ import copy
 import torch
 
 from data import Split, Task, batches
-from models import build_model, set_generator
+from conftest import mlp
+from models import set_generator
 from train import evaluate, train
 
 
@@ -19,7 +20,7 @@ def synthetic_task(seed=0, n=600):
 
 def fit(task, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
-    model = build_model([64, 64], 0.1, g, "cpu")
+    model = mlp([64, 64], 0.1, g, "cpu")
     set_generator(model, g)
     args = dict(lr=2e-4, weight_decay=0.01, batch_size=128, max_epochs=4, patience=10, generator=g)
     args.update(kw)
@@ -94,7 +95,7 @@ def test_batches_are_a_permutation_cut_in_slices():
 def test_eval_mode_is_deterministic_and_restores_training_flag():
     task = synthetic_task()
     g = torch.Generator().manual_seed(0)
-    model = build_model([64, 64], 0.5, g, "cpu")
+    model = mlp([64, 64], 0.5, g, "cpu")
     set_generator(model, g)
     model.train()
     a, b = evaluate(model, task.val), evaluate(copy.deepcopy(model), task.val)
@@ -107,7 +108,7 @@ def test_a_run_never_touches_the_global_rng():
 
     before = torch.random.get_rng_state()
     g = torch.Generator().manual_seed(0)
-    model = build_model([64, 64], 0.1, g, "cpu")
+    model = mlp([64, 64], 0.1, g, "cpu")
     set_generator(model, g)
     adapters = wrap_linears(model, 2, 1.0, "left", "kaiming", g)
     params = METHODS["rac_lora"].prepare(adapters)
