@@ -92,6 +92,32 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     return rows
 
 
+def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callable[[list[dict]], str],
+           draw: Callable[[list[dict], list[dict], str], list], prefix: str = "") -> None:
+    """The end of every study: the summary table, one line if the rows mix code versions, the figures, and
+    where the results are. The table shows ``study_rows`` (this invocation's runs; None with --plots-only:
+    every run recorded under the current settings); the figures show every run recorded under the current
+    settings (``wanted``: their settings hashes), so comparisons built up over several invocations appear
+    together. DataError when no recorded run was made with these settings."""
+    from data import DataError
+    from results import mixed_code_note, read_results
+
+    runs_csv = Path(cfg.results_dir) / f"{prefix}runs.csv"
+    runs, curves = read_results(cfg.results_dir, prefix)
+    plot_rows = [r for r in runs if r["settings_hash"] in wanted]
+    if not plot_rows:
+        raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
+                        f"or give --plots-only the same overrides the study was run with")
+    print()
+    print(summary(study_rows if study_rows is not None else plot_rows))
+    note = mixed_code_note(plot_rows)
+    if note:
+        print(note)
+    for path in draw(plot_rows, curves, cfg.plots_dir):
+        print(f"wrote {path}")
+    print(f"results in {runs_csv} and {Path(cfg.results_dir) / f'{prefix}curves.csv'}")
+
+
 def recorded_runs(cfg, prefix: str, fingerprint: str) -> dict[str, dict]:
     """{config_hash: row} of the runs that resume may skip: landed in <prefix>runs.csv and made by the
     code of ``fingerprint`` (any code with ``cfg.resume_any_code``); {} without ``cfg.resume``."""

@@ -199,28 +199,14 @@ def main(argv: list[str] | None = None) -> int:
 def study(cfg) -> None:
     """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
     from config import FORMS, scratch_settings_hash
-    from data import DataError
     from plots import draw_scratch
-    from results import git_commit, mixed_code_note, read_results
-    from runner import resolve_device
+    from results import git_commit
+    from runner import report, resolve_device
 
-    runs_csv, curves_csv = Path(cfg.results_dir) / f"{PREFIX}runs.csv", Path(cfg.results_dir) / f"{PREFIX}curves.csv"
     study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
     device = resolve_device(cfg.device).type
     wanted = {scratch_settings_hash(cfg, device, f) for f in FORMS}  # every form recorded under these settings
-    runs, curves = read_results(cfg.results_dir, PREFIX)
-    plot_rows = [r for r in runs if r["settings_hash"] in wanted]
-    if not plot_rows:
-        raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
-                        f"or give --plots-only the same overrides the study was run with")
-    print()
-    print(summary(study_rows if study_rows is not None else plot_rows))
-    note = mixed_code_note(plot_rows)
-    if note:
-        print(note)
-    for path in draw_scratch(plot_rows, curves, cfg.plots_dir):
-        print(f"wrote {path}")
-    print(f"results in {runs_csv} and {curves_csv}")
+    report(cfg, study_rows, wanted, summary, draw_scratch, PREFIX)
 
 
 if __name__ == "__main__":
