@@ -40,7 +40,7 @@ from torch import nn
 
 from lora import LoRALinear
 from methods import METHODS, Method
-from results import atomic_path, git_commit, write_rows
+from engine.results import atomic_path, git_commit, write_rows
 
 DTYPE = torch.float64  # theory work: tight tolerances
 SKETCH = "left"  # B random, A zero and trained: the paper's (Zero, Gaussian), lora.py's default
@@ -534,7 +534,7 @@ def prepare_outputs(args: argparse.Namespace) -> None:
     """Check (and create) the output folders before any compute, and delete the temporary files that a
     writer killed mid-write left there; config.ConfigError in one line if a folder will not do."""
     from config import ConfigError
-    from results import clean_stale_tmp, prepare_output_dir
+    from engine.results import clean_stale_tmp, prepare_output_dir
 
     for name in ("results_dir", "plots_dir"):
         try:
@@ -548,7 +548,7 @@ def prepare_outputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse, check the output folders, compute, write; the exit status. Ctrl-C: one line, 130;
     SIGTERM: one line, 143 (nothing is half-written: every file is written whole at the end)."""
-    from cli import Terminated
+    from engine.cli import Terminated
     from config import ConfigError
 
     parser = _parser()
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _on_sigterm(signum, frame):
-    from cli import Terminated
+    from engine.cli import Terminated
 
     raise Terminated()
 

@@ -238,7 +238,7 @@ def provide_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FAS
     """
     import shutil
 
-    from results import atomic_path
+    from engine.results import atomic_path
 
     raw = Path(data_dir) / "FashionMNIST" / "raw"
     for name in FASHION_FILES:

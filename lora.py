@@ -60,7 +60,7 @@ ROLES = {  # sketch -> (factor that starts at zero, factor that is drawn at rand
 
 class FactorRoles:
     """``zero_factor`` / ``random_factor`` from the ``zero_name`` / ``random_name`` a sketch sets
-    (see ROLES); shared by LoRALinear and the stacked layer of stack.py."""
+    (see ROLES); shared by LoRALinear and the stacked layer of engine/stack.py."""
     zero_name: str
     random_name: str
 

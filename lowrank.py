@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stack import StackedLinear, StackedModel, _replace_parameters, _Stacked
+from engine.stack import StackedLinear, StackedModel, _replace_parameters, _Stacked
 
 
 def _uniform(shape, bound: float, g: torch.Generator, device) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cli import run_command
+    from engine.cli import run_command
     from config import from_argv
 
     return run_command(lambda: from_argv(argv), run, lambda cfg: Path(cfg.results_dir) / "runs.csv")
@@ -21,8 +21,8 @@ def run(cfg) -> None:
     """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
     from config import METHODS, settings_hash
     from plots import draw_all
-    from results import git_commit, summary_table
-    from runner import report, resolve_device
+    from engine.results import git_commit, summary_table
+    from engine.runner import report, resolve_device
     from sweep import run_sweep
 
     sweep_rows = None if cfg.plots_only else run_sweep(cfg, git_commit())

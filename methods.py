@@ -11,7 +11,7 @@ A strategy says three things, and the adapter layer never asks which method it i
   optimizer steps instead of epochs with the optimizer state reset and a re-warming learning-rate
   schedule (``step_merges``, ReLoRA).
 
-Both engines (train.py one run at a time, stack.py many at once) drive the same strategy, through
+Both engines (train.py one run at a time, engine/stack.py many at once) drive the same strategy, through
 ``optimizer_groups``, ``end_of_epoch``, ``after_step`` and ``lr_lambda``.
 To add a variant, add one entry to METHODS: it is the one list of method names (config.py reads it).
 Importing this module imports no torch (the types below are only annotations), so that the command

@@ -3,7 +3,7 @@ small pre-norm Vision Transformer.
 
 Every model takes flattened images, (..., N, features) with the task's ``shape`` (H, W), and returns
 (..., N, classes) logits. Each is written so that a leading run dimension passes through it untouched:
-the stacked engine (stack.py) swaps its layers for stacked ones of the same names and trains R runs at
+the stacked engine (engine/stack.py) swaps its layers for stacked ones of the same names and trains R runs at
 once. Every random draw (initial weights, dropout masks) comes from a generator the caller gives.
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from methods import METHODS, display_order  # noqa: E402
-from results import atomic_path, group, mean_std, split_diverged  # noqa: E402
+from engine.results import atomic_path, group, mean_std, split_diverged  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
 SKETCH_STYLE = {"left": "-", "right": "--"}

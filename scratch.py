@@ -24,7 +24,7 @@ CURVE_COLUMNS = ["config_hash", "form", "rank", "seed", "dataset", "optimizer", 
                  "val_acc", "test_acc", "merged"]
 PREFIX = "scratch_"  # results/scratch_runs.csv, results/scratch_curves.csv
 # The modules whose source determines this study's numbers (results.code_fingerprint)
-CODE = ["data", "models", "lora", "randlora", "train", "stack", "lowrank", "galore", "scratch"]
+CODE = ["data", "models", "lora", "randlora", "train", "engine.stack", "lowrank", "galore", "scratch"]
 
 
 def plan(cfg) -> list[dict]:
@@ -55,7 +55,7 @@ class ScratchTrainer:
 
     def __init__(self, cfg, commit: str, task=None, show_epochs: bool = True):
         from data import load_ten_classes
-        from runner import resolve_device
+        from engine.runner import resolve_device
 
         self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
         self.device = resolve_device(cfg.device)
@@ -69,7 +69,7 @@ class ScratchTrainer:
 
         from galore import GaLoreAdamW, state_numel
         from lowrank import build
-        from stack import train_stack
+        from engine.stack import train_stack
 
         cfg = self.cfg
         form, rank = specs[0]["form"], specs[0]["rank"]
@@ -115,7 +115,7 @@ class ScratchTrainer:
 
     def rows(self, spec: dict, record, trainable: int, state: int) -> tuple[dict, list[dict]]:
         from config import scratch_settings_hash
-        from results import DIVERGED
+        from engine.results import DIVERGED
 
         cfg, dev = self.cfg, self.device.type
         form, rank, seed = spec["form"], spec["rank"], spec["seed"]
@@ -149,7 +149,7 @@ def run_study(cfg, commit: str) -> list[dict]:
     """Train every run of the plan not yet recorded (runner.run_study); return this study's scratch_runs.csv rows."""
     from tqdm.auto import tqdm
 
-    from runner import Study, run_study as run
+    from engine.runner import Study, run_study as run
 
     t0 = time.perf_counter()
     trainer = ScratchTrainer(cfg, commit, show_epochs=True)
@@ -168,7 +168,7 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 def summary(rows: list[dict]) -> str:
     """Final test accuracy (last epoch), mean ± std over seeds, one line per form and rank."""
-    from results import format_table, group, mean_std, pct, seeds_cell, split_diverged
+    from engine.results import format_table, group, mean_std, pct, seeds_cell, split_diverged
 
     header = ["form", "optimizer", "rank", "trainable", "optimizer state", "seeds", "final test acc %",
               "best-val test acc %", "s/run"]
@@ -186,7 +186,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cli import run_command
+    from engine.cli import run_command
     from config import ScratchConfig, from_argv
 
     def parse():
@@ -200,8 +200,8 @@ def study(cfg) -> None:
     """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
     from config import FORMS, scratch_settings_hash
     from plots import draw_scratch
-    from results import git_commit
-    from runner import report, resolve_device
+    from engine.results import git_commit
+    from engine.runner import report, resolve_device
 
     study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
     device = resolve_device(cfg.device).type

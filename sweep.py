@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from config import Config, ConfigError, settings_hash, stable_hash
 from data import DIGITS, Split, load_tasks
-from build import build_run, config_model
+from engine.build import build_run, config_model
 from lora import lora_scale
 from methods import get_method
 from models import count_trainable, meta_model, model_settings, set_generator, target_linears
-from results import DIVERGED, atomic_path, code_fingerprint
-from runner import Study, record_results, recorded_runs, resolve_device, run_study
-from stack import evaluate_stack, train_stack
+from engine.results import DIVERGED, atomic_path, code_fingerprint
+from engine.runner import Study, record_results, recorded_runs, resolve_device, run_study
+from engine.stack import evaluate_stack, train_stack
 from train import Record, evaluate, train
 
 
@@ -35,7 +35,7 @@ class CheckpointError(RuntimeError):
 
 # The modules whose source determines this study's numbers: data, model, adapters, methods, engines and
 # this file (the runs' rows). A change to any of them changes every row's code_fingerprint.
-CODE = ["data", "models", "lora", "randlora", "methods", "train", "stack", "sweep"]
+CODE = ["data", "models", "lora", "randlora", "methods", "train", "engine.build", "engine.stack", "sweep"]
 
 LAYER_DIMS_NOTE = "note: rank {r} exceeds min(in, out) = {m} of the {i}->{o} layer; its update there has rank at most {m}"
 
@@ -182,7 +182,7 @@ class Trainer:
         return self._stacked(specs)
 
     def _build(self, specs: list[dict], stacked: bool):
-        """build.build_run for these runs, with the config's scaling, initialiser and method settings."""
+        """engine.build.build_run for these runs, with the config's scaling, initialiser and method settings."""
         cfg = self.cfg
         gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
         ranks = [s["rank"] for s in specs]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Split, Task, batches
-from results import DIVERGED
+from engine.results import DIVERGED
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from config import METHODS
-from results import RUN_COLUMNS, read_rows, write_rows
+from engine.results import RUN_COLUMNS, read_rows, write_rows
 from tests.conftest import ROOT
 from tests.test_data import NO_NETWORK, _copy_raw
 

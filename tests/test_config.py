@@ -132,7 +132,7 @@ def test_the_committed_results_keep_their_hashes():
 
     import scratch
     from config import ScratchConfig
-    from results import read_rows
+    from engine.results import read_rows
     from sweep import run_hash
     from tests.conftest import ROOT
 

@@ -144,7 +144,7 @@ def test_sigterm_stops_workers_and_says_so_in_one_line(shared, tmp_path):
 # started by an intermediate process that the test then kills.
 _CHILD = textwrap.dedent("""
     import os, sys, time
-    import runner
+    import engine.runner as runner
     how = runner._die_with_parent(int(sys.argv[1]), use_prctl=sys.argv[2] == "prctl")
     os.write(1, f"{how}\\n".encode())  # one write: the two children share the pipe
     time.sleep(120)
@@ -183,7 +183,7 @@ def test_worker_whose_parent_already_died_exits_at_once():
 
 _KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
-    from results import atomic_path
+    from engine.results import atomic_path
     with atomic_path(sys.argv[1]) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"half a figure")

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from results import (RUN_COLUMNS, landed_runs, read_results, read_rows, read_runs, summary_table, upsert_runs,
+from engine.results import (RUN_COLUMNS, landed_runs, read_results, read_rows, read_runs, summary_table, upsert_runs,
                      write_rows)
 from tests.conftest import ROOT
 
@@ -85,7 +85,7 @@ def test_readers_see_a_run_with_all_its_curves_or_not_at_all(tmp_path):
 
 
 def test_a_writer_killed_between_the_two_files_leaves_no_half_run(tmp_path, monkeypatch):
-    import results
+    import engine.results as results
 
     row, curve = fake_run(0, 0)
     upsert_runs(tmp_path, [row], curve)
@@ -259,7 +259,7 @@ def test_a_diverging_run_stops_at_once_and_says_so():
 def test_stacked_divergence_leaves_the_other_runs_as_they_are_alone():
     """A nan put into run 1's weights at step 7: run 1 is recorded as diverged at step 8, in the stack
     and alone, and runs 0 and 2 equal their runs alone in float64."""
-    from stack import StackedModel, train_stack
+    from engine.stack import StackedModel, train_stack
     from tests.test_stack import DT, KW, noisy_task, plain_copy
     from conftest import mlp
     from models import set_generator
@@ -355,7 +355,7 @@ def test_non_finite_values_never_train():
 
 
 def test_rows_record_their_code_and_a_mix_is_said_in_one_line(small_sweep, tmp_path):
-    from results import code_fingerprint
+    from engine.results import code_fingerprint
     from sweep import CODE
 
     out, args = small_sweep

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from results import read_results, read_rows, write_rows
-from runner import Study, run_study
+from engine.results import read_results, read_rows, write_rows
+from engine.runner import Study, run_study
 
 COLUMNS = ["name", "seed", "test_acc", "trained_by", "config_hash", "code_fingerprint"]  # test_acc: a float column of results.py
 CURVES = ["config_hash", "epoch", "test_acc"]
@@ -93,7 +93,7 @@ def test_a_run_recorded_with_a_nan_result_is_trained_again(tmp_path):
 
 
 def test_resume_skips_only_runs_of_the_same_code(tmp_path, capsys):
-    from results import code_fingerprint, mixed_code_note
+    from engine.results import code_fingerprint, mixed_code_note
 
     run_study(toy_study(PLAN), cfg(tmp_path), torch.device("cpu"))
     rows = read_rows(tmp_path / "toy_runs.csv")
@@ -109,13 +109,23 @@ def test_resume_skips_only_runs_of_the_same_code(tmp_path, capsys):
 
 
 def test_the_fingerprint_follows_the_source(tmp_path, monkeypatch):
-    from results import code_fingerprint
+    from engine.results import code_fingerprint
 
     (tmp_path / "toy_code_a.py").write_text("X = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    before = code_fingerprint(["toy_code_a", "runner"])
-    assert code_fingerprint(["toy_code_a", "runner"]) == before
+    before = code_fingerprint(["toy_code_a", "engine.runner"])
+    assert code_fingerprint(["toy_code_a", "engine.runner"]) == before
     (tmp_path / "toy_code_a.py").write_text("X = 2\n")
-    assert code_fingerprint(["toy_code_a", "runner"]) != before
+    assert code_fingerprint(["toy_code_a", "engine.runner"]) != before
     (tmp_path / "toy_code_a.py").write_text("X = 1\r\n")  # line endings alone do not count
-    assert code_fingerprint(["toy_code_a", "runner"]) == before
+    assert code_fingerprint(["toy_code_a", "engine.runner"]) == before
+
+
+def test_every_studys_code_list_names_real_modules():
+    """The fingerprinted modules exist (a renamed or moved module must be renamed here too)."""
+    from engine.results import code_fingerprint
+    import scratch
+    import sweep
+
+    for code in (sweep.CODE, scratch.CODE):
+        assert len(code_fingerprint(code)) == 12

@@ -14,8 +14,8 @@ from config import FORMS, ConfigError, ScratchConfig, from_argv, scratch_setting
 from data import FASHION_FILES, DataError, Split, Task, provide_fashion_mnist
 from galore import GaLoreAdamW, state_numel
 from lowrank import StackedFactorised, StackedLTE, build
-from results import read_rows
-from stack import train_stack
+from engine.results import read_rows
+from engine.stack import train_stack
 from tests.conftest import ROOT
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from data import Split, Task
-from build import build_run
+from engine.build import build_run
 from methods import METHODS
 from conftest import mlp
 from models import count_trainable
-from stack import StackedModel, evaluate_stack, train_stack
+from engine.stack import StackedModel, evaluate_stack, train_stack
 from train import evaluate, train
 
 DT = torch.float64  # float64, so that agreement can be asked to 1e-10 after several epochs

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from config import Config
-from runner import stacks as grouped
+from engine.runner import stacks as grouped
 from sweep import run_plan, stack_key
 
 

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from build import build_run
+from engine.build import build_run
 from data import DIGITS
 from lora import adapters_of, wrap_linears
 from methods import METHODS
 from models import TARGET_PRESETS, build_model, count_trainable, target_linears
-from stack import StackedModel, evaluate_stack, train_stack
+from engine.stack import StackedModel, evaluate_stack, train_stack
 from tests.test_stack import DT, noisy_task
 from train import evaluate, train
 

@@ -18,7 +18,7 @@ from methods import get_method
 from data import DIGITS
 from models import build_model, model_settings, set_generator
 from randlora import wrap_randlora
-from stack import StackedModel
+from engine.stack import StackedModel
 
 
 def config_model(cfg, generator: torch.Generator | None, device) -> nn.Module:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from config import ConfigError
-from results import code_fingerprint, read_runs, same_code, upsert_runs
+from engine.results import code_fingerprint, read_runs, same_code, upsert_runs
 
 
 @dataclass
@@ -100,7 +100,7 @@ def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callab
     settings (``wanted``: their settings hashes), so comparisons built up over several invocations appear
     together. DataError when no recorded run was made with these settings."""
     from data import DataError
-    from results import mixed_code_note, read_results
+    from engine.results import mixed_code_note, read_results
 
     runs_csv = Path(cfg.results_dir) / f"{prefix}runs.csv"
     runs, curves = read_results(cfg.results_dir, prefix)

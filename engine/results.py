@@ -241,7 +241,7 @@ def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows
 
 def code_fingerprint(modules: list[str]) -> str:
     """First 12 hex digits of the SHA-256 of the source files of ``modules`` (names as imported, e.g.
-    "stack"), in the given order: what identifies the code that determines a study's numbers."""
+    "engine.stack"), in the given order: what identifies the code that determines a study's numbers."""
     import importlib.util
 
     h = hashlib.sha256()

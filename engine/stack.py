@@ -31,7 +31,7 @@ from data import Split, Task
 from lora import ROLES, FactorRoles, _set_submodule, init_factor_
 from models import SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
-from results import DIVERGED
+from engine.results import DIVERGED
 from train import Record, logits_of
 
 

@@ -30,7 +30,7 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
         return fail(e)
 
     from data import DataError
-    from results import ResultsError
+    from engine.results import ResultsError
     from sweep import CheckpointError
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -50,7 +50,7 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
 def prepare_outputs(cfg) -> None:
     """Check (and create) the config's output folders before any compute, and delete the temporary files
     that a writer killed mid-write left there (results, checkpoints, figures)."""
-    from results import clean_stale_tmp, prepare_output_dir
+    from engine.results import clean_stale_tmp, prepare_output_dir
 
     for field in ("results_dir", "plots_dir"):
         if hasattr(cfg, field):
@@ -64,7 +64,7 @@ def check_memory(cfg) -> None:
     if getattr(cfg, "plots_only", False):
         return
     from config import check_fits
-    from runner import cpu_count, resolve_device
+    from engine.runner import cpu_count, resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
