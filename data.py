@@ -35,10 +35,12 @@ class TaskSpec:
         return self.shape[0] * self.shape[1]
 
 
-TRAIN_IMAGES = 60000  # MNIST's and Fashion-MNIST's training sets; their test sets hold 10000
+TRAIN_IMAGES = 60000  # MNIST's and Fashion-MNIST's training sets
+TEST_IMAGES = 10000  # and their test sets
 MIN_TRAIN_IMAGES = 10000  # val_size leaves at least this many training images (about 5000 per task)
-DIGITS = TaskSpec(shape=(28, 28), classes=5)  # tasks A (digits 0-4) and B (5-9 relabelled 0-4) of load_tasks
-TEN_CLASSES = TaskSpec(shape=(28, 28), classes=10)  # all of MNIST or Fashion-MNIST (scratch.py)
+IMAGE_SHAPE = (28, 28)  # MNIST's and Fashion-MNIST's images, height x width
+DIGITS = TaskSpec(shape=IMAGE_SHAPE, classes=5)  # tasks A (digits 0-4) and B (5-9 relabelled 0-4) of load_tasks
+TEN_CLASSES = TaskSpec(shape=IMAGE_SHAPE, classes=10)  # all of MNIST or Fashion-MNIST (scratch.py)
 
 
 def check_val_size(val_size: int) -> None:
@@ -82,8 +84,8 @@ def _parse_idx(data: bytes, name: str) -> torch.Tensor:
     as torchvision's read_image_file / read_label_file do; raises ValueError saying what is wrong.
     """
     images = "-images-" in name
-    n = 60000 if name.startswith("train") else 10000
-    dims = (n, 28, 28) if images else (n,)
+    n = TRAIN_IMAGES if name.startswith("train") else TEST_IMAGES
+    dims = (n, *IMAGE_SHAPE) if images else (n,)
     magic, head = (0x0803 if images else 0x0801), 4 * (1 + len(dims))
     if len(data) < head:
         raise ValueError(f"{len(data)} bytes, shorter than the {head}-byte header")

@@ -239,12 +239,11 @@ def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
     """(parameters, activation floats of one evaluation pass, image floats) of model ``name`` on the task
     ``spec`` (data.TaskSpec): the activations are the outputs of every layer, counted in a forward pass on
     the meta device (no memory, no compute) over the images the model evaluates at once (its eval_batch, or
-    a whole 10000-image test set), twice (the output and a temporary); the images are MNIST's 70000."""
-    from data import TRAIN_IMAGES
+    a whole test set), twice (the output and a temporary); the images are the training and test sets."""
+    from data import TEST_IMAGES, TRAIN_IMAGES
 
     model = meta_model(name, settings, spec.shape, spec.classes).eval()
-    test_images = 10000
-    batch = min(model.eval_batch or test_images, test_images)
+    batch = min(model.eval_batch or TEST_IMAGES, TEST_IMAGES)
     floats = [0]
 
     def count(module, args, out):
@@ -254,7 +253,7 @@ def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
     model(torch.empty(batch, spec.features, device="meta"))
     for h in hooks:
         h.remove()
-    return sum(p.numel() for p in model.parameters()), 2 * floats[0], (TRAIN_IMAGES + test_images) * spec.features
+    return sum(p.numel() for p in model.parameters()), 2 * floats[0], (TRAIN_IMAGES + TEST_IMAGES) * spec.features
 
 
 def check_model(cfg) -> None:
