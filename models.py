@@ -248,8 +248,11 @@ def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
 
     def count(module, args, out):
         floats[0] += out.numel()
+        if isinstance(module, Attention):  # its (N, heads, T, T) attention map, not an output of any layer
+            floats[0] += out.numel() // out.shape[-1] * module.heads * out.shape[-2]
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())
+             or isinstance(m, Attention)]
     model(torch.empty(batch, spec.features, device="meta"))
     for h in hooks:
         h.remove()

@@ -221,6 +221,7 @@ def test_main_runs_the_vit_end_to_end(tmp_path):
     (["--model", "vit", "--vit_heads", "3"], "vit_dim 32 is not a multiple of vit_heads 3"),
     (["--model", "vit", "--vit_patch", "5"], "vit_patch 5 does not divide the 28x28 images"),
     (["--model", "transformer"], "unknown model 'transformer'; allowed: mlp, vit"),
+    (["--model", "vit", "--vit_patch", "1"], "the vit needs about"),  # 785 tokens: attention maps of ~500 GiB
 ])
 def test_bad_model_settings_get_one_line(tmp_path, argv, needle):
     out = subprocess.run([sys.executable, "main.py", *argv, "--results_dir", str(tmp_path)], capture_output=True,
