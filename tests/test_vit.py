@@ -229,3 +229,15 @@ def test_bad_model_settings_get_one_line(tmp_path, argv, needle):
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
     assert not (tmp_path / "runs.csv").exists()
+
+
+def test_the_configs_model_and_preset_names_are_the_registrys():
+    """config.py names the models and target presets without importing torch; they must be models.py's."""
+    import config
+    import models
+
+    assert config.MODELS == tuple(models.MODELS)
+    assert config.TARGET_PRESETS == tuple(models.TARGET_PRESETS)
+    for name, (_, fields) in models.MODELS.items():  # every field a model reads is a Config field
+        assert set(fields) <= {f for f in config.Config.__dataclass_fields__}
+        assert all(config._MODEL_FIELDS.get(f, name) == name for f in fields if f != "dropout")
