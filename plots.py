@@ -38,10 +38,22 @@ def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike)
     runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    written = [rank_vs_accuracy(runs, plots_dir / "rank_vs_accuracy.png"),
-               accuracy_vs_epoch(runs, curves, plots_dir / "accuracy_vs_epoch.png"),
-               methods_rank1(runs, plots_dir / "methods_rank1.png")]
+    tag = model_tag(runs)
+    written = [rank_vs_accuracy(runs, plots_dir / "rank_vs_accuracy.png", tag),
+               accuracy_vs_epoch(runs, curves, plots_dir / "accuracy_vs_epoch.png", tag),
+               methods_rank1(runs, plots_dir / "methods_rank1.png", tag)]
     return [p for p in written if p is not None]
+
+
+def model_tag(runs: list[dict]) -> str:
+    """What the titles say about the model when it is not the paper's MLP: "ViT", "ViT, adapters on attention"."""
+    configs = [json.loads(r["config"]) for r in runs if r.get("config")]
+    models = sorted({c.get("model", "mlp") for c in configs})
+    targets = sorted({" ".join(c.get("target_modules", ["all"])) for c in configs if "target_modules" in c})
+    parts = [] if models in ([], ["mlp"]) else ["/".join("ViT" if m == "vit" else m for m in models)]
+    if targets and targets != ["all"]:
+        parts.append(f"adapters on {', '.join(targets)}")
+    return ", ".join(parts)
 
 
 def _method_order(item):
@@ -67,7 +79,11 @@ def _reference_lines(ax, runs):
                    label=f"base model on digits 0-4 (task A): {100 * base[0]:.1f}%")
 
 
-def rank_vs_accuracy(runs: list[dict], path: Path) -> Path | None:
+def _titled(tag: str, title: str) -> str:
+    return f"{tag}: {title}" if tag else title
+
+
+def rank_vs_accuracy(runs: list[dict], path: Path, tag: str = "") -> Path | None:
     rows = _adapter_rows(runs)
     if not rows:
         return None
@@ -85,13 +101,13 @@ def rank_vs_accuracy(runs: list[dict], path: Path) -> Path | None:
     ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
     ax.set_xlabel("adapter rank r")
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
-    ax.set_title("Accuracy on task B by rank (mean ± std over seeds)")
+    ax.set_title(_titled(tag, "Accuracy on task B by rank (mean ± std over seeds)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
-def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path | None:
+def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str = "") -> Path | None:
     rows = _adapter_rows(runs)
     if not rows:
         return None
@@ -122,7 +138,7 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path) -> Path 
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(ranks):]:
         ax.set_visible(False)
-    fig.suptitle("Test accuracy on task B per epoch (mean ± std over the seeds still running)")
+    fig.suptitle(_titled(tag, "Test accuracy on task B per epoch (mean ± std over the seeds still running)"))
     fig.tight_layout()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=min(len(labels), 5),
@@ -141,7 +157,7 @@ def _mean_curve(run_curves: list[list[dict]], key: str = "test_acc_b") -> tuple[
     return np.array(epochs), np.array(means), np.array(stds)
 
 
-def methods_rank1(runs: list[dict], path: Path) -> Path | None:
+def methods_rank1(runs: list[dict], path: Path, tag: str = "") -> Path | None:
     """The paper's Table 3 as bars: every method x sketch at rank 1, with FPFT."""
     rows = [r for r in _adapter_rows(runs) if r["rank"] == 1]
     if not rows:
@@ -162,7 +178,7 @@ def methods_rank1(runs: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("test accuracy on digits 5-9 (%)")
     ax.set_ylim(0, 105)
     n_seeds = sorted({len(v) for _, v, _ in bars})
-    ax.set_title(f"Rank 1, every method and sketch (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
+    ax.set_title(_titled(tag, f"Rank 1, every method and sketch (mean ± std over {'/'.join(map(str, n_seeds))} seeds)"))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

@@ -4,6 +4,7 @@ line runs it end to end."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -241,3 +242,14 @@ def test_the_configs_model_and_preset_names_are_the_registrys():
     for name, (_, fields) in models.MODELS.items():  # every field a model reads is a Config field
         assert set(fields) <= {f for f in config.Config.__dataclass_fields__}
         assert all(config._MODEL_FIELDS.get(f, name) == name for f in fields if f != "dropout")
+
+
+def test_figure_titles_name_the_model_and_the_target_set():
+    from plots import model_tag
+
+    def row(**cfg):
+        return {"config": json.dumps(cfg)}
+    assert model_tag([row(model="mlp", target_modules=["all"])]) == ""  # the paper's MLP: titles as before
+    assert model_tag([row(hidden=[64, 64])]) == ""  # rows recorded before the model field existed
+    assert model_tag([row(model="vit", target_modules=["all"])]) == "ViT"
+    assert model_tag([row(model="vit", target_modules=["attention"])]) == "ViT, adapters on attention"
