@@ -260,7 +260,7 @@ def _sync(device) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--model", default=CFG.model, choices=["mlp", "vit"], help="the model of models.py to time")
+    p.add_argument("--model", default="mlp", choices=["mlp", "vit"], help="the model of models.py to time")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (after a warm-up epoch)")
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 4, 16, 64], help="stack sizes R for section 2")
     p.add_argument("--skip-table3", action="store_true", help="leave out section 5 (a few minutes)")
