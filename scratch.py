@@ -152,6 +152,7 @@ def run_study(cfg, commit: str) -> list[dict]:
     from engine.runner import Study, run_study as run
 
     t0 = time.perf_counter()
+    cfg.check_setup()  # the command line has run it; a caller from Python gets the same checks
     trainer = ScratchTrainer(cfg, commit, show_epochs=True)
     dev = trainer.device.type
     t = trainer.task

@@ -290,6 +290,7 @@ def stack_key(spec: dict) -> tuple:
 def run_sweep(cfg: Config, commit: str) -> list[dict]:
     """Base model, then every run of the plan, in stacks (runner.run_study); returns this sweep's runs.csv rows."""
     t0 = time.perf_counter()
+    cfg.check_setup()  # the command line has run it; a caller from Python gets the same checks
     sweep = Sweep(cfg, commit)
     tqdm.write(f"device: {sweep.device}; task B: {len(sweep.tasks['B'].train)} train / "
                f"{len(sweep.tasks['B'].val)} val / {len(sweep.tasks['B'].test)} test images")

@@ -253,3 +253,13 @@ def test_figure_titles_name_the_model_and_the_target_set():
     assert model_tag([row(hidden=[64, 64])]) == ""  # rows recorded before the model field existed
     assert model_tag([row(model="vit", target_modules=["all"])]) == "ViT"
     assert model_tag([row(model="vit", target_modules=["attention"])]) == "ViT, adapters on attention"
+
+
+def test_run_sweep_from_python_checks_the_model_before_any_compute(tmp_path):
+    from config import Config, ConfigError
+    from sweep import run_sweep
+
+    cfg = Config(model="vit", ranks=[40], results_dir=str(tmp_path))  # the default ViT's layers are 32 wide at most
+    with pytest.raises(ConfigError, match="rank 40 is out of range"):
+        run_sweep(cfg, "test")
+    assert not any(tmp_path.iterdir())
