@@ -1,0 +1,131 @@
+"""The federated building blocks (issue 13): client partitions, the servers' aggregation rules (exact or not),
+and the communication each method costs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from config import ConfigError
+from fed.methods import FED_METHODS, aggregate_layer, aggregation_error, communication, get_fed_method
+from fed.partition import partition
+
+DT = torch.float64
+MLP_LAYERS = [(64, 784), (64, 64), (5, 64)]  # (out, in) of the suite's MLP
+
+
+def labels(n=3000, classes=5, seed=0):
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partitions_cover_every_image_once_and_follow_the_seed(scheme):
+    y = labels()
+    shards = partition(y, 10, scheme, 0.5, seed=3)
+    every = torch.cat(shards)
+    assert len(shards) == 10 and min(s.numel() for s in shards) > 0
+    assert torch.equal(every.sort().values, torch.arange(y.numel()))  # each index exactly once
+    again = partition(y, 10, scheme, 0.5, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(shards, again))
+    other = partition(y, 10, scheme, 0.5, seed=4)
+    assert any(not torch.equal(a, b) for a, b in zip(shards, other))
+    if scheme == "iid":
+        assert max(s.numel() for s in shards) - min(s.numel() for s in shards) <= 1
+
+
+def test_a_small_dirichlet_alpha_skews_the_labels():
+    y = labels()
+
+    def classes_held(alpha):  # per client, the classes that make up at least 5 % of its shard, on average
+        counts = [torch.bincount(y[s], minlength=5).double() for s in partition(y, 10, "dirichlet", alpha, seed=0)]
+        return sum(float((c / c.sum() >= 0.05).sum()) for c in counts) / len(counts)
+    assert classes_held(0.1) < 3.0 < 4.5 < classes_held(100.0)
+
+
+@pytest.mark.parametrize("clients,scheme,alpha,needle", [
+    (0, "iid", 0.5, "clients must be from 1 to the 3000 training images, got 0"),
+    (3001, "iid", 0.5, "clients must be from 1 to the 3000 training images, got 3001"),
+    (10, "dirichlet", 0.0, "dirichlet_alpha must be a finite number > 0, got 0.0"),
+    (10, "dirichlet", float("nan"), "dirichlet_alpha must be a finite number > 0"),
+    (10, "pathological", 0.5, "unknown partition 'pathological'; allowed: iid, dirichlet"),
+    (2000, "dirichlet", 1e-3, "leaves a client of 2000 without images"),
+])
+def test_partitions_that_cannot_be_made_get_one_line(clients, scheme, alpha, needle):
+    with pytest.raises(ConfigError) as e:
+        partition(labels(), clients, scheme, alpha, seed=0)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def client_states(method, sketch="left", k=4, out=6, inp=9, rank=2, seed=0):
+    """A round's start and k clients' states after "training" (random moves of what each client trains)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=DT)
+    m = FED_METHODS[method]
+    if m.trains == "all":
+        start = {"W": rnd(out, inp)}
+        return start, [{"W": start["W"] + rnd(out, inp)} for _ in range(k)]
+    if m.start == "fresh":  # each client: A random, B zero, then both trained
+        clients = []
+        for _ in range(k):
+            a0 = rnd(rank, inp)
+            clients.append({"A0": a0, "B0": torch.zeros(out, rank, dtype=DT), "A": a0 + rnd(rank, inp),
+                            "B": rnd(out, rank)})
+        return {}, clients
+    random = rnd(out, rank) if sketch == "left" else rnd(rank, inp)
+    zero_shape = (rank, inp) if sketch == "left" else (out, rank)
+    trained = torch.zeros(zero_shape, dtype=DT) if m.start == "redrawn" else rnd(*zero_shape)
+    if m.trains == "both":
+        start = {"A": rnd(rank, inp), "B": rnd(out, rank)}
+        return start, [{"A": start["A"] + rnd(rank, inp), "B": start["B"] + rnd(out, rank)} for _ in range(k)]
+    name_z, name_r = ("A", "B") if sketch == "left" else ("B", "A")
+    start = {name_z: trained, name_r: random}
+    return start, [{name_z: trained + rnd(*zero_shape), name_r: random} for _ in range(k)]
+
+
+@pytest.mark.parametrize("sketch", ["left", "right"])
+@pytest.mark.parametrize("method", ["fedavg", "ffa_lora", "flora", "fed_rac_lora"])
+def test_the_exact_methods_apply_the_mean_of_the_clients_updates(method, sketch):
+    start, clients = client_states(method, sketch)
+    weights = [120, 80, 300, 50]  # unequal shards
+    new, mean_update, applied = aggregate_layer(FED_METHODS[method], 0.7, start, clients, weights)
+    assert aggregation_error([mean_update], [applied]) < 1e-13
+    w = [x / sum(weights) for x in weights]
+    if method == "fedavg":
+        want = sum(wi * c["W"] for wi, c in zip(w, clients)) - start["W"]
+    else:
+        want = sum(wi * 0.7 * (c["B"] @ c["A"] - (c.get("B0", start.get("B")) @ c.get("A0", start.get("A"))))
+                   for wi, c in zip(w, clients))
+    torch.testing.assert_close(applied, want, rtol=0, atol=1e-12)
+    if method == "flora":  # the stacked factors: (out, K r) and (K r, in), their product the weighted sum
+        assert new["B"].shape == (6, 4 * 2) and new["A"].shape == (4 * 2, 9)
+        torch.testing.assert_close(0.7 * new["B"] @ new["A"], applied, rtol=0, atol=1e-12)
+
+
+def test_fedit_averaging_both_factors_is_not_the_mean_update():
+    start, clients = client_states("fedit")
+    _, mean_update, applied = aggregate_layer(FED_METHODS["fedit"], 1.0, start, clients, [1, 1, 1, 1])
+    gap = aggregation_error([mean_update], [applied])
+    assert gap > 0.05  # random moves of both factors: mean(B_i) mean(A_i) is far from mean(B_i A_i)
+    # one client, or clients that agree, leave no gap
+    _, m1, a1 = aggregate_layer(FED_METHODS["fedit"], 1.0, start, clients[:1], [1])
+    assert aggregation_error([m1], [a1]) < 1e-13
+
+
+@pytest.mark.parametrize("sketch", ["left", "right"])
+def test_communication_matches_the_formulas(sketch):
+    layers, r, k, every = MLP_LAYERS, 2, 10, 54_725
+    both = r * sum(o + i for o, i in layers)  # 2 * 1045
+    trained = r * sum(i if sketch == "left" else o for o, i in layers)  # A: r x in (left), B: out x r (right)
+    assert both == 2090 and trained == (1824 if sketch == "left" else 266)
+    assert communication(FED_METHODS["fedavg"], layers, None, None, k, every) == (every, every)
+    assert communication(FED_METHODS["fedit"], layers, r, None, k, every) == (both, both)
+    assert communication(FED_METHODS["flora"], layers, r, None, k, every) == (both, k * both)
+    assert communication(FED_METHODS["ffa_lora"], layers, r, sketch, k, every) == (trained, trained)
+    assert communication(FED_METHODS["fed_rac_lora"], layers, r, sketch, k, every) == (trained, trained + 1)
+
+
+def test_unknown_method_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown federated method 'fedprox'; allowed: fedavg, fedit, ffa_lora, "
+                                         "flora, fed_rac_lora"):
+        get_fed_method("fedprox")
