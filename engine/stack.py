@@ -42,15 +42,23 @@ class StackedDropout(nn.Module):
         super().__init__()
         self.p = p
         self.generators: list[torch.Generator] | None = None
+        # examples of each run's batch that are real (None: all): a run whose batch is shorter than the stack's
+        # (padded) draws masks for its own examples only, as it would alone
+        self.valid: list[int] | None = None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (R, N, f)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (R, N, ...)
         if not self.training or self.p == 0.0:
             return h
         if self.generators is None or len(self.generators) != h.shape[0]:
             raise RuntimeError("StackedDropout needs one generator per run: call set_generators(model, gens)")
-        u = torch.empty_like(h)
-        for row, g in zip(u, self.generators):  # each row: the draws torch.rand(row.shape, generator=g) makes
-            row.uniform_(generator=g)
+        if self.valid is None:
+            u = torch.empty_like(h)
+            for row, g in zip(u, self.generators):  # each row: the draws torch.rand(row.shape, generator=g) makes
+                row.uniform_(generator=g)
+        else:
+            u = torch.ones_like(h)  # padding is kept (it is masked out of the loss)
+            for row, g, n in zip(u, self.generators, self.valid):
+                row[:n].uniform_(generator=g)
         return h * (u >= self.p) / (1.0 - self.p)
 
     def extra_repr(self) -> str:
@@ -326,10 +334,11 @@ class StackedModel(nn.Module):
     def runs(self) -> int:
         return self.linears[0].runs
 
-    def set_generators(self, generators: list[torch.Generator]) -> None:
+    def set_generators(self, generators: list[torch.Generator], valid: list[int] | None = None) -> None:
+        """Each run's generator for its dropout masks, and (``valid``) how many examples of its batch are real."""
         for m in self.body.modules():
             if isinstance(m, StackedDropout):
-                m.generators = list(generators)
+                m.generators, m.valid = list(generators), (None if valid is None else list(valid))
 
     def _replace_linears(self, make, targets) -> list[StackedLinear]:
         """Freeze every parameter, swap each plain StackedLinear that ``targets`` selects (models.targeted),

@@ -129,3 +129,47 @@ def test_unknown_method_names_the_allowed_ones():
     with pytest.raises(ValueError, match="unknown federated method 'fedprox'; allowed: fedavg, fedit, ffa_lora, "
                                          "flora, fed_rac_lora"):
         get_fed_method("fedprox")
+
+
+# --- local training: the clients of a round as one stack equal each client alone -----------------------
+def _round_models(model_name, method, k, dt=DT):
+    from engine.build import build_run
+    from tests.test_vit import TINY
+
+    from conftest import mlp
+    from models import build_model
+    from data import DIGITS
+
+    g = torch.Generator().manual_seed(11)
+    base = (mlp([16, 16], 0.1, g) if model_name == "mlp"
+            else build_model("vit", TINY, DIGITS.shape, DIGITS.classes, g, "cpu")).to(dt)
+    ranks, scales = [2] * k, [0.5] * k
+    init = lambda: [torch.Generator().manual_seed(100 + c) for c in range(k)]  # noqa: E731 (factor draws)
+    stacked = build_run(base, method, "left", ranks, init(), scales, stacked=True, lr=1e-2, total_steps=1)
+    alone = [build_run(base, method, "left", [2], [g], [0.5], lr=1e-2, total_steps=1) for g in init()]
+    return stacked, alone
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "vit"])
+@pytest.mark.parametrize("method", ["fpft", "rac_lora", "lora"])
+def test_a_round_of_clients_stacked_equals_each_client_alone(model_name, method):
+    from fed.local import train_client, train_clients
+
+    k = 4
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(300, 784, generator=g, dtype=DT), torch.randint(0, 5, (300,), generator=g)
+    shards = partition(y, k, "dirichlet", 0.5, seed=1)  # unequal shards: clients take different step counts
+    assert len({s.numel() for s in shards}) == k
+    kw = dict(epochs=2, batch_size=32, lr=1e-2, weight_decay=0.01)
+    stacked, alone = _round_models(model_name, method, k)
+    gens = [torch.Generator().manual_seed(c) for c in range(k)]
+    states, losses = train_clients(stacked.model, stacked.params, x, y, shards, gens, **kw)
+    for c in range(k):
+        run = alone[c]
+        loss = train_client(run.model, run.params, x, y, shards[c], torch.Generator().manual_seed(c), **kw)
+        want = run.model.state_dict()
+        assert states[c].keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(states[c][name], want[name], rtol=0, atol=1e-10, msg=f"client {c} {name}")
+        assert losses[c] == pytest.approx(loss, abs=1e-10)
+    assert any(not torch.equal(states[0][n], states[1][n]) for n in states[0])  # the clients moved differently
