@@ -173,3 +173,62 @@ def test_a_round_of_clients_stacked_equals_each_client_alone(model_name, method)
             torch.testing.assert_close(states[c][name], want[name], rtol=0, atol=1e-10, msg=f"client {c} {name}")
         assert losses[c] == pytest.approx(loss, abs=1e-10)
     assert any(not torch.equal(states[0][n], states[1][n]) for n in states[0])  # the clients moved differently
+
+
+# --- rounds: the server's loop, stacked clients against clients alone -----------------------------------
+def _fed_setup(dt=DT, n=240, k=4):
+    from conftest import mlp
+    from data import Split, Task
+
+    g = torch.Generator().manual_seed(8)
+
+    def split(m):
+        xs = torch.randn(m, 784, generator=g, dtype=dt)
+        return Split(xs, torch.randint(0, 5, (m,), generator=g))
+    task, task_a = Task(split(n), split(60), split(80)), Task(split(10), split(10), split(50))
+    base = mlp([16, 16], 0.1, torch.Generator().manual_seed(2)).to(dt)
+    return base, task, task_a, partition(task.train.y, k, "dirichlet", 0.5, seed=0)
+
+
+def _settings(method, sketch="left", **kw):
+    from fed.simulate import FedSettings
+
+    lora = method != "fedavg"
+    return FedSettings(method=method, sketch=sketch if lora else None, rank=2 if lora else None,
+                       scale=0.5 if lora else None, seed=7, rounds=3, participation=0.75, local_epochs=1,
+                       batch_size=32, lr=1e-2, weight_decay=0.01, **kw)
+
+
+@pytest.mark.parametrize("method,sketch", [("fedavg", None), ("fedit", "left"), ("ffa_lora", "left"),
+                                           ("ffa_lora", "right"), ("flora", "left"), ("fed_rac_lora", "left"),
+                                           ("fed_rac_lora", "right")])
+def test_rounds_with_stacked_clients_equal_rounds_with_clients_alone(method, sketch):
+    from fed.simulate import run_federated
+
+    base, task, task_a, shards = _fed_setup()
+    s = _settings(method, sketch)
+    stacked = run_federated(base, task, task_a, shards, s, engine="stack")
+    alone = run_federated(base, task, task_a, shards, s, engine="plain")
+    assert [r["round"] for r in stacked] == [1, 2, 3] and all(r["participants"] == 3 for r in stacked)
+    for a, b in zip(stacked, alone, strict=True):
+        for key in ("train_loss", "test_acc_b", "test_acc_a", "aggregation_error"):
+            assert a[key] == pytest.approx(b[key], abs=1e-10), (method, a["round"], key)
+        assert (a["up_numbers"], a["down_numbers"]) == (b["up_numbers"], b["down_numbers"])
+    errors = [r["aggregation_error"] for r in stacked]
+    if method == "fedit":
+        assert min(errors) > 1e-3  # averaging both factors is inexact
+    else:
+        assert max(errors) < 1e-12
+
+
+def test_a_round_records_the_methods_communication():
+    from fed.simulate import run_federated
+
+    base, task, task_a, shards = _fed_setup()
+    layers = [(16, 784), (16, 16), (5, 16)]
+    trained_a = 2 * sum(i for _, i in layers)  # left sketch: A (r x in) trains
+    for method, want in (("fedavg", (sum(p.numel() for p in base.parameters()),) * 2),
+                         ("fed_rac_lora", (trained_a, trained_a + 1)),
+                         ("flora", (2 * sum(o + i for o, i in layers), 3 * 2 * sum(o + i for o, i in layers)))):
+        rec = run_federated(base, task, task_a, shards, _settings(method), engine="stack")[0]
+        assert (rec["up_numbers"], rec["down_numbers"]) == want, method

@@ -1,0 +1,222 @@
+"""Federated adaptation in one process: rounds of (participants drawn -> the round's models built by the
+method's rule -> local training -> the server's aggregation -> central evaluation), for every method of
+fed/methods.py. Local training runs every client of a round as one stack (``engine="stack"``) or each client
+alone (``engine="plain"``, what a Flower client does); both give the same numbers (float64: tests).
+
+Randomness, all from the run's seed and stateless per round and client (so that a client process started
+afresh each round, as Flower starts them, draws what this simulation draws):
+- the server: ``seed`` -> participants and the round seed of each round, in round order;
+- client c in round t: its batch order and dropout masks from ``mix(seed, t, c)``; FLoRA's fresh factors from
+  ``mix(seed, t, c, "init")``;
+- the random factor: Fed-RAC-LoRA redraws it every round from the round seed (the same for every client);
+  FFA-LoRA and FedIT draw it once, at round 0, from ``mix(seed, "init")``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from data import Task
+from engine.build import build_run
+from fed.local import train_client, train_clients
+from fed.methods import aggregate_layer, aggregation_error, communication, get_fed_method
+from lora import ROLES, init_factor_
+from models import target_linears
+from train import evaluate
+
+# the suite's registry entry that gives each federated method's clients their trainable parameters
+CLIENT_METHOD = {"all": "fpft", "both": "lora", "zero": "asymmetric_lora"}
+
+
+def mix(*parts) -> int:
+    """A 63-bit seed from any parts (the run's seed, a round, a client, a label): SHA-256, stable everywhere."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class FedSettings:
+    method: str
+    sketch: str | None  # which factor is random (lora.ROLES); None for fedavg
+    rank: int | None
+    scale: float | None  # the update's scale s (lora.lora_scale)
+    seed: int
+    rounds: int
+    participation: float  # fraction of the clients in each round
+    local_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    random_init: str = "gaussian"
+    targets: list[str] | None = None  # which Linear layers get adapters (models.targeted)
+
+
+class Server:
+    """The server's state between rounds: the model's weights W and, for FedIT and FFA-LoRA, the global factors."""
+
+    def __init__(self, base: nn.Module, s: FedSettings, clients: int):
+        self.s, self.m, self.clients = s, get_fed_method(s.method), clients
+        self.model = copy.deepcopy(base)  # W: the base model, merged into by FLoRA and Fed-RAC-LoRA
+        self.layers = [name for name, _ in target_linears(self.model, s.targets)] if self.m.trains != "all" else []
+        self.rng = torch.Generator().manual_seed(s.seed)  # participants and round seeds, in round order
+        self.factors: dict[str, dict[str, torch.Tensor]] = {}
+        if self.m.start in ("kept", "fixed"):  # a random factor drawn once, a zero factor
+            g = torch.Generator(device=base_device(self.model)).manual_seed(mix(s.seed, "init"))
+            zero, random = ROLES[s.sketch]
+            for name in self.layers:
+                lin = self.model.get_submodule(name)
+                shapes = {"A": (s.rank, lin.in_features), "B": (lin.out_features, s.rank)}
+                w = lin.weight
+                self.factors[name] = {
+                    zero: torch.zeros(shapes[zero], dtype=w.dtype, device=w.device),
+                    random: init_factor_(torch.empty(shapes[random], dtype=w.dtype, device=w.device),
+                                         s.random_init, g)}
+
+    def next_round(self) -> tuple[list[int], int]:
+        """(the round's participants, sorted; the round seed)."""
+        take = max(1, round(self.s.participation * self.clients))
+        chosen = sorted(torch.randperm(self.clients, generator=self.rng)[:take].tolist())
+        return chosen, int(torch.randint(0, 2 ** 62, (1,), generator=self.rng))
+
+    def start_factors(self, round_seed: int, client: int, t: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Each adapted layer's factors at the start of the round for ``client`` ({} for fedavg)."""
+        s, m = self.s, self.m
+        if m.start == "none":
+            return {}
+        if m.start in ("kept", "fixed"):
+            return self.factors
+        g = torch.Generator(device=base_device(self.model)).manual_seed(
+            round_seed if m.start == "redrawn" else mix(s.seed, t, client, "init"))
+        zero, random = ROLES[s.sketch]
+        out = {}
+        for name in self.layers:  # layer by layer, as lora.wrap_linears draws
+            lin = self.model.get_submodule(name)
+            shapes = {"A": (s.rank, lin.in_features), "B": (lin.out_features, s.rank)}
+            w = lin.weight
+            out[name] = {zero: torch.zeros(shapes[zero], dtype=w.dtype, device=w.device),
+                         random: init_factor_(torch.empty(shapes[random], dtype=w.dtype, device=w.device),
+                                              s.random_init, g)}
+        return out
+
+    def communication(self, participants: int) -> tuple[int, int]:
+        shapes = [tuple(self.model.get_submodule(n).weight.shape) for n in self.layers]
+        return communication(self.m, shapes, self.s.rank, self.s.sketch, participants,
+                             sum(p.numel() for p in self.model.parameters()))
+
+
+def base_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _client_run(server: Server, stacked_rows: int | None = None):
+    """build.build_run for the round: the clients' trainable parameters as the method says, on adapters (if any)
+    whose factors the caller sets next (_set_factors); one client (``stacked_rows`` None) or a stack of that many."""
+    s = server.s
+    method = CLIENT_METHOD[server.m.trains]
+    runs = stacked_rows or 1
+    gens = [torch.Generator() for _ in range(runs)]  # the factors are overwritten below: these draws are unused
+    run = build_run(server.model, method, s.sketch or "left", [s.rank] * runs, gens, [s.scale] * runs,
+                    random_init=s.random_init, stacked=stacked_rows is not None, targets=s.targets, lr=s.lr,
+                    total_steps=1)
+    return run
+
+
+def _set_factors(model: nn.Module, layers: list[str], factors: list[dict], stacked: bool) -> None:
+    with torch.no_grad():
+        for name in layers:
+            layer = model.body.get_submodule(name) if stacked else model.get_submodule(name)
+            for key in ("A", "B"):
+                if stacked:
+                    getattr(layer, key).copy_(torch.stack([f[name][key] for f in factors]))
+                else:
+                    getattr(layer, key).copy_(factors[0][name][key])
+
+
+def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.Tensor], s: FedSettings, *,
+                  engine: str = "stack", progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """``s.rounds`` rounds of ``s.method`` from ``base`` over the clients' ``shards`` of task.train; returns one
+    record per round: the server's test accuracy on task B and on task A (forgetting), the clients' mean
+    training loss, participants, numbers sent up and down per client, aggregation error."""
+    server = Server(base, s, len(shards))
+    x, y = task.train.x, task.train.y
+    records = []
+    for t in range(1, s.rounds + 1):
+        chosen, round_seed = server.next_round()
+        starts = [server.start_factors(round_seed, c, t) for c in chosen]
+        gens = [torch.Generator(device=x.device).manual_seed(mix(s.seed, t, c)) for c in chosen]
+        kw = dict(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
+        if engine == "stack":
+            run = _client_run(server, len(chosen))
+            if server.layers:
+                _set_factors(run.model, server.layers, starts, stacked=True)
+            states, losses = train_clients(run.model, run.params, x, y, [shards[c] for c in chosen], gens, **kw)
+        elif engine == "plain":
+            states, losses = [], []
+            for c, start, g in zip(chosen, starts, gens):
+                run = _client_run(server)
+                if server.layers:
+                    _set_factors(run.model, server.layers, [start], stacked=False)
+                losses.append(train_client(run.model, run.params, x, y, shards[c], g, **kw))
+                states.append({k: v.detach() for k, v in run.model.state_dict().items()})
+        else:
+            raise ValueError(f"unknown engine {engine!r}; allowed: stack, plain")
+        weights = [shards[c].numel() for c in chosen]
+        error = _aggregate(server, starts, states, weights)
+        up, down = server.communication(len(chosen))
+        _, acc_b = evaluate(_global_model(server), task.test)
+        _, acc_a = evaluate(_global_model(server), task_a.test)
+        rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
+                   test_acc_a=acc_a, up_numbers=up, down_numbers=down, aggregation_error=error)
+        records.append(rec)
+        if progress is not None:
+            progress(rec)
+    return records
+
+
+def _aggregate(server: Server, starts: list[dict], states: list[dict], weights: list[int]) -> float:
+    """The server's step for every layer (or every parameter, for fedavg); returns the aggregation error."""
+    m, s = server.m, server.s
+    means, applied = [], []
+    with torch.no_grad():
+        if m.trains == "all":
+            for name, p in server.model.named_parameters():
+                new, mean_u, app = aggregate_layer(m, 1.0, {"W": p}, [{"W": st[name]} for st in states], weights)
+                p.copy_(new["W"])
+                means.append(mean_u)
+                applied.append(app)
+            return aggregation_error(means, applied)
+        for name in server.layers:
+            clients = [{"A": st[f"{name}.A"], "B": st[f"{name}.B"],
+                        **({"A0": start[name]["A"], "B0": start[name]["B"]} if m.start == "fresh" else {})}
+                       for st, start in zip(states, starts)]
+            new, mean_u, app = aggregate_layer(m, s.scale, starts[0][name], clients, weights)
+            means.append(mean_u)
+            applied.append(app)
+            if m.merges:  # into W; the adapter starts over next round
+                server.model.get_submodule(name).weight += app
+            else:
+                server.factors[name] = new
+    return aggregation_error(means, applied)
+
+
+def _global_model(server: Server) -> nn.Module:
+    """The server's model for evaluation: W, plus s B A where the method keeps global factors."""
+    if not server.factors:
+        return server.model
+    run = _client_run(server)
+    _set_factors(run.model, server.layers, [server.factors], stacked=False)
+    return run.model
+
+
+def rounds_to(records: list[dict], target: float, key: str = "test_acc_b") -> int | None:
+    """The first round whose ``key`` reaches ``target``; None if none does."""
+    return next((r["round"] for r in records if r[key] >= target), None)
+
+
+def megabytes(numbers: int, dtype: torch.dtype = torch.float32) -> float:
+    return numbers * torch.finfo(dtype).bits / 8 / 2 ** 20 if dtype.is_floating_point else math.nan
