@@ -36,7 +36,8 @@ INT_RANGES = {"batch_size": (1, 65536), "max_epochs": (1, 100_000), "patience": 
               "stack_size": (1, 1024), "lte_heads": (1, 1024), "lte_every": (1, 10 ** 9),
               "galore_every": (1, 10 ** 9), "val_size": (1, 10 ** 9),
               "split_seed": (0, MAX_SEED), "base_seed": (0, MAX_SEED), "vit_patch": (1, 28), "vit_dim": (1, 4096),
-              "vit_depth": (1, 64), "vit_heads": (1, 256), "vit_mlp_dim": (1, 16384)}
+              "vit_depth": (1, 64), "vit_heads": (1, 256), "vit_mlp_dim": (1, 16384), "clients": (1, 10 ** 6),
+              "rounds": (1, 100_000), "local_epochs": (1, 10_000)}
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,136 @@ class ScratchConfig:
         return dataclasses.asdict(self)
 
 
+# --- the federated study (federated.py) --------------------------------------------------------------
+FED_METHODS = ("fedavg", "fedit", "ffa_lora", "flora", "fed_rac_lora")  # fed/methods.py's registry
+FED_METHOD_CHOICES = FED_METHODS + ("all",)
+PARTITIONS = ("iid", "dirichlet")  # fed/partition.py
+
+
+@dataclass
+class FedConfig:
+    """Settings of ``python federated.py``: the suite's base model adapted to digits 5-9 by clients that each
+    hold a shard of task B, under a federated method."""
+    # --- what to run ---
+    method: str = "fed_rac_lora"  # fedavg | fedit | ffa_lora | flora | fed_rac_lora | all
+    sketch: str = "left"  # left: B random, A trained; right: A random, B trained; both (the LoRA methods)
+    ranks: list[int] = field(default_factory=lambda: [1])  # adapter ranks to sweep
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each method x sketch x rank
+    # --- the federation ---
+    clients: int = 10  # clients holding task B's training images
+    partition: str = "dirichlet"  # iid | dirichlet (label skew)
+    dirichlet_alpha: float = 0.5  # dirichlet: concentration; small = few classes per client
+    participation: float = 1.0  # fraction of the clients in each round, in (0, 1]
+    rounds: int = 50  # server rounds
+    local_epochs: int = 1  # epochs of random reshuffling over a client's own shard per round
+    lr: float = 1e-3  # clients' AdamW learning rate (a fresh optimizer every round)
+    weight_decay: float = 0.01  # clients' AdamW decoupled weight decay
+    batch_size: int = 128  # examples per client step
+    target_accuracy: float = 0.9  # the summary's rounds and megabytes to reach this test accuracy on digits 5-9
+    # --- adapters ---
+    scaling: str = "alpha"  # scale of B@A: "alpha", "alpha/r", "alpha/sqrt(r)" (as main.py)
+    lora_alpha: float = 1.0  # alpha in the scaling rule above
+    random_init: str = "gaussian"  # init of the random factor: gaussian = N(0, 1); kaiming = nn.Linear's default
+    target_modules: list[str] = field(default_factory=lambda: ["all"])  # presets all | attention | mlp, or layer names
+    # --- the base model: the suite's, trained on digits 0-4 as main.py trains it (and cached alike) ---
+    model: str = "mlp"  # mlp | vit
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: hidden widths
+    vit_patch: int = 7  # vit: side of the square patches
+    vit_dim: int = 32  # vit: token width
+    vit_depth: int = 2  # vit: transformer blocks
+    vit_heads: int = 2  # vit: attention heads
+    vit_mlp_dim: int = 64  # vit: hidden width of each block's MLP
+    dropout: float = 0.1  # dropout probability of the model
+    # --- data ---
+    data_dir: str = "./data"  # MNIST's raw files live in <data_dir>/MNIST/raw
+    val_size: int = 5000  # images held out of the 60k training set for validation (the base model's)
+    split_seed: int = 0  # seed of the train/validation split
+    base_seed: int = 0  # seed of the base model
+    # --- where things go ---
+    results_dir: str = "./results"  # fed_runs.csv, fed_curves.csv (and the base model's checkpoint)
+    plots_dir: str = "./plots"  # fed_*.png
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    workers: int = 0  # processes training runs side by side; 0 = one per core on CPU, 1 on a GPU
+    resume: bool = True  # skip runs already recorded in fed_runs.csv under the same config hash and code fingerprint
+    resume_any_code: bool = False  # with resume, also skip runs recorded by other versions of the code
+    plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
+    progress: bool = True  # show tqdm progress bars
+
+    stack_size = 1  # not a setting: each federated run is one job of the runner (its clients form the stack)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("method", self.method, FED_METHOD_CHOICES)
+        _choice("sketch", self.sketch, SKETCH_CHOICES)
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("scaling", self.scaling, SCALINGS)
+        _choice("random_init", self.random_init, RANDOM_INITS)
+        _choice("model", self.model, MODELS)
+        _choice("device", self.device, DEVICES)
+        _check_numbers(self)
+        _check_model_lists(self.hidden, self.ranks, self.seeds)
+        if not 0.0 < self.participation <= 1.0:
+            raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        for name in ("lr", "lora_alpha", "dirichlet_alpha"):
+            _positive(name, getattr(self, name))
+        _check_workers_and_decay(self.workers, self.weight_decay)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or any(not t for t in self.target_modules):
+            raise ConfigError(f"target_modules must name one or more presets ({', '.join(TARGET_PRESETS)}) or "
+                              f"layer names, got {self.target_modules}")
+
+    check_setup = Config.check_setup
+    targets = Config.targets
+
+    def sizes(self) -> tuple[int, int, int]:
+        """As Config.sizes, with the activations of one client step (batch_size images): clients do not evaluate."""
+        from data import TEST_IMAGES
+        from models import MODELS
+
+        params, activations, images = Config.sizes(self)
+        evaluated = min(MODELS[self.model][0].eval_batch or TEST_IMAGES, TEST_IMAGES)
+        return params, activations * self.batch_size // evaluated, images
+
+    def runs_per_stack(self) -> int:  # a round's clients train as one stack
+        return max(1, round(self.participation * self.clients))
+
+    def selected_methods(self) -> list[str]:
+        return list(FED_METHODS) if self.method == "all" else [self.method]
+
+    def selected_sketches(self) -> list[str]:
+        return list(SKETCHES) if self.sketch == "both" else [self.sketch]
+
+    def base_config(self) -> Config:
+        """The main.py Config whose base model this study adapts (the same checkpoint, the same hash)."""
+        shared = {f.name for f in dataclasses.fields(Config)} & {f.name for f in dataclasses.fields(FedConfig)}
+        keep = {"model", "hidden", "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_dim", "dropout",
+                "data_dir", "val_size", "split_seed", "base_seed", "results_dir", "device", "progress"}
+        return Config(**{k: getattr(self, k) for k in shared & keep})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FED_NOT_IN_HASH = {"method", "sketch", "ranks", "seeds", "data_dir", "results_dir", "plots_dir", "workers", "resume",
+                    "resume_any_code", "plots_only", "progress", "target_accuracy"}
+_FED_ADAPTER_FIELDS = {"scaling", "lora_alpha", "random_init", "target_modules"}
+
+
+def fed_settings_hash(cfg: FedConfig, device: str, method: str) -> str:
+    """Hash of every field that changes a federated run of ``method``, apart from its sketch, rank and seed."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _FED_NOT_IN_HASH}
+    d = {k: v for k, v in d.items() if k not in _MODEL_FIELDS or cfg.model == _MODEL_FIELDS[k]}
+    if method == "fedavg":
+        d = {k: v for k, v in d.items() if k not in _FED_ADAPTER_FIELDS}
+    d["device"], d["method"] = device, method
+    return stable_hash(d)
+
+
 # Fields that only some forms read: they enter those forms' hashes only.
 _FORM_FIELDS = {"lte_heads": {"lte", "lora"}, "lte_every": {"lte", "lora"}, "galore_every": {"galore"},
                 "galore_scale": {"galore"}, "optimizer": set(FORMS) - {"galore"}}
@@ -333,8 +464,8 @@ def check_fits(cfg, available_bytes: int, processes: int, where: str) -> None:
         what = f"hidden {cfg.hidden}" if getattr(cfg, "model", "mlp") == "mlp" else f"the {cfg.model}"
         raise ConfigError(f"{what} needs about {need / 2 ** 30:.1f} GiB ({cfg.runs_per_stack()} runs "
                           f"per stack x {processes} process{'es' if processes > 1 else ''}) but {where} has "
-                          f"{available_bytes / 2 ** 30:.1f} GiB available; use narrower layers, a smaller "
-                          f"--stack_size or fewer --workers")
+                          f"{available_bytes / 2 ** 30:.1f} GiB available; use narrower layers, fewer runs at once "
+                          f"(--stack_size; federated.py: --clients x --participation) or fewer --workers")
 
 
 def max_useful_rank(dims: list[int]) -> int:

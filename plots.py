@@ -292,3 +292,59 @@ def _save(fig, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+# --- the federated study (federated.py) ---------------------------------------------------------------
+FED_COLORS = {"fedavg": "#222222", "fedit": "#1f77b4", "ffa_lora": "#2ca02c", "flora": "#9467bd",
+              "fed_rac_lora": "#d62728"}
+FED_LABELS = {"fedavg": "FedAvg (full)", "fedit": "FedIT", "ffa_lora": "FFA-LoRA", "flora": "FLoRA",
+              "fed_rac_lora": "Fed-RAC-LoRA"}
+
+
+def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+    """Accuracy by round, accuracy by communicated megabytes, aggregation error by round: a line per method,
+    sketch and rank, mean over seeds with ± std (bands, or error bars on the megabyte axis)."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    keep = {r["config_hash"] for r in runs}
+    by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
+    order = list(FED_COLORS)
+    series = sorted(group(runs, ("method", "sketch", "rank")).items(),
+                    key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9, str(kv[0][1]), kv[0][2] or 0))
+    written = []
+    for name, x_key, y_key, ylabel, title, log_y in (
+            ("fed_accuracy_vs_round.png", "round", "test_acc_b", "test accuracy on digits 5-9 (%)",
+             "Server model's accuracy by round", False),
+            ("fed_accuracy_vs_mb.png", "communicated_mb", "test_acc_b", "test accuracy on digits 5-9 (%)",
+             "Accuracy by megabytes communicated (all clients, up + down, float32)", False),
+            ("fed_aggregation_error.png", "round", "aggregation_error",
+             "||mean client update - applied update|| / ||mean client update||", "Aggregation error by round", True)):
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        for (method, sketch, rank), rs in series:
+            rounds = [by_run.get((r["config_hash"],), []) for r in rs]
+            n = min(len(c) for c in rounds)
+            if n == 0:
+                continue
+            ys = np.array([[c[y_key] for c in cs[:n]] for cs in rounds], dtype=float)
+            xs = np.array([[c[x_key] for c in cs[:n]] for cs in rounds], dtype=float).mean(0)
+            scale = 1.0 if log_y else 100.0
+            m, s = scale * ys.mean(0), scale * (ys.std(0, ddof=1) if len(rounds) > 1 else np.zeros(n))
+            lbl = FED_LABELS.get(method, method) + (f" ({sketch})" if sketch else "") + (f" r={rank}" if rank else "")
+            color, ls = FED_COLORS.get(method), SKETCH_STYLE.get(sketch, "-")
+            if log_y:
+                m = np.maximum(m, 1e-17)  # exact methods: float rounding, drawn at the floor of the axis
+            ax.plot(xs, m, color=color, ls=ls, label=lbl)
+            if not log_y:
+                ax.fill_between(xs, m - s, m + s, color=color, alpha=0.12)
+        ax.set_xlabel("communicated megabytes (log scale)" if x_key == "communicated_mb" else "round")
+        if x_key == "communicated_mb":
+            ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        n_seeds = sorted({len(rs) for _, rs in series})
+        ax.set_title(f"{title} (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        written.append(_save(fig, plots_dir / name))
+    return written
