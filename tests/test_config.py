@@ -142,6 +142,12 @@ def test_the_committed_results_keep_their_hashes():
             if "form" in r:
                 cfg = ScratchConfig(**json.loads(r["config"]))
                 got = scratch.run_hash(cfg, r["device"], r["form"], r["rank"], r["seed"])
+            elif "clients" in r:
+                import federated
+                from config import FedConfig
+
+                cfg = FedConfig(**json.loads(r["config"]))
+                got = federated.run_hash(cfg, r["device"], r["method"], r["sketch"], r["rank"], r["seed"])
             else:
                 cfg = Config(**json.loads(r["config"]))
                 got = run_hash(cfg, r["device"], r["method"], r["sketch"], r["rank"], r["seed"])
