@@ -38,7 +38,8 @@ class FedMethod:
 
     @property
     def uses_sketch(self) -> bool:
-        return self.trains == "zero"
+        """Whether ``sketch`` means anything: which factor is random (trained or not) and which starts at zero."""
+        return self.trains != "all"
 
 
 FED_METHODS: dict[str, FedMethod] = {m.name: m for m in [

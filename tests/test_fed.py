@@ -232,3 +232,7 @@ def test_a_round_records_the_methods_communication():
                          ("flora", (2 * sum(o + i for o, i in layers), 3 * 2 * sum(o + i for o, i in layers)))):
         rec = run_federated(base, task, task_a, shards, _settings(method), engine="stack")[0]
         assert (rec["up_numbers"], rec["down_numbers"]) == want, method
+
+
+def test_every_lora_method_uses_the_sketch_and_fedavg_does_not():
+    assert [m for m in FED_METHODS if FED_METHODS[m].uses_sketch] == ["fedit", "ffa_lora", "flora", "fed_rac_lora"]
