@@ -30,9 +30,11 @@ CODE = ["data", "models", "lora", "train", "engine.build", "engine.stack", "fed.
 
 def plan(cfg) -> list[dict]:
     """Every run the config asks for: method x sketch x rank x seed (fedavg: no sketch, no rank)."""
+    from fed.methods import get_fed_method
+
     out = []
     for method in cfg.selected_methods():
-        if method == "fedavg":
+        if not get_fed_method(method).uses_sketch:  # full fine-tuning: no adapter
             out += [dict(method=method, sketch=None, rank=None, seed=s) for s in cfg.seeds]
             continue
         for sketch in cfg.selected_sketches():
