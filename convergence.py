@@ -1,6 +1,6 @@
 """The paper's convergence theory, made visible on small problems (float64, CPU, well under a minute).
 
-    python convergence.py [--seed N] [--steps N] [--links N] [--results_dir results] [--plots_dir plots]
+    python convergence.py [--seed N] [--steps N] [--links N] [--rounds N] [--results_dir results] [--plots_dir plots]
 
 1. Counterexample (the paper's Figure 1). f(W) = 1/2 vec(W - W*)^T M vec(W - W*) over 3x3 W with
    M = diag(10, 1, ..., 1), so L = 10, mu = 1, f* = 0. W* ~ N(0, 1) entrywise (seeded, printed),
@@ -14,8 +14,13 @@
    Theorem 5.5 (PL case): E[f(W_t) - f*] <= (1 - gamma * mu * lambda_min)^t (f(W_0) - f*), with
    lambda_min = lambda_min(E[H]) = r/n because H projects onto a uniformly random r-dim subspace.
 
+3. Federated (fed/theory.py). Four clients with different data (least squares and logistic), every client
+   in every round taking 1 or 5 gradient steps: FedAvg, FedIT, FFA-LoRA and Fed-RAC-LoRA at rank 2, for
+   --rounds rounds: does Fed-RAC-LoRA reach FedAvg's optimum, and where do the others stop?
+
 Outputs: results/convergence.csv (one row per run, with its seed and settings),
-plots/convergence_counterexample.png, plots/convergence_rates.png, and two tables on stdout, each file
+plots/convergence_counterexample.png, plots/convergence_rates.png, plots/convergence_federated.png, and
+three tables on stdout, each file
 written whole (atomically) once everything is computed. --steps <= 1,000,000 and --links <= 500,000
 keep a run under an hour (see MAX_STEPS); Ctrl-C or SIGTERM ends it with one line (exit 130 or 143).
 The adapter maths (delta, merge, re-sampling) is lora.py's LoRALinear; which factor trains and when
@@ -350,7 +355,7 @@ def write_csv(records: list[dict], path: str, seed: int, commit: str) -> None:
     """One row per run with its seed, settings and summary, written atomically (results.write_rows)."""
     rows = []
     for rec in records:
-        gaps, adapted = rec["gaps"], rec["method"] != "fpft"
+        gaps, adapted = rec["gaps"], rec["method"] not in ("fpft", "fedavg")
         rows.append({**rec, "sketch": SKETCH if adapted else None, "random_init": RANDOM_INIT if adapted else None,
                      "scale": SCALE if adapted else None, "steps": len(gaps) - 1, "seed": seed,
                      "start_gap": gaps[0], "final_gap": gaps[-1], "min_gap": min(gaps), "git_commit": commit})
@@ -455,6 +460,10 @@ MAX_SEED = 2 ** 63 - 1  # a signed 64-bit integer: torch.Generator.manual_seed o
 MAX_STEPS = 1_000_000
 MAX_LINKS = 500_000
 MS_PER_STEP, MS_PER_LINK = 1.4, 3.0  # the measurements above, for the help text and error messages
+# --rounds: 16 federated runs (2 problems x 2 local-step counts x 4 methods, 4 clients each) took 6.6 s for
+# 200 rounds on the same CPU, about 33 ms per round of all 16
+MAX_ROUNDS = 50_000
+MS_PER_ROUND = 33
 _SHOWN = 40  # at most this many characters of a bad value are echoed back
 
 
@@ -519,6 +528,10 @@ def _parser() -> _Parser:
                    help=f"gradient steps per counterexample run, 1..{MAX_STEPS:,}{steps_why}")
     p.add_argument("--links", type=_int_in(1, MAX_LINKS, links_why), default=1500, action=_Once,
                    help=f"chain links (= GD steps) per rate run, 1..{MAX_LINKS:,}{links_why}")
+    p.add_argument("--rounds", type=_int_in(1, MAX_ROUNDS, f" (at ~{MS_PER_ROUND} ms per round the limit takes ~"
+                                                           f"{MAX_ROUNDS * MS_PER_ROUND / 6e4:.0f} min)"),
+                   default=400, action=_Once,
+                   help=f"server rounds per federated run (fed/theory.py), 1..{MAX_ROUNDS:,}")
     p.add_argument("--results_dir", default="results", action=_Once, help="where convergence.csv goes")
     p.add_argument("--plots_dir", default="plots", action=_Once, help="where the convergence_*.png figures go")
     return p
@@ -590,18 +603,25 @@ def run(args: argparse.Namespace, written: list[str]) -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     print(f"seed {args.seed}: counterexample ({args.steps} steps x {len(STEP_FRACTIONS) * len(COUNTEREXAMPLE_RUNS)} "
-          f"runs), then rates ({args.links} links x {2 * (1 + len(RATE_RANKS))} runs)", flush=True)
+          f"runs), then rates ({args.links} links x {2 * (1 + len(RATE_RANKS))} runs), then federated ({args.rounds} "
+          f"rounds x 16 runs)", flush=True)
+    from fed.theory import federated_runs, format_table, plot_federated
+
     problem, cx = counterexample_runs(args.seed, args.steps)
     rates = rate_runs(args.seed, args.links)
+    fed = federated_runs(args.seed, args.rounds)
     outputs = [(os.path.join(args.results_dir, "convergence.csv"),
-                lambda path: write_csv(cx + rates, path, args.seed, git_commit())),
+                lambda path: write_csv(cx + rates + fed, path, args.seed, git_commit())),
                (os.path.join(args.plots_dir, "convergence_counterexample.png"),
                 lambda path: plot_counterexample(cx, path)),
-               (os.path.join(args.plots_dir, "convergence_rates.png"), lambda path: plot_rates(rates, path))]
+               (os.path.join(args.plots_dir, "convergence_rates.png"), lambda path: plot_rates(rates, path)),
+               (os.path.join(args.plots_dir, "convergence_federated.png"), lambda path: plot_federated(fed, path))]
     for path, write in outputs:
         write(path)
         written.append(path)
     print(format_tables(problem, cx, rates))
+    print()
+    print(format_table(fed))
     print(f"seed {args.seed}; wrote {args.results_dir}/convergence.csv and {args.plots_dir}/convergence_*.png "
           f"in {time.perf_counter() - start:.1f} s")
 

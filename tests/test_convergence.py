@@ -234,14 +234,15 @@ def run_cli(*args, cwd=ROOT):
 
 def test_cli_writes_csv_and_plots(tmp_path):
     res, plots = tmp_path / "res", tmp_path / "figs"
-    out = run_cli("--seed", "3", "--steps", "40", "--links", "30", "--results_dir", str(res),
+    out = run_cli("--seed", "3", "--steps", "40", "--links", "30", "--rounds", "5", "--results_dir", str(res),
                   "--plots_dir", str(plots))
     assert out.returncode == 0, out.stderr
-    assert "RAC-LoRA, sketch step" in out.stdout and "RAC-LoRA r=8" in out.stdout
-    for name in ("convergence_counterexample.png", "convergence_rates.png"):
+    assert "RAC-LoRA, sketch step" in out.stdout and "RAC-LoRA r=8" in out.stdout and "fed_rac_lora" in out.stdout
+    for name in ("convergence_counterexample.png", "convergence_rates.png", "convergence_federated.png"):
         assert (plots / name).stat().st_size > 10_000
     rows = list(csv.DictReader(open(res / "convergence.csv")))
-    assert len(rows) == len(cv.STEP_FRACTIONS) * len(cv.COUNTEREXAMPLE_RUNS) + 2 * (1 + len(cv.RATE_RANKS))
+    assert len(rows) == len(cv.STEP_FRACTIONS) * len(cv.COUNTEREXAMPLE_RUNS) + 2 * (1 + len(cv.RATE_RANKS)) + 16
+    assert {r["steps"] for r in rows if r["experiment"] == "federated"} == {"5"}
     assert {r["seed"] for r in rows} == {"3"}
     assert {r["steps"] for r in rows if r["experiment"] == "counterexample" and r["status"] != "diverged"} == {"40"}
     assert not list(res.glob("*.tmp"))  # atomic write left no temp file behind
@@ -341,3 +342,34 @@ def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, 
     assert (res / "convergence.csv").exists() and (plots / "convergence_counterexample.png").exists()
     assert not stale.exists() and live.exists()
     assert not (plots / "convergence_rates.png").exists()
+
+
+# --- the federated case (fed/theory.py) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def federated():
+    from fed.theory import federated_runs
+
+    torch.set_num_threads(1)
+    return {(r["problem"].split(",")[0], r["inner_steps"], r["method"]): r for r in federated_runs(0, 200)}
+
+
+def test_with_one_local_step_fed_rac_lora_reaches_the_optimum_as_fedavg_does(federated):
+    for method in ("fedavg", "fed_rac_lora"):
+        assert federated[("least squares", 1, method)]["status"] == "optimum", method
+    logistic = federated[("logistic", 1, "fed_rac_lora")]["gaps"]
+    assert logistic[-1] < 1e-5 * logistic[0]  # still falling at 200 rounds: mu = 0.5 and r/n = 1/4 make it slower
+
+
+def test_ffa_lora_stalls_in_its_fixed_subspace_and_fedit_short_of_the_optimum(federated):
+    for problem in ("least squares", "logistic"):
+        for tau in (1, 5):
+            for method in ("ffa_lora", "fedit"):
+                gaps = federated[(problem, tau, method)]["gaps"]
+                assert gaps[-1] > 0.1 * gaps[0], (problem, tau, method)
+
+
+def test_several_local_steps_bias_fedavg_and_fed_rac_lora_alike(federated):
+    """Client drift: with 5 local steps neither reaches f*; on least squares both settle at the same point."""
+    avg, rac = (federated[("least squares", 5, m)]["gaps"][-1] for m in ("fedavg", "fed_rac_lora"))
+    assert avg > 1e-3 * federated[("least squares", 5, "fedavg")]["gaps"][0]
+    assert rac == pytest.approx(avg, rel=1e-6)
