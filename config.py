@@ -29,6 +29,7 @@ RANDOM_INITS = ("gaussian", "kaiming")  # the non-zero factor; the other one alw
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; seeds are 0..2^63-1
 MAX_WORKERS = 256
+MAX_WIDTH = 2 ** 20  # a hidden width above this is a typo: one such layer alone would need gigabytes
 # Upper limits of the integer settings: far above any sensible run, low enough that a typo
 # (an extra zero or ten) is caught before it allocates or loops for ever.
 INT_RANGES = {"batch_size": (1, 65536), "max_epochs": (1, 100_000), "patience": (1, 100_000),
@@ -475,8 +476,8 @@ def max_useful_rank(dims: list[int]) -> int:
 
 def _check_model_lists(hidden: list[int], ranks: list[int], seeds: list[int]) -> None:
     """The checks both configs make of the widths, the rank sweep and the seeds."""
-    if not hidden or any(h < 1 for h in hidden):
-        raise ConfigError(f"hidden must be one or more positive widths, got {hidden}")
+    if not hidden or any(not 1 <= h <= MAX_WIDTH for h in hidden):
+        raise ConfigError(f"hidden must be one or more widths from 1 to {MAX_WIDTH}, got {hidden}")
     if not ranks:
         raise ConfigError("ranks is empty: give at least one rank, e.g. --ranks 1 2 4 8")
     for r in ranks:  # the upper bound depends on the model's layers: check_setup

@@ -267,8 +267,8 @@ def check_model(cfg) -> None:
 
     try:
         model = meta_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except (ValueError, RuntimeError) as e:  # RuntimeError: sizes torch cannot even describe
+        raise ConfigError(f"the {cfg.model} cannot be built from these settings: {e}") from None
     chosen = target_linears(model, cfg.targets())
     if not chosen:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -37,7 +37,8 @@ def test_overrides_parse_types_and_lists():
     (["--random_init", "ones"], "unknown random_init 'ones'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--seeds", "0", "1", "0"], "seeds has repeated values"),
-    (["--hidden", "0", "64"], "hidden must be one or more positive widths"),
+    (["--hidden", "0", "64"], "hidden must be one or more widths from 1 to 1048576"),
+    (["--hidden", "99999999999999999"], "hidden must be one or more widths from 1 to 1048576"),  # was a traceback
     (["--resume", "maybe"], "--resume expects true or false"),
     (["--stack_size", "0"], "stack_size must be an integer from 1 to 1024"),
     (["--workers", "-1"], "workers must be 0 (one per core on CPU, 1 on a GPU) or positive up to 256"),

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convergence
-from config import Config, ConfigError, ScratchConfig, from_argv
+from config import Config, ConfigError, FedConfig, ScratchConfig, from_argv
 
 NASTY = ["nan", "NaN", "inf", "-inf", "+inf", "1e308", "1e-320", "0", "-0", "-1", "1", "2", "64", "65", "0.5",
          "1.5", "1e3", str(2 ** 63 - 1), str(2 ** 63), str(2 ** 64), "9" * 40, "9" * 5000, "", " ", "true", "false",
@@ -36,19 +36,19 @@ def argv_strategy(cls):
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize("cls,prog", [(Config, "main.py"), (ScratchConfig, "scratch.py")])
+@pytest.mark.parametrize("cls,prog", [(Config, "main.py"), (ScratchConfig, "scratch.py"), (FedConfig, "federated.py")])
 def test_config_command_lines_give_a_config_or_one_clean_error(cls, prog):
     @FUZZ
     @given(argv_strategy(cls))
     def check(argv):
         try:
             cfg = from_argv(argv, cls, prog=prog)
+            assert isinstance(cfg, cls)
+            cfg.validate()  # a config that parsed is a valid one
+            cfg.check_setup()  # and the checks that need the data's and the model's sizes answer in one line too
         except ConfigError as e:
             message = str(e)
             assert message and len(message.splitlines()) == 1 and "Traceback" not in message
-        else:
-            assert isinstance(cfg, cls)
-            cfg.validate()  # a config that parsed is a valid one
     check()
 
 
