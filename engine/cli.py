@@ -1,4 +1,4 @@
-"""What main.py and scratch.py share as command lines: one-line errors, exit codes, Ctrl-C and SIGTERM,
+"""What every command line (main.py, scratch.py, federated.py) shares: one-line errors, exit codes, Ctrl-C and SIGTERM,
 output folders checked (and killed writers' temporary files removed) before any compute."""
 from __future__ import annotations
 

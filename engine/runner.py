@@ -262,7 +262,7 @@ def worker_pool(workers: int, threads: int, init, initargs: tuple):
     are stopped at once and the exception goes on; what the body already recorded is kept. If this
     process dies without a chance to stop them (SIGKILL, a crash), they die with it (_die_with_parent).
 
-    main.py and scratch.py call it from the main thread: the workers are started here, by the calling
+    main.py, scratch.py and federated.py call it from the main thread: the workers are started here, by the calling
     thread, and on Linux their death signal is tied to that thread's life (see _die_with_parent); from
     another thread, which may end before the pool does, the workers poll for their parent instead. No
     maxtasksperchild, so the Pool never starts workers from its own handler thread."""
