@@ -127,16 +127,11 @@ class Config:
         _choice("model", self.model, MODELS)
         _choice("preset", self.preset, tuple(PRESETS))
         _check_numbers(self)
-        _check_model_lists(self.hidden, self.ranks, self.seeds)
-        if not self.target_modules or any(not t for t in self.target_modules):
-            raise ConfigError(f"target_modules must name one or more presets ({', '.join(TARGET_PRESETS)}) or "
-                              f"layer names, got {self.target_modules}")
+        _check_model_settings(self)
         _positive("lr", self.lr)
         _positive("loraplus_ratio", self.loraplus_ratio)
         _positive("lora_alpha", self.lora_alpha)
         _check_workers_and_decay(self.workers, self.weight_decay)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     # --- what a run is made of ---
     def check_setup(self) -> None:
@@ -329,7 +324,7 @@ class FedConfig:
         _choice("model", self.model, MODELS)
         _choice("device", self.device, DEVICES)
         _check_numbers(self)
-        _check_model_lists(self.hidden, self.ranks, self.seeds)
+        _check_model_settings(self)
         if not 0.0 < self.participation <= 1.0:
             raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
         if not 0.0 < self.target_accuracy <= 1.0:
@@ -337,11 +332,6 @@ class FedConfig:
         for name in ("lr", "lora_alpha", "dirichlet_alpha"):
             _positive(name, getattr(self, name))
         _check_workers_and_decay(self.workers, self.weight_decay)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules or any(not t for t in self.target_modules):
-            raise ConfigError(f"target_modules must name one or more presets ({', '.join(TARGET_PRESETS)}) or "
-                              f"layer names, got {self.target_modules}")
 
     check_setup = Config.check_setup
     targets = Config.targets
@@ -366,10 +356,9 @@ class FedConfig:
 
     def base_config(self) -> Config:
         """The main.py Config whose base model this study adapts (the same checkpoint, the same hash)."""
-        shared = {f.name for f in dataclasses.fields(Config)} & {f.name for f in dataclasses.fields(FedConfig)}
-        keep = {"model", "hidden", "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_dim", "dropout",
-                "data_dir", "val_size", "split_seed", "base_seed", "results_dir", "device", "progress"}
-        return Config(**{k: getattr(self, k) for k in shared & keep})
+        keep = ("model", "hidden", "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_dim", "dropout",
+                "data_dir", "val_size", "split_seed", "base_seed", "results_dir", "device", "progress")
+        return Config(**{k: getattr(self, k) for k in keep})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -472,6 +461,16 @@ def check_fits(cfg, available_bytes: int, processes: int, where: str) -> None:
 def max_useful_rank(dims: list[int]) -> int:
     """Largest min(in, out) over the layers of an MLP with widths ``dims``: a higher rank adds nothing anywhere."""
     return max(min(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _check_model_settings(cfg) -> None:
+    """The checks Config and FedConfig make of the model, the adapted layers, the ranks and the seeds."""
+    _check_model_lists(cfg.hidden, cfg.ranks, cfg.seeds)
+    if not cfg.target_modules or any(not t for t in cfg.target_modules):
+        raise ConfigError(f"target_modules must name one or more presets ({', '.join(TARGET_PRESETS)}) or "
+                          f"layer names, got {cfg.target_modules}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
 
 
 def _check_model_lists(hidden: list[int], ranks: list[int], seeds: list[int]) -> None:

@@ -289,14 +289,19 @@ class StackedRandLoRALinear(_StackedAdapter):
         return sum(p[i].numel() for p in (self.lam, self.gam) if p.requires_grad)
 
 
+def _copies(p: torch.Tensor, runs: int) -> torch.Tensor:
+    """R copies of a plain tensor: (R, *p.shape)."""
+    return p.detach().expand(runs, *p.shape).clone()
+
+
 def _expand(p: torch.Tensor, runs: int) -> nn.Parameter:
-    """R copies of a plain parameter, (R, *p.shape), trainable as p is."""
-    return nn.Parameter(p.detach().expand(runs, *p.shape).clone(), requires_grad=p.requires_grad)
+    """R copies of a plain parameter, trainable as p is."""
+    return nn.Parameter(_copies(p, runs), requires_grad=p.requires_grad)
 
 
 # plain layer type -> its stacked form (a layer with parameters that is not here cannot be stacked)
 STACKED = {
-    nn.Linear: lambda m, runs: StackedLinear(_expand(m.weight, runs).data, _expand(m.bias, runs).data),  # trainable
+    nn.Linear: lambda m, runs: StackedLinear(_copies(m.weight, runs), _copies(m.bias, runs)),
     nn.LayerNorm: StackedLayerNorm,
     Tokens: StackedTokens,
     SeededDropout: lambda m, runs: StackedDropout(m.p),

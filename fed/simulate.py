@@ -66,16 +66,22 @@ class Server:
         self.rng = torch.Generator().manual_seed(s.seed)  # participants and round seeds, in round order
         self.factors: dict[str, dict[str, torch.Tensor]] = {}
         if self.m.start in ("kept", "fixed"):  # a random factor drawn once, a zero factor
-            g = torch.Generator(device=base_device(self.model)).manual_seed(mix(s.seed, "init"))
-            zero, random = ROLES[s.sketch]
-            for name in self.layers:
-                lin = self.model.get_submodule(name)
-                shapes = {"A": (s.rank, lin.in_features), "B": (lin.out_features, s.rank)}
-                w = lin.weight
-                self.factors[name] = {
-                    zero: torch.zeros(shapes[zero], dtype=w.dtype, device=w.device),
-                    random: init_factor_(torch.empty(shapes[random], dtype=w.dtype, device=w.device),
-                                         s.random_init, g)}
+            self.factors = self._draw_factors(mix(s.seed, "init"))
+
+    def _draw_factors(self, seed: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Each adapted layer's zero factor and random factor (drawn from ``seed``), layer by layer as
+        lora.wrap_linears draws."""
+        s = self.s
+        g = torch.Generator(device=base_device(self.model)).manual_seed(seed)
+        zero, random = ROLES[s.sketch]
+        out = {}
+        for name in self.layers:
+            lin = self.model.get_submodule(name)
+            shapes = {"A": (s.rank, lin.in_features), "B": (lin.out_features, s.rank)}
+            kw = dict(dtype=lin.weight.dtype, device=lin.weight.device)
+            out[name] = {zero: torch.zeros(shapes[zero], **kw),
+                         random: init_factor_(torch.empty(shapes[random], **kw), s.random_init, g)}
+        return out
 
     def next_round(self) -> tuple[list[int], int]:
         """(the round's participants, sorted; the round seed)."""
@@ -85,23 +91,11 @@ class Server:
 
     def start_factors(self, round_seed: int, client: int, t: int) -> dict[str, dict[str, torch.Tensor]]:
         """Each adapted layer's factors at the start of the round for ``client`` ({} for fedavg)."""
-        s, m = self.s, self.m
-        if m.start == "none":
+        if self.m.start == "none":
             return {}
-        if m.start in ("kept", "fixed"):
+        if self.m.start in ("kept", "fixed"):
             return self.factors
-        g = torch.Generator(device=base_device(self.model)).manual_seed(
-            round_seed if m.start == "redrawn" else mix(s.seed, t, client, "init"))
-        zero, random = ROLES[s.sketch]
-        out = {}
-        for name in self.layers:  # layer by layer, as lora.wrap_linears draws
-            lin = self.model.get_submodule(name)
-            shapes = {"A": (s.rank, lin.in_features), "B": (lin.out_features, s.rank)}
-            w = lin.weight
-            out[name] = {zero: torch.zeros(shapes[zero], dtype=w.dtype, device=w.device),
-                         random: init_factor_(torch.empty(shapes[random], dtype=w.dtype, device=w.device),
-                                              s.random_init, g)}
-        return out
+        return self._draw_factors(round_seed if self.m.start == "redrawn" else mix(self.s.seed, t, client, "init"))
 
     def communication(self, participants: int) -> tuple[int, int]:
         shapes = [tuple(self.model.get_submodule(n).weight.shape) for n in self.layers]
@@ -144,12 +138,12 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
     training loss, participants, numbers sent up and down per client, aggregation error."""
     server = Server(base, s, len(shards))
     x, y = task.train.x, task.train.y
+    kw = dict(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
     records = []
     for t in range(1, s.rounds + 1):
         chosen, round_seed = server.next_round()
         starts = [server.start_factors(round_seed, c, t) for c in chosen]
         gens = [torch.Generator(device=x.device).manual_seed(mix(s.seed, t, c)) for c in chosen]
-        kw = dict(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
         if engine == "stack":
             run = _client_run(server, len(chosen))
             if server.layers:
@@ -168,8 +162,9 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
         weights = [shards[c].numel() for c in chosen]
         error = _aggregate(server, starts, states, weights)
         up, down = server.communication(len(chosen))
-        _, acc_b = evaluate(_global_model(server), task.test)
-        _, acc_a = evaluate(_global_model(server), task_a.test)
+        model = _global_model(server)
+        _, acc_b = evaluate(model, task.test)
+        _, acc_a = evaluate(model, task_a.test)
         rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
                    test_acc_a=acc_a, up_numbers=up, down_numbers=down, aggregation_error=error)
         records.append(rec)

@@ -71,22 +71,27 @@ def assert_same_runs(base, task, method, sketch, lr):
     assert min(r.epochs for r in records) < KW["max_epochs"]
     for i, (rank, seed) in enumerate(zip(ranks, SEEDS)):
         ref, rec = alone(base, task, method, sketch, rank, seed, lr)
-        state = model.run_state(i)
-        want = ref.state_dict()
-        assert state.keys() == want.keys()
-        for k in want:
-            torch.testing.assert_close(state[k], want[k], rtol=0, atol=1e-10, msg=f"run {i} {k}")
-        got = records[i]
-        assert (got.epochs, got.best_epoch, got.merges) == (rec.epochs, rec.best_epoch, rec.merges)
-        assert len(got.curve) == len(rec.curve)
-        for a, b in zip(got.curve, rec.curve):
-            assert a["epoch"] == b["epoch"] and a["merged"] == b["merged"]
-            for k in ("train_loss", "val_loss", "val_acc", "test_acc"):
-                assert a[k] == pytest.approx(b[k], abs=1e-10), (i, a["epoch"], k)
-        assert model.trainable_count(i) == count_trainable(ref)
-        loss, acc = evaluate_stack(model, task.test)
-        ref_loss, ref_acc = evaluate(ref, task.test)
-        assert loss[i].item() == pytest.approx(ref_loss, abs=1e-10) and acc[i].item() == ref_acc
+        assert_run_is_alone(model, i, records[i], ref, rec, task)
+
+
+def assert_run_is_alone(model, i, got, ref, rec, task):
+    """Run i of the stacked ``model`` (its record ``got``) against the same run alone (``ref``, ``rec``), float64:
+    weights, epochs, early stop, merges, every curve value, trainable count and evaluation."""
+    state = model.run_state(i)
+    want = ref.state_dict()
+    assert state.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(state[k], want[k], rtol=0, atol=1e-10, msg=f"run {i} {k}")
+    assert (got.epochs, got.best_epoch, got.merges) == (rec.epochs, rec.best_epoch, rec.merges)
+    assert len(got.curve) == len(rec.curve)
+    for a, b in zip(got.curve, rec.curve):
+        assert a["epoch"] == b["epoch"] and a["merged"] == b["merged"]
+        for k in ("train_loss", "val_loss", "val_acc", "test_acc"):
+            assert a[k] == pytest.approx(b[k], abs=1e-10), (i, a["epoch"], k)
+    assert model.trainable_count(i) == count_trainable(ref)
+    loss, acc = evaluate_stack(model, task.test)
+    ref_loss, ref_acc = evaluate(ref, task.test)
+    assert loss[i].item() == pytest.approx(ref_loss, abs=1e-10) and acc[i].item() == ref_acc
 
 
 @pytest.mark.parametrize("method,sketch", [(m, s) for m in METHODS

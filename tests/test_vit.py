@@ -16,9 +16,9 @@ from data import DIGITS
 from lora import adapters_of, wrap_linears
 from methods import METHODS
 from models import TARGET_PRESETS, build_model, count_trainable, target_linears
-from engine.stack import StackedModel, evaluate_stack, train_stack
-from tests.test_stack import DT, noisy_task
-from train import evaluate, train
+from engine.stack import StackedModel, train_stack
+from tests.test_stack import DT, assert_run_is_alone, noisy_task
+from train import train
 
 TINY = dict(patch=7, dim=8, depth=1, heads=2, mlp_dim=16, dropout=0.1)  # 16 patches of 7x7, 17 tokens
 KW = dict(weight_decay=0.01, batch_size=64, max_epochs=4, patience=2)
@@ -86,22 +86,9 @@ def assert_same_runs(base, task, method, sketch, lr, targets=None):
     run = build_run(base, method, sketch, ranks, gens, [None if r is None else SCALE * r for r in ranks],
                     stacked=True, targets=targets, lr=lr, **METHOD_KW)
     records = train_stack(run.model, run.params, task, generators=gens, lr=lr, **{**KW, **run.hooks})
-    model = run.model
     for i, (rank, seed) in enumerate(zip(ranks, SEEDS)):
         ref, rec = alone(base, task, method, sketch, rank, seed, lr, targets)
-        state, want = model.run_state(i), ref.state_dict()
-        assert state.keys() == want.keys()
-        for k in want:
-            torch.testing.assert_close(state[k], want[k], rtol=0, atol=1e-10, msg=f"run {i} {k}")
-        got = records[i]
-        assert (got.epochs, got.best_epoch, got.merges) == (rec.epochs, rec.best_epoch, rec.merges)
-        for a, b in zip(got.curve, rec.curve, strict=True):
-            for k in ("train_loss", "val_loss", "val_acc", "test_acc"):
-                assert a[k] == pytest.approx(b[k], abs=1e-10), (i, a["epoch"], k)
-        assert model.trainable_count(i) == count_trainable(ref)
-        loss, acc = evaluate_stack(model, task.test)
-        ref_loss, ref_acc = evaluate(ref, task.test)
-        assert loss[i].item() == pytest.approx(ref_loss, abs=1e-10) and acc[i].item() == ref_acc
+        assert_run_is_alone(run.model, i, records[i], ref, rec, task)
 
 
 @pytest.mark.parametrize("method,sketch", [("fpft", None)] + [
