@@ -22,6 +22,8 @@ RUN_COLUMNS = ["method", "sketch", "rank", "seed", "status", "clients", "partiti
                "git_commit", "code_fingerprint", "device", "finished_at", "config"]
 CURVE_COLUMNS = ["config_hash", "method", "sketch", "rank", "seed", "round", "participants", "train_loss",
                  "test_acc_b", "test_acc_a", "up_numbers", "down_numbers", "communicated_mb", "aggregation_error"]
+# the Flower engine's curve rows also carry the numbers its messages held, per participating client (fed/flower.py)
+FLOWER_COLUMNS = ["sent_up_numbers", "sent_down_numbers"]
 PREFIX = "fed_"  # results/fed_runs.csv, results/fed_curves.csv (one row per run and round)
 # The modules whose source determines this study's numbers (results.code_fingerprint)
 CODE = ["data", "models", "lora", "train", "engine.build", "engine.stack", "fed.partition", "fed.methods",
@@ -82,34 +84,38 @@ class FedTrainer:
         return out
 
     def rows(self, spec: dict, records: list[dict], wall: float, trainable_params: int) -> tuple[dict, list[dict]]:
-        from config import fed_settings_hash
-        from fed.simulate import megabytes
+        return run_rows(self.cfg, self.commit, self.device.type, spec, records, wall, trainable_params)
 
-        cfg, dev = self.cfg, self.device.type
-        key = run_hash(cfg, dev, **spec)
-        total, curve = 0.0, []
-        for r in records:  # every participating client's upload and download, cumulated over the rounds
-            total += r["participants"] * megabytes(r["up_numbers"] + r["down_numbers"])
-            curve.append(dict(config_hash=key, **spec, round=r["round"], participants=r["participants"],
-                              train_loss=r["train_loss"], test_acc_b=r["test_acc_b"], test_acc_a=r["test_acc_a"],
-                              up_numbers=r["up_numbers"], down_numbers=r["down_numbers"], communicated_mb=total,
-                              aggregation_error=r["aggregation_error"]))
-        reached = next((c for c in curve if c["test_acc_b"] >= cfg.target_accuracy), None)
-        last = records[-1]
-        row = dict(**spec, status="finished", clients=cfg.clients, partition=cfg.partition,
-                   dirichlet_alpha=cfg.dirichlet_alpha, participation=cfg.participation, rounds=cfg.rounds,
-                   local_epochs=cfg.local_epochs, lr=cfg.lr, trainable_params=trainable_params,
-                   up_numbers=records[0]["up_numbers"], down_numbers=records[0]["down_numbers"],
-                   final_test_acc_b=last["test_acc_b"], final_test_acc_a=last["test_acc_a"],
-                   best_test_acc_b=max(r["test_acc_b"] for r in records), target_accuracy=cfg.target_accuracy,
-                   rounds_to_target=reached["round"] if reached else None,
-                   mb_to_target=reached["communicated_mb"] if reached else None, total_mb=total,
-                   max_aggregation_error=max(r["aggregation_error"] for r in records), wall_s=round(wall, 3),
-                   config_hash=key, settings_hash=fed_settings_hash(cfg, dev, spec["method"]),
-                   git_commit=self.commit, device=dev,
-                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   config=json.dumps(cfg.to_dict(), sort_keys=True))
-        return row, curve
+
+def run_rows(cfg, commit: str, dev: str, spec: dict, records: list[dict], wall: float,
+             trainable_params: int) -> tuple[dict, list[dict]]:
+    """One run's fed_runs.csv row and fed_curves.csv rows from its round records (fed.simulate.run_federated's,
+    or the Flower server's, which also carry the numbers its messages held: sent_up_numbers, sent_down_numbers)."""
+    from config import fed_settings_hash
+    from fed.simulate import megabytes
+
+    key = run_hash(cfg, dev, **spec)
+    total, curve = 0.0, []
+    for r in records:  # every participating client's upload and download, cumulated over the rounds
+        total += r["participants"] * megabytes(r["up_numbers"] + r["down_numbers"])
+        curve.append(dict(config_hash=key, **spec, **{k: r[k] for k in r if k in CURVE_COLUMNS + FLOWER_COLUMNS},
+                          communicated_mb=total))
+    reached = next((c for c in curve if c["test_acc_b"] >= cfg.target_accuracy), None)
+    last = records[-1]
+    row = dict(**spec, status="finished", clients=cfg.clients, partition=cfg.partition,
+               dirichlet_alpha=cfg.dirichlet_alpha, participation=cfg.participation, rounds=cfg.rounds,
+               local_epochs=cfg.local_epochs, lr=cfg.lr, trainable_params=trainable_params,
+               up_numbers=records[0]["up_numbers"], down_numbers=records[0]["down_numbers"],
+               final_test_acc_b=last["test_acc_b"], final_test_acc_a=last["test_acc_a"],
+               best_test_acc_b=max(r["test_acc_b"] for r in records), target_accuracy=cfg.target_accuracy,
+               rounds_to_target=reached["round"] if reached else None,
+               mb_to_target=reached["communicated_mb"] if reached else None, total_mb=total,
+               max_aggregation_error=max(r["aggregation_error"] for r in records), wall_s=round(wall, 3),
+               config_hash=key, settings_hash=fed_settings_hash(cfg, dev, spec["method"]),
+               git_commit=commit, device=dev,
+               finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               config=json.dumps(cfg.to_dict(), sort_keys=True))
+    return row, curve
 
 
 def settings(cfg, spec: dict):

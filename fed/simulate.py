@@ -142,41 +142,65 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
     records = []
     for t in range(1, s.rounds + 1):
         chosen, round_seed = server.next_round()
-        starts = [server.start_factors(round_seed, c, t) for c in chosen]
-        gens = [torch.Generator(device=x.device).manual_seed(mix(s.seed, t, c)) for c in chosen]
         if engine == "stack":
+            starts = [server.start_factors(round_seed, c, t) for c in chosen]
+            gens = [client_generator(s.seed, t, c, x.device) for c in chosen]
             run = _client_run(server, len(chosen))
             if server.layers:
                 _set_factors(run.model, server.layers, starts, stacked=True)
             states, losses = train_clients(run.model, run.params, x, y, [shards[c] for c in chosen], gens, **kw)
         elif engine == "plain":
-            states, losses = [], []
-            for c, start, g in zip(chosen, starts, gens):
-                run = _client_run(server)
-                if server.layers:
-                    _set_factors(run.model, server.layers, [start], stacked=False)
-                losses.append(train_client(run.model, run.params, x, y, shards[c], g, **kw))
-                states.append({k: v.detach() for k, v in run.model.state_dict().items()})
+            starts, states, losses = zip(*[client_round(server, c, t, round_seed, x, y, shards[c]) for c in chosen]) \
+                if chosen else ((), (), ())
         else:
             raise ValueError(f"unknown engine {engine!r}; allowed: stack, plain")
-        weights = [shards[c].numel() for c in chosen]
-        error = _aggregate(server, starts, states, weights)
-        up, down = server.communication(len(chosen))
-        model = _global_model(server)
-        _, acc_b = evaluate(model, task.test)
-        _, acc_a = evaluate(model, task_a.test)
-        rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
-                   test_acc_a=acc_a, up_numbers=up, down_numbers=down, aggregation_error=error)
+        rec, _ = close_round(server, t, chosen, list(starts), list(states), list(losses),
+                             [shards[c].numel() for c in chosen], task, task_a)
         records.append(rec)
         if progress is not None:
             progress(rec)
     return records
 
 
-def _aggregate(server: Server, starts: list[dict], states: list[dict], weights: list[int]) -> float:
-    """The server's step for every layer (or every parameter, for fedavg); returns the aggregation error."""
+def client_generator(seed: int, t: int, client: int, device) -> torch.Generator:
+    """Client ``client``'s generator in round ``t``: its batch order and dropout masks."""
+    return torch.Generator(device=device).manual_seed(mix(seed, t, client))
+
+
+def client_round(server: Server, client: int, t: int, round_seed: int, x: torch.Tensor, y: torch.Tensor,
+                 shard: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor], float]:
+    """One client's round alone, from the server's state at the start of round ``t`` (what a Flower client
+    does): (its start factors, its state after local training, its last epoch's mean loss)."""
+    s = server.s
+    start = server.start_factors(round_seed, client, t)
+    run = _client_run(server)
+    if server.layers:
+        _set_factors(run.model, server.layers, [start], stacked=False)
+    loss = train_client(run.model, run.params, x, y, shard, client_generator(s.seed, t, client, x.device),
+                        epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
+    return start, {k: v.detach() for k, v in run.model.state_dict().items()}, loss
+
+
+def close_round(server: Server, t: int, chosen: list[int], starts: list[dict], states: list[dict],
+                losses: list[float], weights: list[int], task: Task, task_a: Task) -> tuple[dict, dict]:
+    """The server's end of round ``t``: aggregation, then central evaluation of the new global model. Returns
+    the round's record and what goes down to the clients (``down_payload``)."""
+    error, down = _aggregate(server, starts, states, weights)
+    up_numbers, down_numbers = server.communication(len(chosen))
+    model = _global_model(server)
+    _, acc_b = evaluate(model, task.test)
+    _, acc_a = evaluate(model, task_a.test)
+    rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
+               test_acc_a=acc_a, up_numbers=up_numbers, down_numbers=down_numbers, aggregation_error=error)
+    return rec, down
+
+
+def _aggregate(server: Server, starts: list[dict], states: list[dict],
+               weights: list[int]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The server's step for every layer (or every parameter, for fedavg); returns the aggregation error and
+    what goes down (``apply_down``'s payload: the method's "down" column, the round seed aside)."""
     m, s = server.m, server.s
-    means, applied = [], []
+    means, applied, down = [], [], {}
     with torch.no_grad():
         if m.trains == "all":
             for name, p in server.model.named_parameters():
@@ -184,7 +208,9 @@ def _aggregate(server: Server, starts: list[dict], states: list[dict], weights: 
                 p.copy_(new["W"])
                 means.append(mean_u)
                 applied.append(app)
-            return aggregation_error(means, applied)
+                down[f"model.{name}"] = p.detach().clone()
+            return aggregation_error(means, applied), down
+        zero = ROLES[s.sketch][0]
         for name in server.layers:
             clients = [{"A": st[f"{name}.A"], "B": st[f"{name}.B"],
                         **({"A0": start[name]["A"], "B0": start[name]["B"]} if m.start == "fresh" else {})}
@@ -196,7 +222,49 @@ def _aggregate(server: Server, starts: list[dict], states: list[dict], weights: 
                 server.model.get_submodule(name).weight += app
             else:
                 server.factors[name] = new
-    return aggregation_error(means, applied)
+            sent = ("A", "B") if m.trains == "both" else (zero,)  # FFA-LoRA, Fed-RAC-LoRA: the trained factor only
+            down.update({f"{name}.{k}": new[k].detach().clone() for k in sent})
+    return aggregation_error(means, applied), down
+
+
+def apply_down(server: Server, down: dict[str, torch.Tensor], round_seed: int) -> None:
+    """A client's copy of the server's state (``server``: W and the global factors at the start of the round
+    whose seed is ``round_seed``) brought to the server's state after that round, from what came down:
+    FedAvg's weights, FedIT's factors, FFA-LoRA's mean trained factor, FLoRA's stacked factors (s B A merged
+    into W), Fed-RAC-LoRA's mean trained factor with the round's random factor redrawn from its seed."""
+    m, s = server.m, server.s
+    with torch.no_grad():
+        if m.trains == "all":
+            for name, p in server.model.named_parameters():
+                p.copy_(down[f"model.{name}"])
+            return
+        zero = ROLES[s.sketch][0]
+        redrawn = server._draw_factors(round_seed) if m.start == "redrawn" else {}
+        for name in server.layers:
+            if m.trains == "both":
+                new = {k: down[f"{name}.{k}"] for k in ("A", "B")}
+            else:
+                new = dict(redrawn[name] if redrawn else server.factors[name], **{zero: down[f"{name}.{zero}"]})
+            if m.merges:  # the round's start had a zero product: the whole product is the update
+                server.model.get_submodule(name).weight += s.scale * (new["B"] @ new["A"])
+            else:
+                server.factors[name] = new
+
+
+def global_state(server: Server) -> dict[str, torch.Tensor]:
+    """Everything the server holds between rounds: W ("model.<name>") and the global factors
+    ("factor.<layer>.<A|B>"); ``load_global_state`` restores it."""
+    out = {f"model.{k}": v.detach().clone() for k, v in server.model.state_dict().items()}
+    for layer, f in server.factors.items():
+        out.update({f"factor.{layer}.{k}": v.detach().clone() for k, v in f.items()})
+    return out
+
+
+def load_global_state(server: Server, state: dict[str, torch.Tensor]) -> None:
+    server.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    for layer in list(server.factors):
+        server.factors[layer] = {k: state[f"factor.{layer}.{k}"].to(server.factors[layer][k])
+                                 for k in ("A", "B")}
 
 
 def _global_model(server: Server) -> nn.Module:
