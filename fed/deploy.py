@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -33,6 +35,21 @@ def _bin(name: str) -> str:
     """A console script of the running Python's environment (flwr, flower-superlink, flower-supernode)."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
+
+
+def live_in_groups(groups: list[int]) -> list[int]:
+    """The processes (not yet exited: zombies aside) whose process group is one of ``groups`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in groups:  # state, ppid, pgrp
+            out.append(int(entry.name))
+    return out
 
 
 def run_config_arg(run_config: dict) -> str:
@@ -55,8 +72,9 @@ class Flower:
         self.timeout = timeout
         self.procs: list[subprocess.Popen] = []
         self.connection = None
-        (self.home / "ray").mkdir(exist_ok=True)
-        self.env = {**os.environ, **QUIET, "FLWR_HOME": str(self.home), "RAY_TMPDIR": str(self.home / "ray"),
+        # Ray's sockets need a short path (107 bytes at most): a folder of /tmp of its own, removed by stop()
+        self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.env = {**os.environ, **QUIET, "FLWR_HOME": str(self.home), "RAY_TMPDIR": self.ray_tmp,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def __enter__(self):
@@ -127,7 +145,7 @@ class Flower:
     def run(self, run_config: dict) -> dict:
         """``flwr run . <connection> --run-config ...``, then wait for the run to finish; returns its final
         entry of ``flwr ls`` (``status`` is "finished:completed" when it succeeded: ``flwr run`` itself
-        exits 0 even when the run fails)."""
+        exits 0 even when the run fails), with the run's log under "log"."""
         if self.connection is None:
             raise RuntimeError("start a federation first: simulation(...) or deployment(...)")
         out = self._flwr("run", str(ROOT), self.connection, "--run-config", run_config_arg(run_config),
@@ -141,6 +159,10 @@ class Flower:
             listing = json.loads(self._flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json"))
             run = listing["runs"][0]
             if run["status"].startswith("finished"):
+                try:  # the run's own log (the ServerApp's output, a failure's traceback)
+                    run["log"] = self._flwr("log", str(run_id), self.connection, "--show", timeout=60)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    run["log"] = f"(no log: {e})"
                 return run
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} still {run['status']} after {self.timeout:.0f} s: see {self.home}")
@@ -153,7 +175,8 @@ class Flower:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.home.glob("*.log")))
 
     def stop(self) -> None:
-        """SuperNodes first, then the SuperLink (each with its process group); SIGKILL after 10 s."""
+        """SuperNodes first, then the SuperLink (each with its process group: their ClientApp, ServerApp and
+        Ray processes too); SIGKILL after 10 s; returns when no process of those groups is left."""
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:
@@ -171,4 +194,14 @@ class Flower:
             except (ProcessLookupError, PermissionError):
                 pass
             p.wait()
+        groups = [p.pid for p in self.procs]
+        deadline = time.monotonic() + 10
+        while (left := live_in_groups(groups)) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
         self.procs = []
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)

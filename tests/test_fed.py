@@ -236,3 +236,41 @@ def test_a_round_records_the_methods_communication():
 
 def test_every_lora_method_uses_the_sketch_and_fedavg_does_not():
     assert [m for m in FED_METHODS if FED_METHODS[m].uses_sketch] == ["fedit", "ffa_lora", "flora", "fed_rac_lora"]
+
+
+# --- what goes down: a client's copy of the server's state, brought up to date by the method's payload -----
+@pytest.mark.parametrize("method,sketch", [("fedavg", None), ("fedit", "left"), ("ffa_lora", "left"),
+                                           ("ffa_lora", "right"), ("flora", "left"), ("flora", "right"),
+                                           ("fed_rac_lora", "left"), ("fed_rac_lora", "right")])
+def test_the_down_payload_brings_a_clients_copy_to_the_servers_state(method, sketch):
+    """What the Flower server sends down after a round (fed.simulate.close_round's payload) lets a client that
+    held the server's state at the round's start rebuild the state after it (apply_down), and holds exactly
+    the numbers of the method's "down" formula (the round seed aside)."""
+    import copy
+
+    from fed.simulate import (Server, apply_down, client_round, close_round, global_state,
+                              load_global_state)
+
+    base, task, task_a, shards = _fed_setup()
+    s = _settings(method, sketch)
+    server = Server(base, s, len(shards))
+    client = Server(base, s, len(shards))  # the client's copy, kept in sync only through the payloads
+    load_global_state(client, global_state(server))
+    for t in (1, 2):
+        chosen, seed = server.next_round()
+        rounds = [client_round(server, c, t, seed, task.train.x, task.train.y, shards[c]) for c in chosen]
+        starts, states, losses = map(list, zip(*rounds))
+        rec, down = close_round(server, t, chosen, starts, states, losses, [shards[c].numel() for c in chosen],
+                                task, task_a)
+        assert sum(v.numel() for v in down.values()) == rec["down_numbers"] - (method == "fed_rac_lora")
+        before = copy.deepcopy(global_state(client))
+        apply_down(client, down, seed)
+        after, want = global_state(client), global_state(server)
+        assert after.keys() == want.keys()
+        assert any(not torch.equal(before[k], want[k]) for k in want)  # the round moved the server
+        for k in want:
+            torch.testing.assert_close(after[k], want[k], rtol=0, atol=1e-12, msg=f"round {t} {k}")
+    if method != "fedavg":  # and the client's rebuilt global model computes what the server's does
+        x = task.test.x[:20]
+        from fed.simulate import _global_model
+        torch.testing.assert_close(_global_model(client).eval()(x), _global_model(server).eval()(x), rtol=0, atol=1e-12)
