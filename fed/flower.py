@@ -30,8 +30,11 @@ import json
 import time
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from config import ConfigError
 
@@ -55,9 +58,10 @@ LIST_KEYS = {"hidden", "target-modules"}  # comma-separated in the run config
 SINGLE = {"rank": "ranks", "seed": "seeds"}  # one value per run here, lists in FedConfig
 
 
-def from_run_config(run_config: dict) -> tuple:
+def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
     """(FedConfig, the run's spec {method, sketch, rank, seed}, the engine's options) from a Flower run config,
-    with federated.py's checks: ConfigError (one line) on anything unknown or out of range."""
+    with federated.py's checks: ConfigError (one line) on anything unknown or out of range, or (with
+    ``check_paths``) a relative path."""
     from config import FedConfig, from_argv
     from fed.methods import get_fed_method
 
@@ -82,6 +86,10 @@ def from_run_config(run_config: dict) -> tuple:
     lora = get_fed_method(cfg.method).uses_sketch
     spec = dict(method=cfg.method, sketch=cfg.sketch if lora else None, rank=cfg.ranks[0] if lora else None,
                 seed=cfg.seeds[0])
+    for key in ("data-dir", "results-dir", "base-model", "records"):
+        if check_paths and values[key] and not str(values[key]).startswith("/"):
+            raise ConfigError(f"{key} {values[key]!r} is relative, and the Flower apps run in Flower's own app "
+                              f"folder: give an absolute path (--run-config \"{key}='/abs/path'\")")
     timeout = values["timeout"]
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -135,110 +143,105 @@ def numbers(arrays: dict) -> int:
 
 
 # --- the server ------------------------------------------------------------------------------------------
-def _strategy_class():
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+class FederatedRound(FedAvg):
+    """Flower's FedAvg with the suite's rounds: ``configure_train`` picks the round's clients and seed as
+    the in-process server does (fed.simulate.Server.next_round) and sends each the method's "down";
+    ``aggregate_train`` applies the method's rule (fed.simulate.close_round) and evaluates centrally."""
 
-    class FederatedRound(FedAvg):
-        """Flower's FedAvg with the suite's rounds: ``configure_train`` picks the round's clients and seed as
-        the in-process server does (fed.simulate.Server.next_round) and sends each the method's "down";
-        ``aggregate_train`` applies the method's rule (fed.simulate.close_round) and evaluates centrally."""
+    def __init__(self, server, tasks: dict, timeout: float):
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
+                         min_available_nodes=server.clients)
+        self.server, self.tasks, self.timeout = server, tasks, timeout
+        self.node_of: dict[int, int] = {}  # partition id -> node id
+        self.in_sync: dict[int, int] = {}  # node id -> the round whose starting state it holds
+        self.down, self.last_seed = None, None
+        self.records: list[dict] = []
+        self.round: dict = {}
+        self.t0 = time.perf_counter()  # the records' elapsed_s: seconds since the strategy was made
 
-        def __init__(self, server, tasks: dict, timeout: float):
-            super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                             min_available_nodes=server.clients)
-            self.server, self.tasks, self.timeout = server, tasks, timeout
-            self.node_of: dict[int, int] = {}  # partition id -> node id
-            self.in_sync: dict[int, int] = {}  # node id -> the round whose starting state it holds
-            self.down, self.last_seed = None, None
-            self.records: list[dict] = []
-            self.round: dict = {}
+    def _discover(self, grid) -> None:
+        """Ask every node its partition: the federation must hold partitions 0..clients-1, once each."""
+        nodes = list(grid.get_node_ids())
+        asks = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition"})}),
+                        message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        replies = list(grid.send_and_receive(asks, timeout=self.timeout))
+        failed = [r.error.reason for r in replies if r.has_error()]
+        if failed or len(replies) != len(nodes):
+            raise RuntimeError(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did not say "
+                               f"their partition: {failed[:1]}")
+        found = {int(r.content["metrics"]["partition-id"]): r.metadata.src_node_id for r in replies}
+        want = self.server.clients
+        if sorted(found) != list(range(want)) or len(found) != len(replies):
+            raise ConfigError(f"the federation's nodes hold partitions {sorted(found)} (from {len(replies)} "
+                              f"nodes); clients {want} needs partition-id 0..{want - 1}, one node each")
+        self.node_of = found
 
-        def _discover(self, grid) -> None:
-            """Ask every node its partition: the federation must hold partitions 0..clients-1, once each."""
-            nodes = list(grid.get_node_ids())
-            asks = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition"})}),
-                            message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-            replies = list(grid.send_and_receive(asks, timeout=self.timeout))
-            failed = [r.error.reason for r in replies if r.has_error()]
-            if failed or len(replies) != len(nodes):
-                raise RuntimeError(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did not say "
-                                   f"their partition: {failed[:1]}")
-            found = {int(r.content["metrics"]["partition-id"]): r.metadata.src_node_id for r in replies}
-            want = self.server.clients
-            if sorted(found) != list(range(want)) or len(found) != len(replies):
-                raise ConfigError(f"the federation's nodes hold partitions {sorted(found)} (from {len(replies)} "
-                                  f"nodes); clients {want} needs partition-id 0..{want - 1}, one node each")
-            self.node_of = found
+    def configure_train(self, server_round, arrays, config, grid):
+        from fed.simulate import global_state
 
-        def configure_train(self, server_round, arrays, config, grid):
-            from fed.simulate import global_state
+        if not self.node_of:
+            sample_nodes(grid, self.server.clients, self.server.clients)  # waits for every node to connect
+            self._discover(grid)
+        chosen, round_seed = self.server.next_round()
+        starts = [self.server.start_factors(round_seed, c, server_round) for c in chosen]
+        messages, sent = [], []
+        full = None
+        for c in chosen:
+            node = self.node_of[c]
+            synced = self.in_sync.get(node) == server_round - 1 and self.down is not None
+            if synced:
+                payload, base = self.down, server_round - 1
+            else:
+                full = full if full is not None else global_state(self.server)
+                payload, base = full, 0
+            cfg = ConfigRecord({"server-round": server_round, "round-seed": round_seed, "from-round": base,
+                                "last-seed": self.last_seed if synced else 0})
+            messages.append(Message(content=RecordDict({"arrays": ArrayRecord(payload), "config": cfg}),
+                                    message_type=MessageType.TRAIN, dst_node_id=node))
+            sent.append(numbers(payload))
+            self.in_sync[node] = server_round
+        self.round = dict(chosen=chosen, seed=round_seed, starts=starts, sent_down=sent)
+        return messages
 
-            if not self.node_of:
-                sample_nodes(grid, self.server.clients, self.server.clients)  # waits for every node to connect
-                self._discover(grid)
-            chosen, round_seed = self.server.next_round()
-            starts = [self.server.start_factors(round_seed, c, server_round) for c in chosen]
-            messages, sent = [], []
-            full = None
-            for c in chosen:
-                node = self.node_of[c]
-                synced = self.in_sync.get(node) == server_round - 1 and self.down is not None
-                if synced:
-                    payload, base = self.down, server_round - 1
-                else:
-                    full = full if full is not None else global_state(self.server)
-                    payload, base = full, 0
-                cfg = ConfigRecord({"server-round": server_round, "round-seed": round_seed, "from-round": base,
-                                    "last-seed": self.last_seed if synced else 0})
-                messages.append(Message(content=RecordDict({"arrays": ArrayRecord(payload), "config": cfg}),
-                                        message_type=MessageType.TRAIN, dst_node_id=node))
-                sent.append(numbers(payload))
-                self.in_sync[node] = server_round
-            self.round = dict(chosen=chosen, seed=round_seed, starts=starts, sent_down=sent)
-            return messages
+    def aggregate_train(self, server_round, replies):
+        from fed.simulate import close_round
 
-        def aggregate_train(self, server_round, replies):
-            from fed.simulate import close_round
+        replies = list(replies)
+        failed = [r for r in replies if r.has_error()]
+        chosen = self.round["chosen"]
+        if failed or len(replies) != len(chosen):
+            for r in failed:
+                self.in_sync.pop(r.metadata.src_node_id, None)
+            reasons = "; ".join(sorted({r.error.reason.strip().splitlines()[-1][:300] for r in failed}))
+            raise RuntimeError(f"round {server_round}: {len(replies) - len(failed)} of {len(chosen)} clients "
+                               f"replied ({reasons or 'timed out'})")
+        by_client = {int(r.content["metrics"]["partition-id"]): r.content for r in replies}
+        states, losses, weights, sent_up = [], [], [], []
+        for c, start in zip(chosen, self.round["starts"]):
+            content = by_client[c]
+            got = content["arrays"].to_torch_state_dict()
+            sent_up.append(numbers(got))
+            states.append(self._client_state(got, start))
+            losses.append(float(content["metrics"]["train-loss"]))
+            weights.append(int(content["metrics"]["num-examples"]))
+        rec, self.down = close_round(self.server, server_round, chosen, self.round["starts"], states, losses,
+                                     weights, self.tasks["B"], self.tasks["A"])
+        self.last_seed = self.round["seed"]
+        rec.update(sent_up_numbers=sum(sent_up) / len(sent_up),
+                   sent_down_numbers=sum(self.round["sent_down"]) / len(chosen),
+                   elapsed_s=time.perf_counter() - self.t0)
+        self.records.append(rec)
+        return None, MetricRecord({k: float(v) for k, v in rec.items()})
 
-            replies = list(replies)
-            failed = [r for r in replies if r.has_error()]
-            chosen = self.round["chosen"]
-            if failed or len(replies) != len(chosen):
-                for r in failed:
-                    self.in_sync.pop(r.metadata.src_node_id, None)
-                reasons = "; ".join(sorted({r.error.reason.strip().splitlines()[-1][:300] for r in failed}))
-                raise RuntimeError(f"round {server_round}: {len(replies) - len(failed)} of {len(chosen)} clients "
-                                   f"replied ({reasons or 'timed out'})")
-            by_client = {int(r.content["metrics"]["partition-id"]): r.content for r in replies}
-            states, losses, weights, sent_up = [], [], [], []
-            for c, start in zip(chosen, self.round["starts"]):
-                content = by_client[c]
-                got = content["arrays"].to_torch_state_dict()
-                sent_up.append(numbers(got))
-                states.append(self._client_state(got, start))
-                losses.append(float(content["metrics"]["train-loss"]))
-                weights.append(int(content["metrics"]["num-examples"]))
-            rec, self.down = close_round(self.server, server_round, chosen, self.round["starts"], states, losses,
-                                         weights, self.tasks["B"], self.tasks["A"])
-            self.last_seed = self.round["seed"]
-            rec.update(sent_up_numbers=sum(sent_up) / len(sent_up),
-                       sent_down_numbers=sum(self.round["sent_down"]) / len(chosen))
-            self.records.append(rec)
-            return None, MetricRecord({k: float(v) for k, v in rec.items()})
-
-        def _client_state(self, got: dict, start: dict) -> dict:
-            """The client's adapter state as fed.simulate's aggregation reads it: what it sent, plus the
-            random factor it did not send (the round's own, from its start)."""
-            dtype = next(self.server.model.parameters()).dtype
-            state = {k: v.to(dtype) for k, v in got.items()}
-            for layer in self.server.layers:
-                for k in ("A", "B"):
-                    state.setdefault(f"{layer}.{k}", start[layer][k])
-            return state
-
-    return FederatedRound
+    def _client_state(self, got: dict, start: dict) -> dict:
+        """The client's adapter state as fed.simulate's aggregation reads it: what it sent, plus the
+        random factor it did not send (the round's own, from its start)."""
+        dtype = next(self.server.model.parameters()).dtype
+        state = {k: v.to(dtype) for k, v in got.items()}
+        for layer in self.server.layers:
+            for k in ("A", "B"):
+                state.setdefault(f"{layer}.{k}", start[layer][k])
+        return state
 
 
 def server_main(grid, context) -> None:
@@ -265,9 +268,7 @@ def server_main(grid, context) -> None:
         tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device)
     s = settings(cfg, spec)
     server = Server(base, s, cfg.clients)
-    strategy = _strategy_class()(server, tasks, timeout=opts["timeout"])
-    from flwr.app import ArrayRecord
-
+    strategy = FederatedRound(server, tasks, timeout=opts["timeout"])
     strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds)
     records = strategy.records
     wall = time.perf_counter() - t0
@@ -307,8 +308,6 @@ def _client_setup(context):
 
 
 def client_query(msg, context):
-    from flwr.app import Message, MetricRecord, RecordDict
-
     cfg, _, _, pid, _, shard, _ = _client_setup(context)
     return Message(content=RecordDict({"metrics": MetricRecord({"partition-id": pid, "num-partitions": cfg.clients,
                                                                 "num-examples": int(shard.numel())})}), reply_to=msg)
@@ -317,8 +316,6 @@ def client_query(msg, context):
 def client_train(msg, context):
     """One round of local training: bring this node's copy of the server's state up to date with what came
     down, train from it (fed.simulate.client_round, the in-process client's code), send up what it trained."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
     from engine.build import config_model
     from fed.simulate import Server, apply_down, client_round, global_state, load_global_state
     from federated import settings

@@ -32,7 +32,7 @@ def test_the_run_config_defaults_are_federated_pys():
     from config import FedConfig
     from fed.flower import from_run_config
 
-    cfg, spec, opts = from_run_config({})
+    cfg, spec, opts = from_run_config({}, check_paths=False)
     want = FedConfig(device="cpu")
     assert cfg.to_dict() == want.to_dict() | {"seeds": [0]}
     assert spec == dict(method="fed_rac_lora", sketch="left", rank=1, seed=0)
@@ -44,20 +44,21 @@ def test_the_run_config_defaults_are_federated_pys():
     ({"dirichlet-alpha": 0.0}, "dirichlet_alpha"), ({"method": "fedprox"}, "fedprox"),
     ({"method": "all"}, "one method"), ({"sketch": "both"}, "one method and one sketch"),
     ({"dtype": "float16"}, "dtype"), ({"timeout": -1}, "timeout"), ({"ranks": 2}, "unknown run-config key"),
-    ({"lr": float("nan")}, "lr"), ({"hidden": "8,x"}, "hidden"),
+    ({"lr": float("nan")}, "lr"), ({"hidden": "8,x"}, "hidden"), ({"data-dir": "./data"}, "absolute path"),
+    ({"results-dir": "results"}, "results-dir 'results' is relative"),
 ])
 def test_bad_run_config_is_one_line(run_config, needle):
     from fed.flower import from_run_config
 
     with pytest.raises(ConfigError) as e:
-        from_run_config(run_config)
+        from_run_config({"data-dir": "/d", "results-dir": "/r", **run_config})
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_missing_or_foreign_base_model_is_one_line(tmp_path):
     from fed.flower import from_run_config, load_base
 
-    cfg, _, _ = from_run_config({"hidden": "8"})
+    cfg, _, _ = from_run_config({"hidden": "8"}, check_paths=False)
     for path, needle in ((tmp_path / "none.pt", "is not a file"), (tmp_path / "bad.pt", "is not a state dict")):
         if path.name == "bad.pt":
             path.write_bytes(b"not a checkpoint")
