@@ -38,7 +38,9 @@ INT_RANGES = {"batch_size": (1, 65536), "max_epochs": (1, 100_000), "patience": 
               "galore_every": (1, 10 ** 9), "val_size": (1, 10 ** 9),
               "split_seed": (0, MAX_SEED), "base_seed": (0, MAX_SEED), "vit_patch": (1, 28), "vit_dim": (1, 4096),
               "vit_depth": (1, 64), "vit_heads": (1, 256), "vit_mlp_dim": (1, 16384), "clients": (1, 10 ** 6),
-              "rounds": (1, 100_000), "local_epochs": (1, 10_000)}
+              "rounds": (1, 100_000), "local_epochs": (1, 10_000), "chains": (1, 10_000),
+              "epochs_per_chain": (1, 10_000), "max_length": (2, 1_000_000), "max_train_examples": (0, 10 ** 9),
+              "rank": (1, 65536)}
 
 
 class ConfigError(ValueError):
@@ -375,6 +377,128 @@ def fed_settings_hash(cfg: FedConfig, device: str, method: str) -> str:
     d = {k: v for k, v in d.items() if k not in _MODEL_FIELDS or cfg.model == _MODEL_FIELDS[k]}
     if method == "fedavg":
         d = {k: v for k, v in d.items() if k not in _FED_ADAPTER_FIELDS}
+    d["device"], d["method"] = device, method
+    return stable_hash(d)
+
+
+# --- the paper's GLUE protocol on Hugging Face models (glue.py) ------------------------------------------
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # glue.TASKS
+GLUE_METHODS = ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus")  # glue.py's
+GLUE_TABLE2 = ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora")  # --method all: the paper's Table 2
+GLUE_SCHEDULES = ("linear", "constant", "cosine")
+
+
+@dataclass
+class GlueConfig:
+    """Settings of ``python glue.py``: a Hugging Face sequence classifier (RoBERTa-base by default) on GLUE
+    tasks, full fine-tuning against the LoRA methods through PEFT and peft_chain, as the paper's Table 2."""
+    # --- what to run ---
+    method: str = "all"  # fpft | lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | all (Table 2's five)
+    tasks: list[str] = field(default_factory=lambda: ["mrpc", "rte", "stsb", "cola", "sst2", "qnli"])  # GLUE tasks
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed for each task x method
+    # --- the protocol: merging methods train `chains` links of `epochs_per_chain` epochs; the others as many epochs in one piece ---
+    chains: int = 10  # links of the chain (a merge after each) for cola, rac_lora, cola_plus
+    epochs_per_chain: int = 10  # epochs of each link
+    # --- model and data ---
+    model: str = "roberta-base"  # a Hub name (needs network) or a local folder saved by save_pretrained
+    data_dir: str = ""  # GLUE's own layout (<data_dir>/SST-2/train.tsv ...); empty: the Hub's nyu-mll/glue (needs `datasets` and network)
+    max_length: int = 128  # tokens per example (longer ones are truncated)
+    max_train_examples: int = 0  # use only the first n training examples of each task (0: all)
+    # --- adapters (PEFT LoraConfig) ---
+    sketch: str = "left"  # left: lora_B random, lora_A trained; right: lora_A random, lora_B trained
+    rank: int = 8  # LoRA rank r
+    lora_alpha: float = 16.0  # PEFT's scaling is lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+    random_init: str = "gaussian"  # init of the random factor: gaussian = N(0, 1); kaiming = nn.Linear's default
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])  # PEFT target_modules
+    # --- optimisation (transformers.Trainer) ---
+    lr: float = 4e-4  # learning rate of the LoRA methods
+    fpft_lr: float = 2e-5  # learning rate of full fine-tuning
+    loraplus_ratio: float = 16.0  # lora_plus, cola_plus: lora_B learns at this x lr
+    batch_size: int = 16  # examples per step
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_ratio: float = 0.06  # fraction of the steps with a linear warm-up (Trainer's warmup_steps as a ratio)
+    schedule: str = "linear"  # learning-rate schedule after the warm-up: linear | constant | cosine
+    # --- where things go ---
+    results_dir: str = "./results"  # glue_runs.csv, glue_curves.csv
+    plots_dir: str = "./plots"  # glue_*.png
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    resume: bool = True  # skip runs already recorded in glue_runs.csv under the same config hash and code fingerprint
+    resume_any_code: bool = False  # with resume, also skip runs recorded by other versions of the code
+    plots_only: bool = False  # redraw the plots from the CSVs and exit, training nothing
+    progress: bool = True  # show progress bars
+
+    workers = 1  # not settings: one run at a time (a transformer uses every core, or the GPU)
+    stack_size = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("method", self.method, GLUE_METHODS + ("all",))
+        _choice("sketch", self.sketch, SKETCHES)
+        _choice("random_init", self.random_init, RANDOM_INITS)
+        _choice("schedule", self.schedule, GLUE_SCHEDULES)
+        _choice("device", self.device, DEVICES)
+        _check_numbers(self)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks must name one or more distinct GLUE tasks ({', '.join(GLUE_TASKS)}), "
+                              f"got {self.tasks}")
+        for t in self.tasks:
+            _choice("task", t, GLUE_TASKS)
+        _check_model_lists([1], [self.rank], self.seeds)
+        if not self.model:
+            raise ConfigError("model must name a Hub model or a local folder, got ''")
+        if not self.target_modules or any(not t for t in self.target_modules):
+            raise ConfigError(f"target_modules must name one or more module names, got {self.target_modules}")
+        for name in ("lr", "fpft_lr", "lora_alpha", "loraplus_ratio"):
+            _positive(name, getattr(self, name))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def check_setup(self) -> None:
+        """The model's config and the data must be there (glue.check_sources): one line if not."""
+        from glue import check_sources
+
+        check_sources(self)
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(parameters, activation floats of one step, 0) of the model (glue.model_sizes, on the meta device)."""
+        from glue import model_sizes
+
+        return model_sizes(self)
+
+    def runs_per_stack(self) -> int:
+        return 1
+
+    def selected_methods(self) -> list[str]:
+        return list(GLUE_TABLE2) if self.method == "all" else [self.method]
+
+    def epochs(self) -> int:
+        return self.chains * self.epochs_per_chain
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_GLUE_NOT_IN_HASH = {"method", "tasks", "seeds", "data_dir", "results_dir", "plots_dir", "device", "resume",
+                     "resume_any_code", "plots_only", "progress"}
+_GLUE_ADAPTER_FIELDS = {"sketch", "rank", "lora_alpha", "lora_dropout", "random_init", "target_modules", "lr"}
+
+
+def glue_settings_hash(cfg: GlueConfig, device: str, method: str) -> str:
+    """Hash of every field that changes a GLUE run of ``method``, apart from its task and seed."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _GLUE_NOT_IN_HASH}
+    if method == "fpft":
+        d = {k: v for k, v in d.items() if k not in _GLUE_ADAPTER_FIELDS | {"loraplus_ratio"}}
+    else:
+        d.pop("fpft_lr")
+        if method not in ("lora_plus", "cola_plus"):
+            d.pop("loraplus_ratio")
     d["device"], d["method"] = device, method
     return stable_hash(d)
 

@@ -348,3 +348,64 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         written.append(_save(fig, plots_dir / name))
     return written
+
+
+def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+    """glue.py's figures: the dev metric of every task and method (bars: mean over seeds, error bars: ± std,
+    the dots: each seed), and the dev metric by epoch per task (a line per method, ± std band, merges marked)."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    tasks = sorted({r["task"] for r in runs})
+    methods = sorted({r["method"] for r in runs}, key=display_order)
+    by = group(runs, ("task", "method"))
+    label = {m: ("FPFT" if m == "fpft" else METHODS[m].label) for m in methods}
+    color = {m: ("#222222" if m == "fpft" else COLORS[m]) for m in methods}
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(tasks) * max(1, len(methods)) / 3), 5))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        for i, t in enumerate(tasks):
+            vals = [100 * r["final_dev"] for r in by.get((t, m), [])]
+            if not vals:
+                continue
+            x = i + (j - (len(methods) - 1) / 2) * width
+            mean, std = mean_std(vals)
+            ax.bar(x, mean, width, color=color[m], alpha=0.8, label=label[m] if i == 0 else None,
+                   yerr=None if math.isnan(std) else std, capsize=3)
+            ax.plot([x] * len(vals), vals, "k.", ms=3)
+    ax.set_xticks(range(len(tasks)))
+    metrics = {r["task"]: r["metric"] for r in runs}
+    ax.set_xticklabels([f"{t}\n({metrics[t]})" for t in tasks])
+    ax.set_ylabel("dev metric at the last epoch (x100)")
+    n_seeds = sorted({len(v) for v in by.values()})
+    ax.set_title(f"GLUE dev metrics (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    written.append(_save(fig, plots_dir / "glue_dev_metric.png"))
+
+    keep = {r["config_hash"] for r in runs}
+    by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for m in methods:
+            rs = by.get((t, m), [])
+            cs = [by_run.get((r["config_hash"],), []) for r in rs]
+            n = min((len(c) for c in cs), default=0)
+            if n == 0:
+                continue
+            ys = 100 * np.array([[c["dev_metric"] for c in run[:n]] for run in cs], dtype=float)
+            epochs = [c["epoch"] for c in cs[0][:n]]
+            mean = ys.mean(0)
+            std = ys.std(0, ddof=1) if len(cs) > 1 else np.zeros(n)
+            ax.plot(epochs, mean, color=color[m], label=label[m])
+            ax.fill_between(epochs, mean - std, mean + std, color=color[m], alpha=0.12)
+            merged = [e for e, c in zip(epochs, cs[0][:n]) if c["merged"]]
+            ax.plot(merged, [mean[epochs.index(e)] for e in merged], "|", color=color[m], ms=10)
+        ax.set_xlabel("epoch (| : a merge)")
+        ax.set_ylabel(f"dev {metrics[t]} (x100)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("GLUE dev metric by epoch (mean ± std over seeds)")
+    written.append(_save(fig, plots_dir / "glue_dev_by_epoch.png"))
+    return written

@@ -38,12 +38,14 @@ CURVE_COLUMNS = ["config_hash", "method", "sketch", "rank", "seed", "epoch", "tr
                  "val_acc", "test_acc_b", "merged"]
 _INT = {"rank", "seed", "trainable_params", "epochs", "best_epoch", "merges", "epoch", "merge_every", "diverged_step",
         "batch_size", "max_epochs", "patience", "optimizer_state",
-        "clients", "rounds", "local_epochs", "up_numbers", "down_numbers", "rounds_to_target", "round", "participants"}
+        "clients", "rounds", "local_epochs", "up_numbers", "down_numbers", "rounds_to_target", "round", "participants",
+        "train_examples", "dev_examples"}
 _FLOAT = {"best_val_loss", "test_acc_b", "test_acc_a", "wall_s", "train_loss", "val_loss", "val_acc",
           "test_acc", "final_test_acc", "best_test_acc",
           "lora_alpha", "lr", "weight_decay",
           "dirichlet_alpha", "participation", "final_test_acc_b", "final_test_acc_a", "best_test_acc_b",
-          "target_accuracy", "mb_to_target", "total_mb", "max_aggregation_error", "communicated_mb", "aggregation_error"}
+          "target_accuracy", "mb_to_target", "total_mb", "max_aggregation_error", "communicated_mb", "aggregation_error",
+          "sent_up_numbers", "sent_down_numbers", "final_dev", "best_dev", "dev_loss", "dev_metric"}
 
 
 class ResultsError(RuntimeError):

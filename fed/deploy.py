@@ -72,6 +72,7 @@ class Flower:
         self.timeout = timeout
         self.procs: list[subprocess.Popen] = []
         self.connection = None
+        self.federation_config = None  # the simulation's size and resources (flwr run --federation-config)
         # Ray's sockets need a short path (107 bytes at most): a folder of /tmp of its own, removed by stop()
         self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         self.env = {**os.environ, **QUIET, "FLWR_HOME": str(self.home), "RAY_TMPDIR": self.ray_tmp,
@@ -116,9 +117,9 @@ class Flower:
                             "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1",
                             "--port", str(http), "--disable-runtime-dependency-installation"], "superlink.log")
         self._wait_healthy(http, link, "the simulation SuperLink")
-        self._write_connection("local", f'address = ":local:"\noptions.num-supernodes = {clients}\n'
-                                        f"options.backend.client-resources.num-cpus = {cpus_per_client}\n"
-                                        f"options.backend.init-args.num-cpus = {os.cpu_count() or 1}")
+        self._write_connection("local", 'address = ":local:"')
+        self.federation_config = (f"num_supernodes={clients} client_resources_num_cpus={cpus_per_client} "
+                                  f"init_args_num_cpus={os.cpu_count() or 1}")
         return self
 
     def deployment(self, clients: int, node_config: dict | None = None) -> "Flower":
@@ -148,7 +149,8 @@ class Flower:
         exits 0 even when the run fails), with the run's log under "log"."""
         if self.connection is None:
             raise RuntimeError("start a federation first: simulation(...) or deployment(...)")
-        out = self._flwr("run", str(ROOT), self.connection, "--run-config", run_config_arg(run_config),
+        extra = ["--federation-config", self.federation_config] if self.federation_config else []
+        out = self._flwr("run", str(ROOT), self.connection, "--run-config", run_config_arg(run_config), *extra,
                          "--format", "json")
         reply = json.loads(out[out.index("{"):])
         if not reply.get("success", True) or "run-id" not in reply:
