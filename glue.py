@@ -21,6 +21,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -257,7 +258,13 @@ class GlueTrainer:
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                                  Trainer, TrainingArguments, set_seed)
+                                  PrinterCallback, Trainer, TrainingArguments, set_seed)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # not the loading report (a new classifier head is expected)
+        if not (self.cfg.progress and self.show_epochs):
+            hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT on transformers 5
 
         from peft_chain import ChainCallback, ChainController
 
@@ -298,6 +305,7 @@ class GlueTrainer:
             trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                               data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute,
                               optimizers=optimizers, callbacks=callbacks)
+            trainer.remove_callback(PrinterCallback)  # the table and the CSVs say it; progress bars stay
             trainer.train()
         wall = time.perf_counter() - t0
         merge_epochs = {round(s / max(1, math.ceil(len(train) / cfg.batch_size)))
