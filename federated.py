@@ -3,9 +3,10 @@
 The suite's base model (trained on digits 0-4 as main.py trains it, and cached alike) learns digits 5-9 from
 clients that each hold a shard of task B's training images (iid, or Dirichlet label skew), under a federated
 method of fed/methods.py (FedAvg, FedIT, FFA-LoRA, FLoRA, Fed-RAC-LoRA), in rounds simulated in this process
-(fed/simulate.py; a round's clients train as one stack). Methods x sketches x ranks x seeds through the shared
-runner. Writes results/fed_runs.csv and results/fed_curves.csv (every round: accuracy, communication,
-aggregation error), plots/fed_*.png, and prints a summary table.
+(fed/simulate.py; a round's clients train as one stack; the same rounds run on Flower: fed/flower.py,
+`flwr run .`). Methods x sketches x ranks x seeds through the shared runner. Writes results/fed_runs.csv and
+results/fed_curves.csv (every round: accuracy, communication, aggregation error), plots/fed_*.png, and prints
+a summary table.
 """
 from __future__ import annotations
 

@@ -201,8 +201,12 @@ def check_sources(cfg) -> None:
 
 
 def _auto_config(cfg):
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    hub_logging.set_verbosity_error()  # a failed download is our one line, not the libraries' warnings too
+    hf_logging.set_verbosity_error()
     try:
         return AutoConfig.from_pretrained(cfg.model)
     except Exception as e:  # noqa: BLE001

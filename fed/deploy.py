@@ -25,6 +25,11 @@ QUIET = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "RAY_U
          "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+# Straight to 127.0.0.1, whatever proxy the environment names (urlopen's global opener keeps the proxies it saw
+# first, a test's fake one included)
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,6 +82,8 @@ class Flower:
         self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         self.env = {**os.environ, **QUIET, "FLWR_HOME": str(self.home), "RAY_TMPDIR": self.ray_tmp,
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        for key in ("NO_PROXY", "no_proxy"):  # Flower's CLI and processes talk to 127.0.0.1 directly
+            self.env[key] = ",".join(filter(None, [self.env.get(key), "127.0.0.1", "localhost"]))
 
     def __enter__(self):
         return self
@@ -98,7 +105,7 @@ class Flower:
             if proc.poll() is not None:
                 raise RuntimeError(f"{what} exited with code {proc.returncode}: see {self.home}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                with DIRECT.open(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                     if r.status == 200:
                         return
             except OSError:

@@ -163,3 +163,22 @@ def test_the_federation_is_stopped_when_the_test_fails(tmp_path):
             groups = [p.pid for p in fl.procs]
             raise RuntimeError("failing on purpose")
     assert _groups_gone(groups)
+
+
+def test_a_proxy_in_the_environment_does_not_stop_the_federation(tmp_path, monkeypatch):
+    """127.0.0.1 is reached directly: a proxy named in the environment (a dead one here), or one that
+    urlopen's global opener kept from an earlier test, is not used for the health checks or by Flower."""
+    import urllib.request
+
+    from fed.deploy import Flower
+
+    for key in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://127.0.0.1:1/", timeout=1)  # primes the global opener with the proxy
+    with Flower(tmp_path / "flwr") as fl:
+        fl.deployment(clients=1)
+        groups = [p.pid for p in fl.procs]
+        assert all(p.poll() is None for p in fl.procs)
+    assert _groups_gone(groups)
