@@ -164,6 +164,15 @@ class ChainController:
         groups[0]["params"] = groups[0]["params"] + self.others
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int, relora_every: int = 200,
+                  relora_warmup: int = 20) -> torch.optim.lr_scheduler.LambdaLR:
+        """The method's learning-rate schedule as a LambdaLR (for ``optimizers=(optimizer, scheduler)``):
+        ReLoRA's jagged one (a cosine decay to 10 % over ``total_steps``, a linear re-warm-up over
+        ``relora_warmup`` steps after every merge, as methods.Method.lr_lambda); constant for the others.
+        With ReLoRA, merge every ``relora_every`` steps (ChainCallback(merge_every_steps=relora_every))."""
+        factor = self.method.lr_lambda(total_steps, relora_every, relora_warmup)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor or (lambda step: 1.0))
+
     def merge(self, optimizer: torch.optim.Optimizer | None = None, clear_optimizer: bool = False) -> bool:
         """Merge every layer's delta into its base weight, re-zero the zero factor and re-draw the random one,
         if the method merges (returns whether it did); then clear ``optimizer``'s state if the method

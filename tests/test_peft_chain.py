@@ -243,6 +243,37 @@ def test_the_trainer_callback_merges_on_schedule_and_the_loss_goes_down(tmp_path
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.15, losses
 
 
+def test_relora_in_trainer_merges_clears_adamw_and_follows_its_jagged_schedule(tmp_path):
+    """ReLoRA through Trainer: merges every 6 steps (ChainCallback), AdamW's state cleared at each merge (its
+    step count restarts), and the learning rate of every step is the registry's lr_lambda."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from methods import get_method
+
+    model = _tiny_classifier()
+    chain = ChainController(model, "relora", "left", seed=0)
+    opt = chain.optimizer(1e-3)
+    sched = chain.scheduler(opt, total_steps=20, relora_every=6, relora_warmup=3)
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            counts = {int(st["step"]) for st in opt.state.values()} if opt.state else {0}
+            seen.append((state.global_step, lr_scheduler.get_last_lr()[0], counts))
+
+    callback = ChainCallback(chain, merge_every_steps=6)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=16,
+                             learning_rate=1e-3, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no")
+    Trainer(model=model, args=args, train_dataset=_Pairs(160, 0), callbacks=[Watch(), callback],
+            optimizers=(opt, sched)).train()
+    assert callback.merge_steps == [6, 12, 18] and chain.merges == 3
+    lam = get_method("relora").lr_lambda(20, 6, 3)
+    assert [lr for _, lr, _ in seen] == pytest.approx([1e-3 * lam(step) for step, _, _ in seen])
+    # Watch runs before the merge of its step: AdamW's step count is the steps since the last merge
+    assert [counts for _, _, counts in seen] == [{(step - 1) % 6 + 1} for step, _, _ in seen]
+
+
 def test_the_saved_model_and_adapter_reload_to_the_same_outputs(tmp_path):
     from transformers import GPT2LMHeadModel
 
