@@ -4,7 +4,6 @@ and record what their messages carried. Every Flower process a test starts is st
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from pathlib import Path
 
