@@ -249,11 +249,30 @@ class GlueTrainer:
     """Trains GLUE runs (what the runner's trainer is): one Trainer per task x method x seed."""
 
     def __init__(self, cfg, commit: str, show_epochs: bool = True):
+        from transformers.utils import logging as hf_logging
+
         from engine.runner import resolve_device
 
         self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
         self.device = resolve_device(cfg.device)
-        self.data: dict[str, dict] = {}
+        self.encoded: dict[str, tuple[Encoded, Encoded]] = {}  # task -> (train, dev), tokenized once
+        self.tokenizer = None
+        hf_logging.set_verbosity_error()  # not the loading report (a new classifier head is expected)
+        if not (cfg.progress and show_epochs):
+            hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT on transformers 5
+
+    def task_data(self, name: str) -> tuple[Encoded, Encoded]:
+        """Task ``name``'s (train, dev) sets, read and tokenized on first use, the same for every run."""
+        if name not in self.encoded:
+            from transformers import AutoTokenizer
+
+            if self.tokenizer is None:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
+            data = load_task(self.cfg, name)
+            self.encoded[name] = tuple(Encoded(self.tokenizer, *data[split], self.cfg.max_length)
+                                       for split in ("train", "dev"))
+        return self.encoded[name]
 
     def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         return [self.one(spec) for spec in specs]
@@ -261,24 +280,16 @@ class GlueTrainer:
     def one(self, spec: dict) -> tuple[dict, list[dict]]:
         import torch
         from peft import LoraConfig, get_peft_model
-        from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                                  PrinterCallback, Trainer, TrainingArguments, set_seed)
-        from transformers.utils import logging as hf_logging
+        from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, PrinterCallback,
+                                  Trainer, TrainingArguments, set_seed)
 
-        hf_logging.set_verbosity_error()  # not the loading report (a new classifier head is expected)
-        if not (self.cfg.progress and self.show_epochs):
-            hf_logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT on transformers 5
-
+        from config import glue_settings_hash
         from peft_chain import ChainCallback, ChainController
 
         cfg, task, method, seed = self.cfg, TASKS[spec["task"]], spec["method"], spec["seed"]
-        if spec["task"] not in self.data:
-            self.data[spec["task"]] = load_task(cfg, spec["task"])
-        data = self.data[spec["task"]]
+        train, dev = self.task_data(spec["task"])
         t0 = time.perf_counter()
         set_seed(seed)  # the classifier head's init, Trainer's batch order, dropout
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         num_labels = 1 if task.labels is None else len(task.labels)
         model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=num_labels)
         callbacks, optimizers, chain = [], (None, None), None
@@ -291,8 +302,6 @@ class GlueTrainer:
             optimizers = (chain.optimizer(cfg.lr, cfg.weight_decay, cfg.loraplus_ratio), None)
             if chain.method.merges:
                 callbacks.append(ChainCallback(chain, merge_every_epochs=cfg.epochs_per_chain))
-        train = Encoded(tokenizer, *data["train"], cfg.max_length)
-        dev = Encoded(tokenizer, *data["dev"], cfg.max_length)
 
         def compute(p):
             logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -307,13 +316,12 @@ class GlueTrainer:
                 eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to=[], seed=seed,
                 data_seed=seed, use_cpu=self.device.type == "cpu", disable_tqdm=not (cfg.progress and self.show_epochs))
             trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
-                              data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute,
+                              data_collator=DataCollatorWithPadding(self.tokenizer), compute_metrics=compute,
                               optimizers=optimizers, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # the table and the CSVs say it; progress bars stay
             trainer.train()
         wall = time.perf_counter() - t0
-        merge_epochs = {round(s / max(1, math.ceil(len(train) / cfg.batch_size)))
-                        for s in (callbacks[0].merge_steps if callbacks else [])}
+        merge_epochs = {round(e) for e in (callbacks[0].merge_epochs if callbacks else [])}
         losses = {round(h["epoch"]): h["loss"] for h in trainer.state.log_history if "loss" in h}
         evals = [h for h in trainer.state.log_history if "eval_dev_metric" in h]
         key = run_hash(cfg, self.device.type, **spec)
@@ -322,8 +330,6 @@ class GlueTrainer:
                       merged=round(h["epoch"]) in merge_epochs) for h in evals]
         best = max(curve, key=lambda c: c["dev_metric"])
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        from config import glue_settings_hash
-
         row = dict(**spec, status="finished", metric=task.metric, final_dev=curve[-1]["dev_metric"],
                    best_dev=best["dev_metric"], best_epoch=best["epoch"], epochs=len(curve),
                    merges=chain.merges if chain else 0, trainable_params=trainable, train_examples=len(train),

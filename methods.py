@@ -80,13 +80,13 @@ class Method:
         """Called after epoch ``epoch`` (1-based). Merges and resets when due; returns whether it did."""
         if not self.merges or self.step_merges or epoch % merge_every != 0:
             return False
-        return _merge(adapters, generator)
+        return merge_and_reset(adapters, generator)
 
     def after_step(self, adapters: list[LoRALinear], step: int, every: int, generator: torch.Generator) -> bool:
         """Called after optimizer step ``step`` (1-based, counted over the whole run); ReLoRA merges here."""
         if not self.step_merges or step % every != 0:
             return False
-        return _merge(adapters, generator)
+        return merge_and_reset(adapters, generator)
 
     def training(self, adapters, generator: torch.Generator | None, *, lr: float, total_steps: int,
                  merge_every: int = 1, loraplus_ratio: float = 16.0, relora_every: int = 200,
@@ -119,7 +119,9 @@ class Method:
         return factor
 
 
-def _merge(adapters, generator) -> bool:
+def merge_and_reset(adapters, generator) -> bool:
+    """Every adapter's delta into its base weight, its zero factor re-zeroed and its random factor re-drawn
+    from ``generator`` (the function is unchanged); returns True."""
     for ad in adapters:
         ad.merge()
         ad.reset(generator, resample_random=True)

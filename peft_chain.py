@@ -33,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from lora import ROLES, FactorRoles, init_factor_
-from methods import METHODS, Method, get_method
+from methods import METHODS, get_method, merge_and_reset
 
 RANDOM_INITS = ("gaussian", "kaiming")
 
@@ -53,7 +53,7 @@ class PeftFactors(FactorRoles):
 
     def __init__(self, name: str, layer: nn.Module, adapter: str, sketch: str, random_init: str):
         self.name, self.layer, self.adapter = name, layer, adapter
-        self.sketch, self.random_init = sketch, random_init
+        self.random_init = random_init
         self.zero_name, self.random_name = ROLES[sketch]
 
     @property
@@ -134,7 +134,6 @@ class ChainController:
             raise ChainError(f"the model has no PEFT LoRA layers (adapter {adapter!r}); wrap it first with "
                              "peft.get_peft_model(model, LoraConfig(...))")
         self.model, self.method, self.adapter = model, get_method(method), adapter
-        self.sketch, self.random_init = sketch, random_init
         device = layers[0][1].lora_A[adapter].weight.device
         self.generator = generator if generator is not None else torch.Generator(device=device).manual_seed(seed)
         self.factors = [PeftFactors(name, layer, adapter, sketch, random_init) for name, layer in layers]
@@ -143,7 +142,7 @@ class ChainController:
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in ours]
         for f in self.factors:
             f.reset(self.generator)
-        self.params = self.method.prepare(self.factors)
+        self.method.prepare(self.factors)
         self.merges = 0
 
     @property
@@ -179,9 +178,7 @@ class ChainController:
         (ReLoRA) or ``clear_optimizer`` says so."""
         if not self.method.merges:
             return False
-        for f in self.factors:
-            f.merge()
-            f.reset(self.generator, resample_random=True)
+        merge_and_reset(self.factors, self.generator)
         self.merges += 1
         if optimizer is not None and (clear_optimizer or self.resets_optimizer):
             optimizer.state.clear()
@@ -212,8 +209,8 @@ def _active_adapter(model: nn.Module) -> str:
 
 class ChainCallback(TrainerCallback):
     """Merges the controller's chain on a schedule during ``Trainer.train``: every ``merge_every_steps``
-    optimizer steps or every ``merge_every_epochs`` epochs (one of the two). ``merges`` counts the merges it
-    made; ``merge_steps`` records the global step of each."""
+    optimizer steps or every ``merge_every_epochs`` epochs (one of the two). ``merge_steps`` and
+    ``merge_epochs`` record the global step and the epoch (Trainer's state.epoch) of each merge it made."""
 
     def __init__(self, chain: ChainController, merge_every_steps: int | None = None,
                  merge_every_epochs: int | None = None, clear_optimizer: bool = False):
@@ -225,13 +222,17 @@ class ChainCallback(TrainerCallback):
         self.chain, self.every_steps, self.every_epochs = chain, merge_every_steps, merge_every_epochs
         self.clear_optimizer = clear_optimizer
         self.epochs_done = 0
-        self.merges = 0
         self.merge_steps: list[int] = []
+        self.merge_epochs: list[float] = []
+
+    @property
+    def merges(self) -> int:
+        return len(self.merge_steps)
 
     def _merge(self, state, optimizer) -> None:
         if self.chain.merge(optimizer, self.clear_optimizer):
-            self.merges += 1
             self.merge_steps.append(state.global_step)
+            self.merge_epochs.append(state.epoch)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.every_steps is not None and state.global_step % self.every_steps == 0:
@@ -243,4 +244,4 @@ class ChainCallback(TrainerCallback):
             self._merge(state, optimizer)
 
 
-__all__ = ["ChainCallback", "ChainController", "ChainError", "Method", "PeftFactors", "lora_layers", "lora_methods"]
+__all__ = ["ChainCallback", "ChainController", "ChainError", "PeftFactors", "lora_layers", "lora_methods"]

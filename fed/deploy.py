@@ -134,8 +134,8 @@ class Flower:
         link = self._start([_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                             "--disable-runtime-dependency-installation"], "superlink.log")
         self._wait_healthy(port, link, "the SuperLink")
+        extra = run_config_arg(node_config or {})
         for i in range(clients):
-            extra = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in (node_config or {}).items())
             self._start([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}", "--host",
                          "127.0.0.1", "--port", str(free_port()), "--node-config",
                          f"partition-id={i} num-partitions={clients} {extra}".strip()], f"supernode{i}.log")

@@ -98,11 +98,11 @@ def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
     return cfg, spec, opts
 
 
-def load_run_tasks(cfg, data_dir: str, dtype: torch.dtype, device) -> dict:
-    """Tasks A and B (data.load_tasks) with images in ``dtype``."""
+def load_run_tasks(cfg, data_dir: str, dtype: torch.dtype, device, tasks: dict | None = None) -> dict:
+    """Tasks A and B (data.load_tasks, unless ``tasks`` already holds them) with images in ``dtype``."""
     from data import Split, Task, load_tasks
 
-    tasks = load_tasks(data_dir, cfg.val_size, cfg.split_seed, device)
+    tasks = tasks if tasks is not None else load_tasks(data_dir, cfg.val_size, cfg.split_seed, device)
     return {name: Task(**{k: Split(getattr(t, k).x.to(dtype), getattr(t, k).y) for k in ("train", "val", "test")},
                        spec=t.spec) for name, t in tasks.items()}
 
@@ -247,7 +247,7 @@ class FederatedRound(FedAvg):
 def server_main(grid, context) -> None:
     """The ServerApp: the base model, the Server of fed/simulate.py, ``rounds`` rounds through Flower, then the
     run's rows in results/fed_flower_*.csv (and the records file, when asked)."""
-    from engine.results import atomic_path, git_commit, upsert_runs
+    from engine.results import atomic_path, code_fingerprint, git_commit, upsert_runs
     from engine.runner import resolve_device
     from fed.simulate import Server, global_state
     from federated import CODE, CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
@@ -260,20 +260,18 @@ def server_main(grid, context) -> None:
     if opts["base_model"]:
         tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device)
         base = load_base(cfg, opts["base_model"], opts["dtype"], device)
-    else:
+    else:  # the suite's base model, trained or loaded as main.py does (the sweep has read the data already)
         from sweep import Sweep
 
         sweep = Sweep(cfg.base_config(), commit)
         base = sweep.base_model().to(opts["dtype"])
-        tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device)
+        tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device, tasks=sweep.tasks)
     s = settings(cfg, spec)
     server = Server(base, s, cfg.clients)
     strategy = FederatedRound(server, tasks, timeout=opts["timeout"])
     strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds)
     records = strategy.records
     wall = time.perf_counter() - t0
-    from engine.results import code_fingerprint
-
     row, curve = run_rows(cfg, commit, device.type, spec, records, wall, trainable(base, s))
     row["code_fingerprint"] = code_fingerprint(CODE + ["fed.flower"])
     upsert_runs(cfg.results_dir, [row], curve, prefix=PREFIX, run_columns=RUN_COLUMNS,
@@ -288,9 +286,7 @@ def server_main(grid, context) -> None:
 
 # --- the client --------------------------------------------------------------------------------------------
 def _client_setup(context):
-    """(cfg, spec, opts, partition id, tasks, shard) of this node."""
-    from federated import client_shards
-
+    """(cfg, spec, opts, partition id, tasks, shard, device) of this node."""
     cfg, spec, opts = from_run_config(dict(context.run_config))
     node = context.node_config
     if "partition-id" not in node:
@@ -302,9 +298,23 @@ def _client_setup(context):
     from engine.runner import resolve_device
 
     device = resolve_device(cfg.device)
-    tasks = load_run_tasks(cfg, str(node.get("data-dir", cfg.data_dir)), opts["dtype"], device)
-    shard = client_shards(cfg, tasks)[pid]
-    return cfg, spec, opts, pid, tasks, shard, device
+    tasks, shards = _client_data(cfg, str(node.get("data-dir", cfg.data_dir)), opts["dtype"], device)
+    return cfg, spec, opts, pid, tasks, shards[pid], device
+
+
+_CLIENT_DATA: dict[tuple, tuple] = {}  # a process that serves several messages (Ray's actors) reads MNIST once
+
+
+def _client_data(cfg, data_dir: str, dtype: torch.dtype, device) -> tuple[dict, list]:
+    """(tasks, every client's shard) for this data and split, read once per process."""
+    key = (data_dir, cfg.val_size, cfg.split_seed, dtype, str(device), cfg.clients, cfg.partition, cfg.dirichlet_alpha)
+    if key not in _CLIENT_DATA:
+        from federated import client_shards
+
+        tasks = load_run_tasks(cfg, data_dir, dtype, device)
+        _CLIENT_DATA.clear()  # one data set at a time
+        _CLIENT_DATA[key] = tasks, client_shards(cfg, tasks)
+    return _CLIENT_DATA[key]
 
 
 def client_query(msg, context):

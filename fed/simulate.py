@@ -150,8 +150,7 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
                 _set_factors(run.model, server.layers, starts, stacked=True)
             states, losses = train_clients(run.model, run.params, x, y, [shards[c] for c in chosen], gens, **kw)
         elif engine == "plain":
-            starts, states, losses = zip(*[client_round(server, c, t, round_seed, x, y, shards[c]) for c in chosen]) \
-                if chosen else ((), (), ())
+            starts, states, losses = zip(*[client_round(server, c, t, round_seed, x, y, shards[c]) for c in chosen])
         else:
             raise ValueError(f"unknown engine {engine!r}; allowed: stack, plain")
         rec, _ = close_round(server, t, chosen, list(starts), list(states), list(losses),
@@ -184,7 +183,7 @@ def client_round(server: Server, client: int, t: int, round_seed: int, x: torch.
 def close_round(server: Server, t: int, chosen: list[int], starts: list[dict], states: list[dict],
                 losses: list[float], weights: list[int], task: Task, task_a: Task) -> tuple[dict, dict]:
     """The server's end of round ``t``: aggregation, then central evaluation of the new global model. Returns
-    the round's record and what goes down to the clients (``down_payload``)."""
+    the round's record and what goes down to the clients (``apply_down``'s payload)."""
     error, down = _aggregate(server, starts, states, weights)
     up_numbers, down_numbers = server.communication(len(chosen))
     model = _global_model(server)

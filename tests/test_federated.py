@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from tests.test_cli import assert_one_line_error
 
 
 def _run(*args, timeout=300):
@@ -56,7 +57,7 @@ def test_federated_end_to_end_then_resume(tmp_path):
 def test_bad_federated_settings_get_one_line(tmp_path, argv, needle):
     out = _run(*argv, "--results_dir", tmp_path, "--plots_dir", tmp_path / "p", timeout=120)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    assert_one_line_error(out, needle)
     assert not (tmp_path / "fed_runs.csv").exists()
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cli import assert_one_line_error
+
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
@@ -188,5 +190,4 @@ def test_bad_input_is_one_line_and_exit_2(sources, tmp_path, extra, needle):
     args += ["--results_dir", str(tmp_path / "r"), "--plots_dir", str(tmp_path / "p"), *extra]
     done = _glue(args)
     assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in done.stderr
+    assert_one_line_error(done, needle)
