@@ -15,38 +15,83 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from raclora.errors import ConfigError, DataError
+from raclora.files import atomic_path
 
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel mean and std, pixels in [0, 1]
 SOURCE = "https://ossci-datasets.s3.amazonaws.com/mnist/ (torchvision's mirror of Y. LeCun and C. Cortes' MNIST)"
 
 
-class DataError(RuntimeError):
-    """The data cannot be had; the message says what to put where."""
+class Objective:
+    """How a task scores a model's outputs against its targets: the training loss and the metric. Logits are
+    (..., N, C) over N examples (a sequence task, next-token prediction, puts its positions into N) and targets
+    (..., N) class indices. Every engine (train.py, engine/stack.py, fed/local.py) trains and evaluates through
+    the task's objective, so a new kind of task brings its own and edits no loop."""
+    name: str
+    metric: str  # what ``correct`` averages to, for tables and axes
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss over the examples: what a step of one run minimises. logits (N, C), targets (N,)."""
+        raise NotImplementedError
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Every example's loss, (..., N) for logits (..., N, C) and targets (..., N): a stack takes each run's
+        mean."""
+        raise NotImplementedError
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """1.0 where an example is right, else 0.0: (..., N) float32, for logits (..., N, C), targets (..., N)."""
+        raise NotImplementedError
+
+
+class Classification(Objective):
+    """One class per example: cross-entropy, accuracy."""
+    name, metric = "classification", "accuracy"
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets)
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 3:  # (R, N, C): cross_entropy takes the classes on dimension 1
+            return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(-1) == targets).float()
+
+
+CLASSIFICATION = Classification()
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a model needs to know of a task: the images' (height, width) and the number of classes."""
-    shape: tuple[int, int]
-    classes: int
+    """What a model and the engines need to know of a task: one example's input shape, its targets and how
+    it is scored. A split holds its inputs flattened, (N, features)."""
+    shape: tuple[int, ...]  # one example's input: (channels, height, width) for an image; (length,) for a sequence
+    classes: int  # targets are class indices 0..classes-1 (a vocabulary, for next-token prediction)
+    objective: Objective = CLASSIFICATION  # the loss the engines train on and the metric they report
 
     @property
-    def features(self) -> int:  # pixels of one flattened image
-        return self.shape[0] * self.shape[1]
+    def features(self) -> int:  # numbers in one flattened input
+        return math.prod(self.shape)
+
+    @property
+    def image(self) -> tuple[int, int, int] | None:
+        """(channels, height, width) for an image task, None otherwise."""
+        return tuple(self.shape) if len(self.shape) == 3 else None
 
 
 TRAIN_IMAGES = 60000  # MNIST's and Fashion-MNIST's training sets
 TEST_IMAGES = 10000  # and their test sets
 MIN_TRAIN_IMAGES = 10000  # val_size leaves at least this many training images (about 5000 per task)
-IMAGE_SHAPE = (28, 28)  # MNIST's and Fashion-MNIST's images, height x width
-DIGITS = TaskSpec(shape=IMAGE_SHAPE, classes=5)  # tasks A (digits 0-4) and B (5-9 relabelled 0-4) of load_tasks
-TEN_CLASSES = TaskSpec(shape=IMAGE_SHAPE, classes=10)  # all of MNIST or Fashion-MNIST (scratch.py)
+IMAGE_SHAPE = (28, 28)  # MNIST's and Fashion-MNIST's images, height x width (one channel)
+DIGITS = TaskSpec(shape=(1, *IMAGE_SHAPE), classes=5)  # tasks A (digits 0-4) and B (5-9 relabelled 0-4) of load_tasks
+TEN_CLASSES = TaskSpec(shape=(1, *IMAGE_SHAPE), classes=10)  # all of MNIST or Fashion-MNIST (scratch.py)
 
 
 def check_val_size(val_size: int) -> None:
     """ConfigError unless ``val_size`` leaves at least MIN_TRAIN_IMAGES of the training images to train on."""
-    from config import ConfigError
-
     top = TRAIN_IMAGES - MIN_TRAIN_IMAGES
     if not 1 <= val_size <= top:
         raise ConfigError(f"val_size must be an integer from 1 to {top} (at least {MIN_TRAIN_IMAGES} of the "
@@ -55,11 +100,11 @@ def check_val_size(val_size: int) -> None:
 
 @dataclass
 class Split:
-    x: torch.Tensor  # (N, 784) float32, normalised
-    y: torch.Tensor  # (N,) int64 labels in 0..4
+    x: torch.Tensor  # (N, features) float32, normalised: MNIST's (N, 784)
+    y: torch.Tensor  # (N, ...) int64 targets: MNIST's (N,) labels in 0..4 (a sequence task: (N, T))
 
-    def __len__(self) -> int:
-        return self.y.numel()
+    def __len__(self) -> int:  # examples
+        return self.y.shape[0]
 
 
 @dataclass
@@ -67,7 +112,7 @@ class Task:
     train: Split
     val: Split
     test: Split
-    spec: TaskSpec = DIGITS  # its images' shape and class count
+    spec: TaskSpec = DIGITS  # its inputs' shape, its targets and its objective
 
 
 def _raw_dir(data_dir: str | os.PathLike) -> Path:
@@ -240,7 +285,6 @@ def provide_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FAS
     """
     import shutil
 
-    from engine.results import atomic_path
 
     raw = Path(data_dir) / "FashionMNIST" / "raw"
     for name in FASHION_FILES:

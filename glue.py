@@ -25,14 +25,22 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from engine.settings import StudyConfig, arg, from_argv, override, settings_hash, stable_hash
+from engine.cli import run_command
+from engine.results import RECORD_COLUMNS, format_table, git_commit, group, mean_std
+from engine.runner import report, resolve_device, run_study as run, Study
+from plots import draw_glue
+from raclora.errors import ConfigError
+from raclora.factors import RANDOM_INITS, ROLES
+from raclora.methods import METHODS
+from raclora.peft_chain import ChainCallback, ChainController, lora_methods
 
-RUN_COLUMNS = ["task", "method", "seed", "status", "metric", "final_dev", "best_dev", "best_epoch", "epochs",
-               "merges", "trainable_params", "train_examples", "dev_examples", "wall_s", "config_hash",
-               "settings_hash", "git_commit", "code_fingerprint", "device", "finished_at", "config"]
-CURVE_COLUMNS = ["config_hash", "task", "method", "seed", "epoch", "train_loss", "dev_loss", "dev_metric",
-                 "merged"]
+RUN_COLUMNS = {"task": str, "method": str, "seed": int, "status": str, "metric": str, "final_dev": float,
+               "best_dev": float, "best_epoch": int, "epochs": int, "merges": int, "trainable_params": int,
+               "train_examples": int, "dev_examples": int, **RECORD_COLUMNS}
+CURVE_COLUMNS = {"config_hash": str, "task": str, "method": str, "seed": int, "epoch": int, "train_loss": float,
+                 "dev_loss": float, "dev_metric": float, "merged": bool}
 PREFIX = "glue_"
-CODE = ["lora", "methods", "peft_chain", "glue"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,98 @@ TASKS = {
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), "accuracy",
                     ("sentence1", "sentence2")),
 }
+
+
+# full fine-tuning and the registry's methods on LoRA's two factors that merge by epochs (a chain of links)
+GLUE_METHODS = ("fpft", *(m for m in lora_methods() if not METHODS[m].step_merges))
+GLUE_TABLE2 = ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora")  # --method all: the paper's Table 2
+GLUE_SCHEDULES = ("linear", "constant", "cosine")
+ADAPTER = {"kind": ("adapter",)}  # what only the LoRA methods read: full fine-tuning ignores it
+
+
+def glue_method_choices() -> tuple[str, ...]:
+    return (*GLUE_METHODS, "all")
+
+
+@dataclass
+class GlueConfig(StudyConfig):
+    """Settings of ``python glue.py``: a Hugging Face sequence classifier (RoBERTa-base by default) on GLUE
+    tasks, full fine-tuning against the LoRA methods through PEFT and peft_chain, as the paper's Table 2."""
+    # --- what to run ---
+    method: str = arg("all", "fpft | lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | all (Table "
+                      "2's five)", choices=glue_method_choices, hash=False)
+    tasks: list[str] = arg(["mrpc", "rte", "stsb", "cola", "sst2", "qnli"], "GLUE tasks", choices=tuple(TASKS),
+                           item="task", hash=False)
+    # --- the protocol: merging methods train `chains` links of `epochs_per_chain` epochs; the others as many epochs in one piece ---
+    chains: int = arg(10, "links of the chain (a merge after each) for cola, rac_lora, cola_plus", range=(1, 10_000))
+    epochs_per_chain: int = arg(10, "epochs of each link", range=(1, 10_000))
+    # --- model and data ---
+    model: str = arg("roberta-base", "a Hub name (needs network) or a local folder saved by save_pretrained")
+    data_dir: str = override(StudyConfig, "data_dir", "", help="GLUE's own layout (<data_dir>/SST-2/train.tsv ...); "
+                             "empty: the Hub's nyu-mll/glue (needs `datasets` and network)")
+    max_length: int = arg(128, "tokens per example (longer ones are truncated)", range=(2, 1_000_000))
+    max_train_examples: int = arg(0, "use only the first n training examples of each task (0: all)",
+                                  range=(0, 10 ** 9))
+    # --- adapters (PEFT LoraConfig) ---
+    sketch: str = arg("left", "left: lora_B random, lora_A trained; right: lora_A random, lora_B trained",
+                      choices=tuple(ROLES), only=ADAPTER)
+    rank: int = arg(8, "LoRA rank r", range=(1, 65536), only=ADAPTER)
+    lora_alpha: float = arg(16.0, "PEFT's scaling is lora_alpha / r", positive=True, only=ADAPTER)
+    lora_dropout: float = arg(0.0, "dropout on the LoRA branch's input", only=ADAPTER)
+    random_init: str = arg("gaussian", "init of the random factor: gaussian = N(0, 1); kaiming = nn.Linear's default",
+                           choices=RANDOM_INITS, only=ADAPTER)
+    target_modules: list[str] = arg(["query", "value"], "PEFT target_modules", only=ADAPTER)
+    # --- optimisation (transformers.Trainer) ---
+    lr: float = override(StudyConfig, "lr", 4e-4, help="learning rate of the LoRA methods", only=ADAPTER)
+    fpft_lr: float = arg(2e-5, "learning rate of full fine-tuning", positive=True, only={"kind": ("fpft",)})
+    loraplus_ratio: float = arg(16.0, "lora_plus, cola_plus: lora_B learns at this x lr", positive=True,
+                                only={"method": tuple(m.name for m in METHODS.values()
+                                                      if "loraplus_ratio" in m.settings)})
+    batch_size: int = override(StudyConfig, "batch_size", 16)
+    weight_decay: float = override(StudyConfig, "weight_decay", 0.0)
+    warmup_ratio: float = arg(0.06, "fraction of the steps with a linear warm-up (Trainer's warmup_steps as a ratio)")
+    schedule: str = arg("linear", "learning-rate schedule after the warm-up: linear | constant | cosine",
+                        choices=GLUE_SCHEDULES)
+
+    workers = 1  # not settings: one run at a time (a transformer uses every core, or the GPU)
+    stack_size = 1
+    RUN_KEYS = {"kind": "adapter", "method": None}  # a run is full fine-tuning or a LoRA method's
+    HASHED_CONTEXT = ("method",)
+
+    def check(self) -> None:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks must name one or more distinct GLUE tasks ({', '.join(TASKS)}), "
+                              f"got {self.tasks}")
+        if not self.model:
+            raise ConfigError("model must name a Hub model or a local folder, got ''")
+        if not self.target_modules or any(not t for t in self.target_modules):
+            raise ConfigError(f"target_modules must name one or more module names, got {self.target_modules}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def check_setup(self) -> None:
+        """The model's config and the data must be there (check_sources): one line if not."""
+        check_sources(self)
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(parameters, activation floats of one step, 0) of the model (model_sizes, on the meta device)."""
+        return model_sizes(self)
+
+    def runs_per_stack(self) -> int:
+        return 1
+
+    def selected_methods(self) -> list[str]:
+        return list(GLUE_TABLE2) if self.method == "all" else [self.method]
+
+    def epochs(self) -> int:
+        return self.chains * self.epochs_per_chain
+
+
+def glue_settings_hash(cfg: GlueConfig, device: str, method: str) -> str:
+    """Hash of every field that changes a GLUE run of ``method``, apart from its task and seed."""
+    return settings_hash(cfg, device, kind="fpft" if method == "fpft" else "adapter", method=method)
 
 
 class GlueError(RuntimeError):
@@ -180,8 +280,6 @@ def metric(name: str, predictions, labels) -> float:
 # --- checks before any compute ---------------------------------------------------------------------------
 def check_sources(cfg) -> None:
     """The model's config, its tokenizer and every task's data must be readable: ConfigError (one line)."""
-    from config import ConfigError
-
     try:
         _auto_config(cfg)
         from transformers import AutoTokenizer
@@ -241,7 +339,6 @@ def plan(cfg) -> list[dict]:
 
 
 def run_hash(cfg, device: str, task: str, method: str, seed: int) -> str:
-    from config import glue_settings_hash, stable_hash
     return stable_hash([glue_settings_hash(cfg, device, method), task, method, seed])
 
 
@@ -251,7 +348,6 @@ class GlueTrainer:
     def __init__(self, cfg, commit: str, show_epochs: bool = True):
         from transformers.utils import logging as hf_logging
 
-        from engine.runner import resolve_device
 
         self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
         self.device = resolve_device(cfg.device)
@@ -283,8 +379,6 @@ class GlueTrainer:
         from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, PrinterCallback,
                                   Trainer, TrainingArguments, set_seed)
 
-        from config import glue_settings_hash
-        from peft_chain import ChainCallback, ChainController
 
         cfg, task, method, seed = self.cfg, TASKS[spec["task"]], spec["method"], spec["seed"]
         train, dev = self.task_data(spec["task"])
@@ -346,7 +440,6 @@ class GlueTrainer:
 def run_study(cfg, commit: str) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from engine.runner import Study, resolve_device, run_study as run
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -354,7 +447,7 @@ def run_study(cfg, commit: str) -> list[dict]:
                f"{len(cfg.selected_methods())} method(s) x {len(cfg.seeds)} seed(s); "
                f"{cfg.chains} chains x {cfg.epochs_per_chain} epochs")
     study = Study(plan=plan(cfg), run_hash=lambda spec: run_hash(cfg, device.type, **spec),
-                  stack_key=lambda spec: tuple(spec.values()), make_trainer=GlueTrainer, code=CODE,
+                  stack_key=lambda spec: tuple(spec.values()), make_trainer=GlueTrainer, code=__name__,
                   trainer_args=(cfg, commit), trainer=GlueTrainer(cfg, commit), prefix=PREFIX,
                   run_columns=RUN_COLUMNS, curve_columns=CURVE_COLUMNS)
     rows = run(study, cfg, device)
@@ -364,8 +457,6 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 def summary(rows: list[dict]) -> str:
     """One line per method: each task's dev metric (x100, the last epoch's) as mean ± std over seeds."""
-    from engine.results import format_table, group, mean_std
-
     tasks = sorted({r["task"] for r in rows}, key=lambda t: list(TASKS).index(t))
     order = ["fpft", "lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus"]
     by = group(rows, ("method", "task"))
@@ -386,8 +477,6 @@ def summary(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config import GlueConfig, from_argv
-    from engine.cli import run_command
 
     def parse():
         return from_argv(argv, GlueConfig, prog="glue.py",
@@ -398,19 +487,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def study(cfg) -> None:
-    from config import GLUE_METHODS, glue_settings_hash
-    from engine.results import git_commit
-    from engine.runner import report, resolve_device
-    from plots import draw_glue
 
     try:
         rows = None if cfg.plots_only else run_study(cfg, git_commit())
     except GlueError as e:
-        from config import ConfigError
         raise ConfigError(str(e)) from None
     device = resolve_device(cfg.device).type
     wanted = {glue_settings_hash(cfg, device, m) for m in GLUE_METHODS}
-    report(cfg, rows, wanted, summary, draw_glue, PREFIX)
+    report(cfg, rows, wanted, summary, draw_glue, RUN_COLUMNS, CURVE_COLUMNS, PREFIX)
 
 
 if __name__ == "__main__":

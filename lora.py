@@ -2,7 +2,7 @@
 
 A LoRALinear wraps a frozen ``nn.Linear`` W0 (out x in) and adds ``scale * B @ A`` with
 A: (r, in) and B: (out, r). Which factor is random, which trains and when to merge are
-decided by a method strategy (methods.py); the layer only knows *roles*:
+decided by a method strategy (raclora/methods.py); the layer only knows *roles*:
 
 - the ``zero`` factor starts at zero, so the adapted model equals the base model at init;
 - the ``random`` factor is drawn by ``random_init``.
@@ -13,64 +13,11 @@ B zero ("(Gaussian, Zero)": the update's rows lie in the row space of A).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from models import target_linears
-
-
-def lora_scale(scaling: str, alpha: float, rank: int) -> float:
-    """The factor in front of B @ A: "alpha" (published RAC-LoRA code), "alpha/r" (LoRA), "alpha/sqrt(r)" (rsLoRA)."""
-    if scaling == "alpha":
-        return float(alpha)
-    if scaling == "alpha/r":
-        return alpha / rank
-    if scaling == "alpha/sqrt(r)":
-        return alpha / math.sqrt(rank)
-    raise ValueError(f"unknown scaling {scaling!r}; allowed: alpha, alpha/r, alpha/sqrt(r)")
-
-
-def init_factor_(t: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Fill ``t`` in place, drawing only from ``generator``.
-
-    zero:     all zeros.
-    gaussian: N(0, 1), as the published RAC-LoRA code draws its random factor.
-    kaiming:  ``kaiming_uniform_(a=sqrt(5))`` with fan_in = t.shape[1], i.e. U(-1/sqrt(fan_in), +1/sqrt(fan_in)).
-              That is nn.Linear's own default weight init, the one microsoft/LoRA and PEFT use for
-              lora_A: treating the factor as a Linear weight keeps its output at the scale of its
-              input, where N(0, 1) grows it by sqrt(fan_in).
-    """
-    with torch.no_grad():
-        if kind == "zero":
-            return t.zero_()
-        if kind == "gaussian":
-            return t.normal_(0.0, 1.0, generator=generator)
-        if kind == "kaiming":
-            return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
-    raise ValueError(f"unknown initialiser {kind!r}; allowed: zero, gaussian, kaiming")
-
-
-ROLES = {  # sketch -> (factor that starts at zero, factor that is drawn at random)
-    "left": ("A", "B"),
-    "right": ("B", "A"),
-}
-
-
-class FactorRoles:
-    """``zero_factor`` / ``random_factor`` from the ``zero_name`` / ``random_name`` a sketch sets
-    (see ROLES); shared by LoRALinear and the stacked layer of engine/stack.py."""
-    zero_name: str
-    random_name: str
-
-    @property
-    def zero_factor(self) -> nn.Parameter:
-        return getattr(self, self.zero_name)
-
-    @property
-    def random_factor(self) -> nn.Parameter:
-        return getattr(self, self.random_name)
+from raclora.factors import ROLES, FactorRoles, init_factor_
 
 
 class LoRALinear(FactorRoles, nn.Module):

@@ -156,6 +156,10 @@ class StackedLTE(_RunsLayer):
                 f"rank={self.rank}, scale={self.scale}")
 
 
+# the forms ``build`` makes (galore: the full MLP, trained by galore.py's optimizer); scratch.py sweeps them
+FORMS = ("full", "lowrank", "lowrank_ae", "lte", "lora", "galore")
+
+
 class ScratchModel(StackedModel):
     """A Sequential of stacked layers and ReLUs: R runs of one from-scratch MLP."""
     row_wise, eval_batch, fold_adapters = True, None, False  # as models.MLP

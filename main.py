@@ -9,26 +9,27 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from config import from_argv
+from engine.cli import run_command
+from engine.results import git_commit, summary_table
+from engine.runner import report, resolve_device
+from engine.settings import settings_hash
+from plots import draw_all
+from raclora.methods import METHODS
+from sweep import CURVE_COLUMNS, RUN_COLUMNS, run_sweep
+
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_command
-    from config import from_argv
-
     return run_command(lambda: from_argv(argv), run, lambda cfg: Path(cfg.results_dir) / "runs.csv")
 
 
 def run(cfg) -> None:
     """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
-    from config import METHODS, settings_hash
-    from plots import draw_all
-    from engine.results import git_commit, summary_table
-    from engine.runner import report, resolve_device
-    from sweep import run_sweep
-
     sweep_rows = None if cfg.plots_only else run_sweep(cfg, git_commit())
     device = resolve_device(cfg.device).type
-    wanted = {settings_hash(cfg, device, k, m) for k in ("base", "fpft", "adapter") for m in (None, *METHODS)}
-    report(cfg, sweep_rows, wanted, summary_table, draw_all)
+    wanted = {settings_hash(cfg, device, kind=k, method=m) for k in ("base", "fpft", "adapter")
+              for m in (None, *METHODS)}
+    report(cfg, sweep_rows, wanted, summary_table, draw_all, RUN_COLUMNS, CURVE_COLUMNS)
 
 
 if __name__ == "__main__":

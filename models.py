@@ -1,10 +1,10 @@
 """The models adapters are studied on, in one registry: the MLP of the RAC-LoRA MNIST experiment and a
 small pre-norm Vision Transformer.
 
-Every model takes flattened images, (..., N, features) with the task's ``shape`` (H, W), and returns
-(..., N, classes) logits. Each is written so that a leading run dimension passes through it untouched:
-the stacked engine (engine/stack.py) swaps its layers for stacked ones of the same names and trains R runs at
-once. Every random draw (initial weights, dropout masks) comes from a generator the caller gives.
+Every model takes flattened inputs, (..., N, features) with the task's ``shape`` (an image: channels, height,
+width), and returns (..., N, classes) logits. Each is written so that a leading run dimension passes through it
+untouched: the stacked engine (engine/stack.py) swaps its layers for stacked ones of the same names and trains R
+runs at once. Every random draw (initial weights, dropout masks) comes from a generator the caller gives.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from data import DIGITS, TEST_IMAGES, TRAIN_IMAGES
+from raclora.errors import ConfigError
 
 
 class SeededDropout(nn.Module):
@@ -39,14 +41,15 @@ class SeededDropout(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear -> ReLU -> Dropout for each hidden width, then a Linear head. Input: (N, H*W) floats."""
+    """Linear -> ReLU -> Dropout for each hidden width, then a Linear head. Input: (N, features) floats, one
+    flattened example of any ``shape`` (an image's channels x height x width) per row."""
 
     # the first layer sees each example as one row, so a stack of MLPs can share one (N, H*W) input
     row_wise = True
     eval_batch = None  # evaluate a whole split in one pass
     fold_adapters = False  # stacked LoRA layers: x W^T + s (x A^T) B^T, two thin products beside the base one
 
-    def __init__(self, shape: tuple[int, int], classes: int, hidden: list[int] | tuple[int, ...] = (64, 64),
+    def __init__(self, shape: tuple[int, ...], classes: int, hidden: list[int] | tuple[int, ...] = (64, 64),
                  dropout: float = 0.1):
         super().__init__()
         dims = [math.prod(shape), *hidden]
@@ -56,7 +59,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(dims[-1], classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, H*W) -> (..., N, classes) logits
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, features) -> (..., N, classes) logits
         return self.net(x)
 
 
@@ -119,27 +122,31 @@ class ViT(nn.Module):
     # image, where thin rank-r products are slow on a CPU: 20-25 % less time per epoch, measured here
     fold_adapters = True
 
-    def __init__(self, shape: tuple[int, int], classes: int, patch: int = 7, dim: int = 32, depth: int = 2,
+    def __init__(self, shape: tuple[int, ...], classes: int, patch: int = 7, dim: int = 32, depth: int = 2,
                  heads: int = 2, mlp_dim: int = 64, dropout: float = 0.1):
         super().__init__()
-        height, width = shape
+        if len(shape) != 3:
+            raise ValueError(f"the vit takes images (channels, height, width), not inputs of shape {tuple(shape)}")
+        channels, height, width = shape
         if height % patch or width % patch:
             raise ValueError(f"vit_patch {patch} does not divide the {height}x{width} images")
-        self.shape, self.patch_size = (height, width), patch
+        self.shape, self.patch_size = (channels, height, width), patch
         patches = (height // patch) * (width // patch)
-        self.patch = nn.Linear(patch * patch, dim)
+        self.patch = nn.Linear(channels * patch * patch, dim)
         self.tokens = Tokens(dim, patches + 1)
         self.drop = SeededDropout(dropout)
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_dim, dropout) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, H*W) -> (..., N, patches, p*p), row-major
-        (height, width), p = self.shape, self.patch_size
-        x = x.unflatten(-1, (height // p, p, width // p, p))  # (..., N, gh, p, gw, p)
-        return x.transpose(-3, -2).flatten(-4, -3).flatten(-2)
+    def patches(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, C*H*W) -> (..., N, patches, C*p*p), row-major
+        (channels, height, width), p = self.shape, self.patch_size
+        x = x.unflatten(-1, (channels, height // p, p, width // p, p))  # (..., N, C, gh, p, gw, p)
+        b = x.dim() - 5
+        x = x.permute(*range(b), b + 1, b + 3, b, b + 2, b + 4)  # (..., N, gh, gw, C, p, p)
+        return x.flatten(-5, -4).flatten(-3)  # (..., N, patches, C*p*p): one channel's p x p block after another
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, H*W) -> (..., N, classes)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, C*H*W) -> (..., N, classes)
         h = self.drop(self.tokens(self.patch(self.patches(x))))  # (..., N, T, d)
         h = self.norm(self.blocks(h))
         return self.head(h[..., 0, :])  # the class token
@@ -159,9 +166,9 @@ def model_settings(cfg) -> dict:
     return {arg: getattr(cfg, f) for f, arg in fields.items()}
 
 
-def build_model(name: str, settings: dict, shape: tuple[int, int], classes: int,
+def build_model(name: str, settings: dict, shape: tuple[int, ...], classes: int,
                 generator: torch.Generator | None, device) -> nn.Module:
-    """Model ``name`` of the registry on ``device``, for images of ``shape`` and ``classes`` classes.
+    """Model ``name`` of the registry on ``device``, for inputs of ``shape`` (data.TaskSpec.shape) and ``classes`` classes.
 
     The module is built on the meta device, so torch's global RNG is never touched; its weights are then
     drawn from ``generator``: every Linear as nn.Linear draws (weight and bias U(+-1/sqrt(in))), LayerNorm
@@ -188,7 +195,7 @@ def build_model(name: str, settings: dict, shape: tuple[int, int], classes: int,
     return model
 
 
-def meta_model(name: str, settings: dict, shape: tuple[int, int], classes: int) -> nn.Module:
+def meta_model(name: str, settings: dict, shape: tuple[int, ...], classes: int) -> nn.Module:
     """The model on the meta device: its layers and shapes, with no memory and no compute."""
     cls, _ = MODELS[name]
     with torch.device("meta"):
@@ -240,8 +247,6 @@ def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
     ``spec`` (data.TaskSpec): the activations are the outputs of every layer, counted in a forward pass on
     the meta device (no memory, no compute) over the images the model evaluates at once (its eval_batch, or
     a whole test set), twice (the output and a temporary); the images are the training and test sets."""
-    from data import TEST_IMAGES, TRAIN_IMAGES
-
     model = meta_model(name, settings, spec.shape, spec.classes).eval()
     batch = min(model.eval_batch or TEST_IMAGES, TEST_IMAGES)
     floats = [0]
@@ -262,9 +267,6 @@ def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
 def check_model(cfg) -> None:
     """ConfigError, before any compute, for a model that cannot be built from ``cfg``, target_modules that
     select none of its Linear layers, or a rank above every selected layer's min(in, out)."""
-    from config import ConfigError
-    from data import DIGITS
-
     try:
         model = meta_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes)
     except (ValueError, RuntimeError) as e:  # RuntimeError: sizes torch cannot even describe

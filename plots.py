@@ -1,13 +1,19 @@
-"""The three figures, drawn only from results/runs.csv and results/curves.csv (never by training).
+"""The figures, drawn only from the results CSVs (results/runs.csv and curves.csv, and the other studies'
+<prefix>runs.csv / <prefix>curves.csv), never by training.
 
 Error bars are the sample standard deviation over seeds; a point from a single seed has none.
 Diverged runs have no result: they are left out (the summary table counts them).
+File names carry what the runs are (``mlp_...``, ``vit_attention_...``, ``fed_dirichlet_...``), so that
+studies of different models or partitions drawn into one plots folder never overwrite each other's figures.
+A figure with nothing to draw is not written (a line says so); a curve of a single point gets a marker.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -17,8 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from methods import METHODS, display_order  # noqa: E402
-from engine.results import atomic_path, group, mean_std, split_diverged  # noqa: E402
+from raclora.methods import METHODS, display_order
+from raclora.files import atomic_path
+from engine.results import group, mean_std, split_diverged  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
 SKETCH_STYLE = {"left": "-", "right": "--"}
@@ -34,26 +41,127 @@ def label(method: str, sketch: str | None) -> str:
 
 
 def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
-    """Write every figure the rows allow into ``plots_dir``; return the paths written."""
+    """Write every figure the rows allow into ``plots_dir``; return the paths written.
+
+    Named by model and target set (``model_stem``): mlp_rank_vs_accuracy.png, vit_attention_methods_rank1.png."""
     runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    tag = model_tag(runs)
-    written = [rank_vs_accuracy(runs, plots_dir / "rank_vs_accuracy.png", tag),
-               accuracy_vs_epoch(runs, curves, plots_dir / "accuracy_vs_epoch.png", tag),
-               methods_rank1(runs, plots_dir / "methods_rank1.png", tag)]
+    tag, stem = model_tag(runs), model_stem(runs)
+    written = [rank_vs_accuracy(runs, plots_dir / f"{stem}_rank_vs_accuracy.png", tag),
+               accuracy_vs_epoch(runs, curves, plots_dir / f"{stem}_accuracy_vs_epoch.png", tag),
+               methods_rank1(runs, plots_dir / f"{stem}_methods_rank1.png", tag)]
     return [p for p in written if p is not None]
+
+
+def _configs(runs: list[dict]) -> list[dict]:
+    return [json.loads(r["config"]) for r in runs if r.get("config")]
+
+
+def _target_sets(runs: list[dict]) -> list[list[str]]:
+    """The adapters' target sets. Only the adapter runs say one: the base model and FPFT runs do not depend
+    on it (a sweep on attention reuses the base run recorded by a sweep on every layer)."""
+    adapters = [r for r in runs if r.get("method") not in ("base", "fpft")]
+    configs = _configs(adapters or runs)
+    sets = {tuple(c.get("target_modules", ["all"])) for c in configs if "target_modules" in c}
+    return [list(s) for s in sorted(sets, key=" ".join)]
 
 
 def model_tag(runs: list[dict]) -> str:
     """What the titles say about the model when it is not the paper's MLP: "ViT", "ViT, adapters on attention"."""
-    configs = [json.loads(r["config"]) for r in runs if r.get("config")]
-    models = sorted({c.get("model", "mlp") for c in configs})
-    targets = sorted({" ".join(c.get("target_modules", ["all"])) for c in configs if "target_modules" in c})
+    models = sorted({c.get("model", "mlp") for c in _configs(runs)})
+    targets = [" ".join(t) for t in _target_sets(runs)]
     parts = [] if models in ([], ["mlp"]) else ["/".join("ViT" if m == "vit" else m for m in models)]
     if targets and targets != ["all"]:
         parts.append(f"adapters on {', '.join(targets)}")
     return ", ".join(parts)
+
+
+def model_stem(runs: list[dict]) -> str:
+    """The start of the figure names: the model, and the target set where model_tag names one ("mlp", "vit",
+    "vit_attention", "vit_q-v"); rows recorded before the model field existed are the MLP's."""
+    models = sorted({c.get("model", "mlp") for c in _configs(runs)}) or ["mlp"]
+    targets = ["-".join(t) for t in _target_sets(runs)]
+    parts = ["+".join(models)] + (["+".join(targets)] if targets and targets != ["all"] else [])
+    return _safe_name("_".join(parts))
+
+
+def _safe_name(text: str) -> str:
+    """Only letters, digits and . _ + - in a file name."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "runs"
+
+
+def _plural(n: int, word: str) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _counted(counts, word: str) -> str:
+    """How many seeds (runs, ...) the points average: '1 seed', '3 seeds', or '2/3 seeds' when they differ."""
+    counts = sorted(set(counts))
+    if len(counts) == 1:
+        return _plural(counts[0], word)
+    return f"{'/'.join(map(str, counts))} {word}s"
+
+
+_kept: list[dict] = []
+
+
+@contextlib.contextmanager
+def keep_figures():
+    """Within the block, every figure written is also recorded, {path: Figure}, for a caller (a test, a
+    notebook) to look at its axes; the figures are closed as usual (their objects stay readable)."""
+    figures: dict = {}
+    _kept.append(figures)
+    try:
+        yield figures
+    finally:
+        _kept.remove(figures)
+
+
+def _skip(path: Path, why: str) -> None:
+    """No figure: say so rather than write an empty one."""
+    print(f"no {Path(path).name}: {why}")
+
+
+def _curve(ax, x, m, s, color=None, ls="-", label=None, band: bool = True, **kw) -> bool:
+    """A mean curve with its ± std band; a single point gets a marker and an error bar (a line of one
+    point is invisible). Points without a mean are left out. Returns whether anything was drawn."""
+    x, m, s = (np.asarray(v, dtype=float) for v in (x, m, s))
+    ok = np.isfinite(x) & np.isfinite(m)
+    x, m, s = x[ok], m[ok], np.nan_to_num(s[ok])
+    if len(x) == 0:
+        return False
+    if len(x) == 1:
+        ax.errorbar(x, m, yerr=s if band else None, color=color, ls="none", marker="o", capsize=3, label=label,
+                    **kw)
+    else:
+        ax.plot(x, m, color=color, ls=ls, label=label, **kw)
+        if band:
+            ax.fill_between(x, m - s, m + s, color=color, alpha=0.12)
+    return True
+
+
+def _bar_axis(ax, lows, highs, ylabel: str, unit: str = "%") -> float:
+    """Start the bar axis a little below the lowest bar minus its error bar (the differences between
+    methods are a few points), say so in the axis label, and leave room above for the value labels.
+    Bars that would lose less than a quarter of their height (data near 0) keep 0 as the start. Returns the
+    offset of a value label above its bar."""
+    lo, hi = min(lows), max(highs)
+    span = max(hi - lo, 1.0)
+    step = 1 if span < 10 else 5 if span < 50 else 10
+    bottom = math.floor((lo - 0.15 * span) / step) * step
+    if lo >= 0 and bottom < 0.25 * hi:
+        bottom = 0
+    top = hi + 0.12 * (hi - bottom)
+    ax.set_ylim(bottom, top)
+    ax.set_ylabel(ylabel if bottom <= 0 else f"{ylabel}\n(axis starts at {bottom:g}{unit}, not 0)")
+    return 0.015 * (top - bottom)
+
+
+def _integer_ticks(axis) -> None:
+    """Whole-number ticks (epochs, rounds), also when the axis holds a single one."""
+    axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def _method_order(item):
@@ -65,18 +173,35 @@ def _adapter_rows(runs):
     return [r for r in runs if r["method"] not in ("base", "fpft")]
 
 
+TASK_A_LABEL = "test accuracy on digits 0-4 (%)"
+TASK_B_LABEL = "test accuracy on digits 5-9 (%)"
+
+
 def _reference_lines(ax, runs):
-    """FPFT on task B (mean, band of ± std) and the base model's accuracy on task A, both dashed."""
+    """FPFT on task B (mean, band of ± std), dashed, on the task-B axis ``ax``; the base model's accuracy on
+    task A, dotted, on a twin y-axis of its own (labelled, same scale, so the two can be compared but
+    neither is read off the other's axis). Returns the twin axis (None without a base run)."""
     fpft = mean_std([r["test_acc_b"] for r in runs if r["method"] == "fpft"])
     if not math.isnan(fpft[0]):
         ax.axhline(100 * fpft[0], color=FPFT_COLOR, ls="--", lw=1.2,
                    label=f"FPFT on digits 5-9: {100 * fpft[0]:.1f}%")
         if not math.isnan(fpft[1]):
             ax.axhspan(100 * (fpft[0] - fpft[1]), 100 * (fpft[0] + fpft[1]), color=FPFT_COLOR, alpha=0.08)
-    base = [r["test_acc_a"] for r in runs if r["method"] == "base"]
-    if base:
-        ax.axhline(100 * base[0], color=BASE_COLOR, ls=(0, (2, 2)), lw=1.5,
-                   label=f"base model on digits 0-4 (task A): {100 * base[0]:.1f}%")
+    base = [r["test_acc_a"] for r in runs if r["method"] == "base" and r.get("test_acc_a") is not None]
+    if not base:
+        return None
+    value = 100 * base[0]
+    twin = ax.twinx()
+    twin.axhline(value, color=BASE_COLOR, ls=(0, (2, 2)), lw=1.5,
+                 label=f"base model on digits 0-4 (task A, right axis): {value:.1f}%")
+    lo, hi = ax.get_ylim()
+    pad = 0.05 * max(hi - lo, 1e-6)
+    lo, hi = min(lo, value - pad), max(hi, value + pad)
+    ax.set_ylim(lo, hi)
+    twin.set_ylim(lo, hi)
+    twin.set_ylabel(TASK_A_LABEL, color=BASE_COLOR)
+    twin.tick_params(axis="y", colors=BASE_COLOR)
+    return twin
 
 
 def _titled(tag: str, title: str) -> str:
@@ -88,22 +213,35 @@ def rank_vs_accuracy(runs: list[dict], path: Path, tag: str = "") -> Path | None
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(10, 5))
+    drawn = False
     for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
         by_rank = group(rs, ("rank",))
-        ranks = sorted(k[0] for k in by_rank)
-        stats = [mean_std([r["test_acc_b"] for r in by_rank[(k,)]]) for k in ranks]
-        ax.errorbar(ranks, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
+        stats = {k[0]: mean_std([r["test_acc_b"] for r in v]) for k, v in by_rank.items()}
+        ranks = sorted(k for k, (m, _) in stats.items() if not math.isnan(m))
+        if not ranks:
+            continue
+        ax.errorbar(ranks, [100 * stats[k][0] for k in ranks],
+                    yerr=[0 if math.isnan(stats[k][1]) else 100 * stats[k][1] for k in ranks],
                     color=COLORS.get(method), ls=SKETCH_STYLE.get(sketch, "-"), marker="o", capsize=3,
                     label=label(method, sketch))
-    _reference_lines(ax, runs)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return _skip(path, "no adapter run has a test accuracy on task B")
+    twin = _reference_lines(ax, runs)
     all_ranks = sorted({r["rank"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
     ax.set_xlabel("adapter rank r")
-    ax.set_ylabel("test accuracy on digits 5-9 (%)")
+    ax.set_ylabel(TASK_B_LABEL)
     ax.set_title(_titled(tag, "Accuracy on task B by rank (mean ± std over seeds)"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    handles, labels = ax.get_legend_handles_labels()
+    if twin is not None:
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    # right of the twin axis's label
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.09 if twin else 1.01, 1.0))
     return _save(fig, path)
 
 
@@ -119,6 +257,7 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
     nrows = math.ceil(len(ranks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
     fpft_runs = [r for r in runs if r["method"] == "fpft"]
+    drawn = False
     for i, (ax, rank) in enumerate(zip(axes.flat, ranks)):
         series = [(("fpft", None), fpft_runs)] + sorted(
             group([r for r in rows if r["rank"] == rank], ("method", "sketch")).items(), key=_method_order)
@@ -128,33 +267,39 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
             epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in rs])
             color = FPFT_COLOR if method == "fpft" else COLORS.get(method)
             ls = "--" if method == "fpft" else SKETCH_STYLE.get(sketch, "-")
-            ax.plot(epochs, 100 * m, color=color, ls=ls, label=label(method, sketch))
-            ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color=color, alpha=0.12)
+            drawn |= _curve(ax, epochs, 100 * m, 100 * s, color=color, ls=ls, label=label(method, sketch))
         ax.set_title(f"rank {rank}")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        _integer_ticks(ax.xaxis)
         ax.set_xlabel("epoch")
         if i % ncols == 0:  # the panels share the y axis
-            ax.set_ylabel("test accuracy on digits 5-9 (%)")
+            ax.set_ylabel(TASK_B_LABEL)
         ax.grid(alpha=0.3)
+    if not drawn:
+        plt.close(fig)
+        return _skip(path, "the curves file has no test accuracy per epoch for these runs")
     for ax in list(axes.flat)[len(ranks):]:
         ax.set_visible(False)
     fig.suptitle(_titled(tag, "Test accuracy on task B per epoch (mean ± std over the seeds still running)"))
     fig.tight_layout()
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=min(len(labels), 5),
+    legend = {}  # every series once, whichever panel has it
+    for ax in axes.flat:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lbl, h)
+    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper center", ncol=min(len(legend), 5),
                bbox_to_anchor=(0.5, 0.0))  # below the panels; savefig's tight bbox takes it in
     return _save(fig, path)
 
 
 def _mean_curve(run_curves: list[list[dict]], key: str = "test_acc_b") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per epoch, mean and std of test accuracy over the runs that reached it (early stopping ends runs)."""
-    n = max(len(c) for c in run_curves)
+    """Per epoch, mean and std of test accuracy over the runs that reached it (early stopping ends runs);
+    nan where no run has a value."""
+    n = max((len(c) for c in run_curves), default=0)
     epochs, means, stds = [], [], []
     for e in range(1, n + 1):
         vals = [c[key] for rc in run_curves for c in rc if c["epoch"] == e]
         m, s = mean_std(vals)
         epochs.append(e), means.append(m), stds.append(0.0 if math.isnan(s) else s)
-    return np.array(epochs), np.array(means), np.array(stds)
+    return np.array(epochs, dtype=float), np.array(means, dtype=float), np.array(stds, dtype=float)
 
 
 def methods_rank1(runs: list[dict], path: Path, tag: str = "") -> Path | None:
@@ -165,20 +310,22 @@ def methods_rank1(runs: list[dict], path: Path, tag: str = "") -> Path | None:
     bars = [(label("fpft", None), [r["test_acc_b"] for r in runs if r["method"] == "fpft"], FPFT_COLOR)]
     for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
         bars.append((label(method, sketch), [r["test_acc_b"] for r in rs], COLORS.get(method)))
-    bars = [b for b in bars if b[1]]
-    stats = [mean_std(v) for _, v, _ in bars]
+    kept = [(b, st) for b, st in ((b, mean_std(b[1])) for b in bars) if not math.isnan(st[0])]
+    bars, stats = [b for b, _ in kept], [st for _, st in kept]
+    if not bars:
+        return _skip(path, "no run at rank 1 has a test accuracy on task B")
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 5))
     x = np.arange(len(bars))
     means = [100 * m for m, _ in stats]
     errs = [0 if math.isnan(s) else 100 * s for _, s in stats]
     ax.bar(x, means, yerr=errs, capsize=4, color=[c for *_, c in bars], alpha=0.85)
+    offset = _bar_axis(ax, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)], TASK_B_LABEL)
     for xi, m, err in zip(x, means, errs):
-        ax.text(xi, m + err + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(xi, m + err + offset, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [b[0].replace(" (", "\n(") for b in bars], fontsize=8)
-    ax.set_ylabel("test accuracy on digits 5-9 (%)")
-    ax.set_ylim(0, 105)
-    n_seeds = sorted({len(v) for _, v, _ in bars})
-    ax.set_title(_titled(tag, f"Rank 1, every method and sketch (mean ± std over {'/'.join(map(str, n_seeds))} seeds)"))
+    ax.set_xlabel("method (A init, B init), rank 1")
+    n_seeds = [len([v for v in vals if v is not None and not math.isnan(v)]) for _, vals, _ in bars]
+    ax.set_title(_titled(tag, f"Rank 1, every method and sketch (mean ± std over {_counted(n_seeds, 'seed')})"))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -217,12 +364,13 @@ def _form_label(form: str, heads) -> str:
     return FORM_LABEL.get(form, form).format(h=heads)
 
 
-def _full_line(ax, rows, by_run) -> None:
+def _full_line(ax, rows, by_run) -> bool:
     full = [r for r in rows if r["form"] == "full"]
     if full:
         epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in full], key="test_acc")
-        ax.plot(epochs, 100 * m, color="black", lw=2, label=f"full rank ({full[0]['trainable_params']:,} params)")
-        ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color="black", alpha=0.1)
+        return _curve(ax, epochs, 100 * m, 100 * s, color="black", lw=2,
+                      label=f"full rank ({full[0]['trainable_params']:,} params)")
+    return False
 
 
 def _scratch_epochs(rows, by_run, forms: list[str], heads, dataset: str, path: Path) -> Path | None:
@@ -231,7 +379,7 @@ def _scratch_epochs(rows, by_run, forms: list[str], heads, dataset: str, path: P
         return None
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    _full_line(ax, rows, by_run)
+    drawn = _full_line(ax, rows, by_run)
     for form in forms:
         for i, rank in enumerate(ranks):
             rs = [r for r in rows if r["form"] == form and r["rank"] == rank]
@@ -240,14 +388,16 @@ def _scratch_epochs(rows, by_run, forms: list[str], heads, dataset: str, path: P
             epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in rs], key="test_acc")
             color = cmap(i / max(1, len(ranks) - 1) * 0.9)
             name = f"r={rank}" if len(forms) == 1 else f"{_form_label(form, heads)}, r={rank}"
-            ax.plot(epochs, 100 * m, color=color, ls=FORM_STYLE.get(form, "-"), label=name)
-            ax.fill_between(epochs, 100 * (m - s), 100 * (m + s), color=color, alpha=0.1)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            drawn |= _curve(ax, epochs, 100 * m, 100 * s, color=color, ls=FORM_STYLE.get(form, "-"), label=name)
+    if not drawn:
+        plt.close(fig)
+        return _skip(path, "the curves file has no test accuracy per epoch for these runs")
+    _integer_ticks(ax.xaxis)
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"test accuracy, {dataset}, 10 classes (%)")
     what = _form_label(forms[0], heads) if len(forms) == 1 else " vs ".join(_form_label(f, heads) for f in forms)
     seeds = sorted({len(v) for v in group([r for r in rows if r["form"] in forms], ("form", "rank")).values()})
-    ax.set_title(f"Trained from scratch: {what}\n(mean ± std over {'/'.join(map(str, seeds))} seed(s))")
+    ax.set_title(f"Trained from scratch: {what}\n(mean ± std over {_counted(seeds, 'seed')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + (len(forms) > 1))
     return _save(fig, path)
@@ -289,6 +439,8 @@ def _save(fig, path: Path) -> Path:
             fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        for figures in _kept:
+            figures[Path(path)] = fig
     finally:
         plt.close(fig)
     return path
@@ -303,7 +455,10 @@ FED_LABELS = {"fedavg": "FedAvg (full)", "fedit": "FedIT", "ffa_lora": "FFA-LoRA
 
 def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
     """Accuracy by round, accuracy by communicated megabytes, aggregation error by round: a line per method,
-    sketch and rank, mean over seeds with ± std (bands, or error bars on the megabyte axis)."""
+    sketch and rank, mean over seeds with ± std (bands; a single round: a marker with an error bar).
+
+    Named fed_<partition>_accuracy_vs_round.png etc. when the runs come from one partition scheme (iid,
+    dirichlet), fed_accuracy_vs_round.png etc. when they mix schemes or do not say."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     keep = {r["config_hash"] for r in runs}
@@ -311,43 +466,63 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
     order = list(FED_COLORS)
     series = sorted(group(runs, ("method", "sketch", "rank")).items(),
                     key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9, str(kv[0][1]), kv[0][2] or 0))
+    stem = fed_stem(runs)
     written = []
     for name, x_key, y_key, ylabel, title, log_y in (
-            ("fed_accuracy_vs_round.png", "round", "test_acc_b", "test accuracy on digits 5-9 (%)",
-             "Server model's accuracy by round", False),
-            ("fed_accuracy_vs_mb.png", "communicated_mb", "test_acc_b", "test accuracy on digits 5-9 (%)",
+            ("accuracy_vs_round", "round", "test_acc_b", TASK_B_LABEL, "Server model's accuracy by round", False),
+            ("accuracy_vs_mb", "communicated_mb", "test_acc_b", TASK_B_LABEL,
              "Accuracy by megabytes communicated (all clients, up + down, float32)", False),
-            ("fed_aggregation_error.png", "round", "aggregation_error",
+            ("aggregation_error", "round", "aggregation_error",
              "||mean client update - applied update|| / ||mean client update||", "Aggregation error by round", True)):
+        path = plots_dir / f"{stem}_{name}.png"
         fig, ax = plt.subplots(figsize=(10, 5.5))
+        drawn, n_seeds = False, []
         for (method, sketch, rank), rs in series:
             rounds = [by_run.get((r["config_hash"],), []) for r in rs]
             n = min(len(c) for c in rounds)
             if n == 0:
                 continue
-            ys = np.array([[c[y_key] for c in cs[:n]] for cs in rounds], dtype=float)
-            xs = np.array([[c[x_key] for c in cs[:n]] for cs in rounds], dtype=float).mean(0)
+            ys = np.array([[np.nan if c[y_key] is None else c[y_key] for c in cs[:n]] for cs in rounds], dtype=float)
+            xs = np.array([[np.nan if c[x_key] is None else c[x_key] for c in cs[:n]] for cs in rounds],
+                          dtype=float).mean(0)
             scale = 1.0 if log_y else 100.0
             m, s = scale * ys.mean(0), scale * (ys.std(0, ddof=1) if len(rounds) > 1 else np.zeros(n))
             lbl = FED_LABELS.get(method, method) + (f" ({sketch})" if sketch else "") + (f" r={rank}" if rank else "")
             color, ls = FED_COLORS.get(method), SKETCH_STYLE.get(sketch, "-")
             if log_y:
                 m = np.maximum(m, 1e-17)  # exact methods: float rounding, drawn at the floor of the axis
-            ax.plot(xs, m, color=color, ls=ls, label=lbl)
-            if not log_y:
-                ax.fill_between(xs, m - s, m + s, color=color, alpha=0.12)
+            if _curve(ax, xs, m, s, color=color, ls=ls, label=lbl, band=not log_y):
+                drawn = True
+                n_seeds.append(len(rs))
+        if not drawn:
+            plt.close(fig)
+            _skip(path, f"the curves file has no {y_key} by {x_key} for these runs")
+            continue
         ax.set_xlabel("communicated megabytes (log scale)" if x_key == "communicated_mb" else "round")
         if x_key == "communicated_mb":
             ax.set_xscale("log")
+        else:
+            _integer_ticks(ax.xaxis)  # rounds are whole
         if log_y:
             ax.set_yscale("log")
         ax.set_ylabel(ylabel)
-        n_seeds = sorted({len(rs) for _, rs in series})
-        ax.set_title(f"{title} (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
+        ax.set_title(f"{title} (mean ± std over {_counted(n_seeds, 'seed')})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        written.append(_save(fig, plots_dir / name))
+        written.append(_save(fig, path))
     return written
+
+
+def fed_stem(runs: list[dict]) -> str:
+    """"fed_dirichlet" / "fed_iid" when every run says the same partition scheme, else "fed"."""
+    schemes = {_partition(r) for r in runs}
+    return f"fed_{_safe_name(str(schemes.pop()))}" if len(schemes) == 1 and None not in schemes else "fed"
+
+
+def _partition(row: dict) -> str | None:
+    if row.get("partition"):
+        return row["partition"]
+    return json.loads(row["config"]).get("partition") if row.get("config") else None
 
 
 def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
@@ -363,29 +538,39 @@ def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike
     written = []
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(tasks) * max(1, len(methods)) / 3), 5))
     width = 0.8 / max(1, len(methods))
+    lows, highs, n_seeds, labelled = [], [], [], set()
     for j, m in enumerate(methods):
         for i, t in enumerate(tasks):
-            vals = [100 * r["final_dev"] for r in by.get((t, m), [])]
+            vals = [100 * r["final_dev"] for r in by.get((t, m), []) if r.get("final_dev") is not None]
+            vals = [v for v in vals if not math.isnan(v)]
             if not vals:
                 continue
             x = i + (j - (len(methods) - 1) / 2) * width
             mean, std = mean_std(vals)
-            ax.bar(x, mean, width, color=color[m], alpha=0.8, label=label[m] if i == 0 else None,
+            err = 0.0 if math.isnan(std) else std
+            ax.bar(x, mean, width, color=color[m], alpha=0.8, label=None if m in labelled else label[m],
                    yerr=None if math.isnan(std) else std, capsize=3)
+            labelled.add(m)
             ax.plot([x] * len(vals), vals, "k.", ms=3)
-    ax.set_xticks(range(len(tasks)))
+            lows.append(min(mean - err, *vals)), highs.append(max(mean + err, *vals)), n_seeds.append(len(vals))
     metrics = {r["task"]: r["metric"] for r in runs}
-    ax.set_xticklabels([f"{t}\n({metrics[t]})" for t in tasks])
-    ax.set_ylabel("dev metric at the last epoch (x100)")
-    n_seeds = sorted({len(v) for v in by.values()})
-    ax.set_title(f"GLUE dev metrics (mean ± std over {'/'.join(map(str, n_seeds))} seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    written.append(_save(fig, plots_dir / "glue_dev_metric.png"))
+    if lows:
+        ax.set_xticks(range(len(tasks)))
+        ax.set_xticklabels([f"{t}\n({metrics[t]})" for t in tasks])
+        ax.set_xlabel("GLUE task (dev metric)")
+        _bar_axis(ax, lows, highs, "dev metric at the last epoch (x100)", unit="")
+        ax.set_title(f"GLUE dev metrics (mean ± std over {_counted(n_seeds, 'seed')})")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        written.append(_save(fig, plots_dir / "glue_dev_metric.png"))
+    else:
+        plt.close(fig)
+        _skip(plots_dir / "glue_dev_metric.png", "no run has a dev metric")
 
     keep = {r["config_hash"] for r in runs}
     by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.5), squeeze=False)
+    drawn = False
     for ax, t in zip(axes[0], tasks):
         for m in methods:
             rs = by.get((t, m), [])
@@ -397,15 +582,25 @@ def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike
             epochs = [c["epoch"] for c in cs[0][:n]]
             mean = ys.mean(0)
             std = ys.std(0, ddof=1) if len(cs) > 1 else np.zeros(n)
-            ax.plot(epochs, mean, color=color[m], label=label[m])
-            ax.fill_between(epochs, mean - std, mean + std, color=color[m], alpha=0.12)
+            if not _curve(ax, epochs, mean, std, color=color[m], label=label[m]):
+                continue
+            drawn = True
             merged = [e for e, c in zip(epochs, cs[0][:n]) if c["merged"]]
             ax.plot(merged, [mean[epochs.index(e)] for e in merged], "|", color=color[m], ms=10)
+        _integer_ticks(ax.xaxis)
         ax.set_xlabel("epoch (| : a merge)")
         ax.set_ylabel(f"dev {metrics[t]} (x100)")
         ax.set_title(t)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if not drawn:
+        plt.close(fig)
+        _skip(plots_dir / "glue_dev_by_epoch.png", "the curves file has no dev metric per epoch for these runs")
+        return written
+    legend = {}
+    for ax in axes[0]:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lbl, h)
+    axes[0][-1].legend(list(legend.values()), list(legend), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("GLUE dev metric by epoch (mean ± std over seeds)")
     written.append(_save(fig, plots_dir / "glue_dev_by_epoch.png"))
     return written

@@ -15,16 +15,113 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from dataclasses import dataclass
 
-RUN_COLUMNS = ["form", "rank", "seed", "status", "dataset", "optimizer", "lr", "batch_size", "max_epochs",
-               "trainable_params", "optimizer_state", "final_test_acc", "best_epoch", "best_test_acc", "best_val_loss",
-               "epochs", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit",
-               "code_fingerprint", "device", "finished_at", "config"]
-CURVE_COLUMNS = ["config_hash", "form", "rank", "seed", "dataset", "optimizer", "epoch", "train_loss", "val_loss",
-                 "val_acc", "test_acc", "merged"]
+import models
+from data import TEN_CLASSES, check_val_size, load_ten_classes
+from engine.cli import run_command
+from engine.results import RECORD_COLUMNS, format_table, git_commit, group, mean_std, pct, seeds_cell, split_diverged
+from engine.runner import report, resolve_device, run_study as run, Study
+from engine.stack import train_stack
+from galore import GaLoreAdamW, state_numel
+from engine.settings import StudyConfig, arg, check_ranks, check_workers, from_argv, override, settings_hash, stable_hash
+from lowrank import FORMS, build
+from plots import draw_scratch
+from raclora.errors import DIVERGED, ConfigError
+
+DATASETS = ("mnist", "fashion_mnist")  # data.load_ten_classes
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def form_choices() -> tuple[str, ...]:
+    return (*FORMS, "all")
+
+
+@dataclass
+class ScratchConfig(StudyConfig):
+    """Settings of ``python scratch.py``: ten-class MLPs trained from scratch in full or low-rank form."""
+    # --- what to run ---
+    form: str = arg("all", "full | lowrank | lowrank_ae | lte | lora | galore | all", choices=form_choices,
+                    hash=False)
+    ranks: list[int] = arg([1, 2, 4, 8, 16, 32, 64, 128], "rank r of every form but full", hash=False)
+    seeds: list[int] = override(StudyConfig, "seeds", [0])
+    dataset: str = arg("mnist", "mnist | fashion_mnist (the study trained on fashion_mnist)", choices=DATASETS)
+    hidden: list[int] = arg([512, 512], "hidden widths of the (28*28)-...-10 MLP")
+    # --- optimisation ---
+    optimizer: str = arg("sgd", "sgd (plain, no momentum: the study) | adamw; galore always runs its own Adam",
+                         choices=OPTIMIZERS, only={"form": tuple(f for f in FORMS if f != "galore")})
+    lr: float = override(StudyConfig, "lr", 1e-3, help="learning rate of the optimizer (and of GaLore)")
+    weight_decay: float = override(StudyConfig, "weight_decay", 0.0, help="decoupled weight decay (adamw and "
+                                   "galore; sgd: L2 added to the gradient)")
+    batch_size: int = override(StudyConfig, "batch_size", 64)
+    max_epochs: int = arg(100, "epochs per run (no early stopping: the study plots every epoch)", range=(1, 100_000))
+    # --- forms ---
+    lte_heads: int = arg(4, "lte: parallel low-rank heads per layer; \"lora\" is one head of rank lte_heads * r",
+                         range=(1, 1024), only={"form": ("lte", "lora")})
+    lte_every: int = arg(100, "lte, lora: optimizer steps between merges of the heads into the weights",
+                         range=(1, 10 ** 9), only={"form": ("lte", "lora")})
+    galore_every: int = arg(200, "galore: optimizer steps between recomputations of the projection (SVD)",
+                            range=(1, 10 ** 9), only={"form": ("galore",)})
+    galore_scale: float = arg(0.25, "galore: scale of the projected-back update", positive=True,
+                              only={"form": ("galore",)})
+    # --- data ---
+    data_dir: str = override(StudyConfig, "data_dir", help="torchvision root: <data_dir>/MNIST/raw, "
+                             "<data_dir>/FashionMNIST/raw")
+    val_size: int = arg(5000, "images held out of the 60k training set for validation", range=(1, 10 ** 9))
+    split_seed: int = arg(0, "seed of the train/validation split (the same for every run)", range=(0, 2 ** 63 - 1))
+    # --- how it runs ---
+    stack_size: int = arg(16, "runs of one form and rank (seeds) trained at once as one stacked model",
+                          range=(1, 1024), hash=False)
+    workers: int = arg(0, "processes training stacks side by side; 0 = one per core on CPU, 1 on a GPU", hash=False)
+
+    RUN_KEYS = {"form": None}  # a run is one form's
+
+    def check(self) -> None:
+        if not self.hidden or any(not 1 <= h <= 2 ** 20 for h in self.hidden):
+            raise ConfigError(f"hidden must be one or more widths from 1 to {2 ** 20}, got {self.hidden}")
+        check_ranks(self.ranks)
+        check_workers(self.workers)
+        if self.batch_size < self.lte_heads:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be at least lte_heads ({self.lte_heads}): "
+                              f"each head trains on its own shard of every batch")
+
+    def check_setup(self) -> None:
+        """The checks that need the data's sizes: val_size, and ranks against the MLP's layers."""
+        check_val_size(self.val_size)
+        top = max_useful_rank([TEN_CLASSES.features, *self.hidden, TEN_CLASSES.classes])
+        for r in self.ranks:
+            if r > top:
+                raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {top} (the largest "
+                                  f"min(in, out) among the model's layers)")
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(parameters, activation floats of one evaluation pass, image floats) of the full-form MLP."""
+        return models.sizes("mlp", dict(hidden=self.hidden, dropout=0.0), TEN_CLASSES)
+
+    def runs_per_stack(self) -> int:
+        return min(self.stack_size, len(self.seeds))
+
+    def selected_forms(self) -> list[str]:
+        return list(FORMS) if self.form == "all" else [self.form]
+
+
+def max_useful_rank(dims: list[int]) -> int:
+    """Largest min(in, out) over the layers of an MLP with widths ``dims``: a higher rank adds nothing anywhere."""
+    return max(min(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+
+def scratch_settings_hash(cfg: ScratchConfig, device: str, form: str) -> str:
+    """Hash of every field that changes a from-scratch run of ``form``, apart from its rank and seed."""
+    return settings_hash(cfg, device, form=form)
+
+RUN_COLUMNS = {"form": str, "rank": int, "seed": int, "status": str, "dataset": str, "optimizer": str, "lr": float,
+               "batch_size": int, "max_epochs": int, "trainable_params": int, "optimizer_state": int,
+               "final_test_acc": float, "best_epoch": int, "best_test_acc": float, "best_val_loss": float,
+               "epochs": int, "merges": int, "diverged_step": int, **RECORD_COLUMNS}
+CURVE_COLUMNS = {"config_hash": str, "form": str, "rank": int, "seed": int, "dataset": str, "optimizer": str,
+                 "epoch": int, "train_loss": float, "val_loss": float, "val_acc": float, "test_acc": float,
+                 "merged": bool}
 PREFIX = "scratch_"  # results/scratch_runs.csv, results/scratch_curves.csv
-# The modules whose source determines this study's numbers (results.code_fingerprint)
-CODE = ["data", "models", "lora", "randlora", "train", "engine.stack", "lowrank", "galore", "scratch"]
 
 
 def plan(cfg) -> list[dict]:
@@ -37,7 +134,6 @@ def plan(cfg) -> list[dict]:
 
 
 def run_hash(cfg, device: str, form: str, rank: int | None, seed: int) -> str:
-    from config import scratch_settings_hash, stable_hash
     return stable_hash([scratch_settings_hash(cfg, device, form), form, rank, seed])
 
 
@@ -54,8 +150,6 @@ class ScratchTrainer:
     """Trains stacks of from-scratch runs; what one worker process holds."""
 
     def __init__(self, cfg, commit: str, task=None, show_epochs: bool = True):
-        from data import load_ten_classes
-        from engine.runner import resolve_device
 
         self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
         self.device = resolve_device(cfg.device)
@@ -67,9 +161,6 @@ class ScratchTrainer:
         import torch
         from tqdm.auto import tqdm
 
-        from galore import GaLoreAdamW, state_numel
-        from lowrank import build
-        from engine.stack import train_stack
 
         cfg = self.cfg
         form, rank = specs[0]["form"], specs[0]["rank"]
@@ -114,9 +205,6 @@ class ScratchTrainer:
         return [self.rows(spec, rec, model.trainable_count(i), state) for i, (spec, rec) in enumerate(zip(specs, records))]
 
     def rows(self, spec: dict, record, trainable: int, state: int) -> tuple[dict, list[dict]]:
-        from config import scratch_settings_hash
-        from engine.results import DIVERGED
-
         cfg, dev = self.cfg, self.device.type
         form, rank, seed = spec["form"], spec["rank"], spec["seed"]
         key = run_hash(cfg, dev, form, rank, seed)
@@ -149,7 +237,6 @@ def run_study(cfg, commit: str) -> list[dict]:
     """Train every run of the plan not yet recorded (runner.run_study); return this study's scratch_runs.csv rows."""
     from tqdm.auto import tqdm
 
-    from engine.runner import Study, run_study as run
 
     t0 = time.perf_counter()
     cfg.check_setup()  # the command line has run it; a caller from Python gets the same checks
@@ -159,7 +246,7 @@ def run_study(cfg, commit: str) -> list[dict]:
     tqdm.write(f"device: {trainer.device}; {cfg.dataset}, ten classes: {len(t.train)} train / {len(t.val)} val / "
                f"{len(t.test)} test images")
     study = Study(plan=plan(cfg), run_hash=lambda spec: run_hash(cfg, dev, **spec),
-                  stack_key=lambda spec: (spec["form"], spec["rank"]), make_trainer=ScratchTrainer, code=CODE,
+                  stack_key=lambda spec: (spec["form"], spec["rank"]), make_trainer=ScratchTrainer, code=__name__,
                   trainer_args=(cfg, commit), trainer=trainer, prefix=PREFIX, run_columns=RUN_COLUMNS,
                   curve_columns=CURVE_COLUMNS, balance=False, order=stack_order)
     rows = run(study, cfg, trainer.device)
@@ -169,12 +256,10 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 def summary(rows: list[dict]) -> str:
     """Final test accuracy (last epoch), mean ± std over seeds, one line per form and rank."""
-    from engine.results import format_table, group, mean_std, pct, seeds_cell, split_diverged
-
     header = ["form", "optimizer", "rank", "trainable", "optimizer state", "seeds", "final test acc %",
               "best-val test acc %", "s/run"]
     lines = []
-    order = {f: i for i, f in enumerate(("full", "lowrank", "lowrank_ae", "lte", "lora", "galore"))}
+    order = {f: i for i, f in enumerate(FORMS)}
     for (form, opt, rank), rs in sorted(group(rows, ("form", "optimizer", "rank")).items(),
                                         key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], kv[0][2] or 0)):
         ok, diverged = split_diverged(rs)
@@ -187,8 +272,6 @@ def summary(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import run_command
-    from config import ScratchConfig, from_argv
 
     def parse():
         return from_argv(argv, ScratchConfig, prog="scratch.py",
@@ -199,15 +282,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def study(cfg) -> None:
     """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
-    from config import FORMS, scratch_settings_hash
-    from plots import draw_scratch
-    from engine.results import git_commit
-    from engine.runner import report, resolve_device
-
     study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
     device = resolve_device(cfg.device).type
     wanted = {scratch_settings_hash(cfg, device, f) for f in FORMS}  # every form recorded under these settings
-    report(cfg, study_rows, wanted, summary, draw_scratch, PREFIX)
+    report(cfg, study_rows, wanted, summary, draw_scratch, RUN_COLUMNS, CURVE_COLUMNS, PREFIX)
 
 
 if __name__ == "__main__":

@@ -17,25 +17,32 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from config import Config, ConfigError, settings_hash, stable_hash
-from data import DIGITS, Split, load_tasks
+from config import Config
+from engine.settings import settings_hash, stable_hash
+from raclora.errors import ConfigError
+from data import DIGITS, Task, load_tasks
 from engine.build import build_run, config_model
-from lora import lora_scale
-from methods import get_method
+from raclora.factors import lora_scale
+from raclora.methods import get_method
 from models import count_trainable, meta_model, model_settings, set_generator, target_linears
-from engine.results import DIVERGED, atomic_path, code_fingerprint
+from raclora.errors import DIVERGED
+from raclora.files import atomic_path
+from engine.provenance import code_fingerprint
+from engine.results import RECORD_COLUMNS
 from engine.runner import Study, record_results, recorded_runs, resolve_device, run_study
 from engine.stack import evaluate_stack, train_stack
 from train import Record, evaluate, train
 
 
-class CheckpointError(RuntimeError):
-    """A cached checkpoint that cannot be loaded; the message says what to delete."""
-
-
-# The modules whose source determines this study's numbers: data, model, adapters, methods, engines and
-# this file (the runs' rows). A change to any of them changes every row's code_fingerprint.
-CODE = ["data", "models", "lora", "randlora", "methods", "train", "engine.build", "engine.stack", "sweep"]
+# runs.csv and curves.csv: their columns and types (the store parses by them)
+RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status": str, "trainable_params": int,
+               "epochs": int, "best_epoch": int, "best_val_loss": float, "test_acc_b": float, "test_acc_a": float,
+               "merges": int, "diverged_step": int, "model": str, "target_modules": str, "scaling": str,
+               "lora_alpha": float, "random_init": str, "merge_every": int, "reset_optimizer_on_merge": bool,
+               "lr": float, "weight_decay": float, "batch_size": int, "max_epochs": int, "patience": int,
+               **RECORD_COLUMNS}
+CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int, "epoch": int,
+                 "train_loss": float, "val_loss": float, "val_acc": float, "test_acc_b": float, "merged": bool}
 
 LAYER_DIMS_NOTE = "note: rank {r} exceeds min(in, out) = {m} of the {i}->{o} layer; its update there has rank at most {m}"
 
@@ -58,7 +65,7 @@ def _kind(method: str) -> str:
 
 
 def run_hash(cfg: Config, device: str, method: str, sketch: str | None, rank: int | None, seed: int) -> str:
-    return stable_hash([settings_hash(cfg, device, _kind(method), method), method, sketch, rank, seed])
+    return stable_hash([settings_hash(cfg, device, kind=_kind(method), method=method), method, sketch, rank, seed])
 
 
 class Sweep:
@@ -70,8 +77,8 @@ class Sweep:
         self.commit = commit
         self.results_dir = Path(cfg.results_dir)
         self.tasks = load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed, self.device)
-        self.fingerprint = code_fingerprint(CODE)
-        self.done = recorded_runs(cfg, "", self.fingerprint)
+        self.fingerprint = code_fingerprint(__name__)
+        self.done = recorded_runs(cfg, "", self.fingerprint, RUN_COLUMNS)
         self.rows: list[dict] = []
 
     # --- the base model, trained once per setting and cached as a checkpoint ---
@@ -80,7 +87,7 @@ class Sweep:
         key = run_hash(cfg, dev, "base", None, None, cfg.base_seed)
         ckpt = self.results_dir / "checkpoints" / f"base_{key}.pt"
         model = config_model(cfg, None, self.device)
-        record, problem = load_checkpoint(ckpt, model, self.tasks["A"].val) if ckpt.exists() else (None, None)
+        record, problem = load_checkpoint(ckpt, model, self.tasks["A"]) if ckpt.exists() else (None, None)
         if record is not None:
             tqdm.write(f"base model: loaded {ckpt} (checksum, finite weights and validation loss verified)")
         else:
@@ -107,7 +114,7 @@ class Sweep:
 
     def record(self, results: list[tuple[dict, list[dict]]]) -> None:
         """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
-        self.rows.extend(record_results(self.results_dir, results, self.fingerprint))
+        self.rows.extend(record_results(self.results_dir, results, self.fingerprint, "", RUN_COLUMNS, CURVE_COLUMNS))
 
 
 # --- checkpoints: a checkpoint proves itself before it is used ----------------------------------------
@@ -131,7 +138,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, record: Record, cfg) -> 
                     "record": dataclasses.asdict(record), "config": cfg.to_dict()}, tmp)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, val: Split) -> tuple[Record | None, str | None]:
+def load_checkpoint(path: Path, model: torch.nn.Module, task: Task) -> tuple[Record | None, str | None]:
     """Load ``path`` into ``model`` if it proves itself: it reads, has every entry, its tensors match
     their checksum, every value is finite, and the model reproduces the validation loss recorded when
     it was saved (to 1e-5 relative). Returns (record, None), or (None, what is wrong) with ``model``
@@ -155,7 +162,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, val: Split) -> tuple[Rec
         record = Record(**saved["record"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:
         return None, f"does not fit this model ({type(e).__name__})"
-    val_loss = evaluate(model, val)[0]
+    val_loss = evaluate(model, task.val, task.spec.objective)[0]
     if not abs(val_loss - record.best_val_loss) <= 1e-5 * max(1.0, abs(record.best_val_loss)):
         return None, (f"gives validation loss {val_loss:.6g} where {record.best_val_loss:.6g} was recorded "
                       f"(made with other data or code)")
@@ -219,8 +226,8 @@ class Trainer:
         with bar:
             records = train_stack(model, run.params, self.tasks["B"], generators=gens, progress=progress,
                                   **{**_train_kw(cfg), **run.hooks})
-        _, acc_a = evaluate_stack(model, self.tasks["A"].test)
-        _, acc_b = evaluate_stack(model, self.tasks["B"].test)
+        _, acc_a = evaluate_stack(model, self.tasks["A"].test, self.tasks["A"].spec.objective)
+        _, acc_b = evaluate_stack(model, self.tasks["B"].test, self.tasks["B"].spec.objective)
         return [result_rows(cfg, self.device.type, self.commit, spec, rec, a, b, model.trainable_count(i))
                 for i, (spec, rec, a, b) in enumerate(zip(specs, records, acc_a.tolist(), acc_b.tolist()))]
 
@@ -237,10 +244,11 @@ def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Recor
                epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
                test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, diverged_step=record.diverged_step,
                wall_s=round(record.wall_s, 3),
-               config_hash=key, settings_hash=settings_hash(cfg, device, _kind(method), method),
+               config_hash=key, settings_hash=settings_hash(cfg, device, kind=_kind(method), method=method),
                git_commit=commit, device=device,
                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               config=json.dumps(cfg.to_dict(), sort_keys=True),
+               config=json.dumps(cfg.to_dict(), sort_keys=True), model=cfg.model,
+               target_modules=" ".join(cfg.target_modules),
                **{k: getattr(cfg, k) for k in ("scaling", "lora_alpha", "random_init", "merge_every",
                                                "reset_optimizer_on_merge", "lr", "weight_decay",
                                                "batch_size", "max_epochs", "patience")})
@@ -257,7 +265,8 @@ def _train_kw(cfg: Config) -> dict:
 
 
 def _test_accs(model: torch.nn.Module, tasks) -> tuple[float, float]:
-    return evaluate(model, tasks["A"].test)[1], evaluate(model, tasks["B"].test)[1]
+    return (evaluate(model, tasks["A"].test, tasks["A"].spec.objective)[1],
+            evaluate(model, tasks["B"].test, tasks["B"].spec.objective)[1])
 
 
 def _epoch_bar(cfg: Config, desc: str, disable: bool = False):
@@ -303,7 +312,8 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     base = sweep.base_model()
     state = {k: v.cpu() for k, v in base.state_dict().items()}
     study = Study(plan=run_plan(cfg), run_hash=lambda spec: run_hash(cfg, sweep.device.type, **spec),
-                  stack_key=stack_key, make_trainer=Trainer, code=CODE, trainer_args=(cfg, commit, state),
+                  stack_key=stack_key, make_trainer=Trainer, code=__name__, trainer_args=(cfg, commit, state),
+                  run_columns=RUN_COLUMNS, curve_columns=CURVE_COLUMNS,
                   trainer=Trainer(cfg, commit, base.state_dict(), sweep.tasks))
     rows = sweep.rows + run_study(study, cfg, sweep.device)
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from data import Split, Task, batches
-from engine.results import DIVERGED
+from data import Objective, Split, Task, batches
+from raclora.errors import DIVERGED
 
 
 @dataclass
@@ -32,6 +31,40 @@ class Record:
 
 
 
+class MethodHooks:
+    """What a method does to a training loop, whichever loop it is (train below, engine/stack.train_stack):
+    after every optimizer step, ``on_step_end(step, *args)`` (ReLoRA's merges) and the learning-rate schedule
+    (``lr_lambda`` of the steps taken, torch's LambdaLR); after every epoch, ``on_epoch_end(epoch, *args)`` (the
+    chains' merges). A hook returns True when it merged, and then AdamW's moments are cleared if
+    ``reset_optimizer_on_merge``. ``args``: what the loop passes on (the stack: its live runs' generators).
+    Both loops call it at the same points, so that the arithmetic of a merge is written once."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, on_epoch_end: Callable[..., bool] | None = None,
+                 on_step_end: Callable[..., bool] | None = None, reset_optimizer_on_merge: bool = False,
+                 lr_lambda: Callable[[int], float] | None = None):
+        self.optimizer, self.on_epoch_end, self.on_step_end = optimizer, on_epoch_end, on_step_end
+        self.reset_optimizer_on_merge = reset_optimizer_on_merge
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
+        self.step = 0  # optimizer steps taken, over the whole run
+        self.merges = 0  # merges the hooks reported
+
+    def after_step(self, *args) -> None:
+        self.step += 1
+        if self.on_step_end is not None and self.on_step_end(self.step, *args):
+            self._merged()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def after_epoch(self, epoch: int, *args) -> None:
+        if self.on_epoch_end is not None and self.on_epoch_end(epoch, *args):
+            self._merged()
+
+    def _merged(self) -> None:
+        self.merges += 1
+        if self.reset_optimizer_on_merge:
+            self.optimizer.state.clear()  # AdamW re-creates zeroed moments and step counts lazily
+
+
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """model(x) in passes of ``model.eval_batch`` examples (None: one pass); examples on dimension -2."""
     size = getattr(model, "eval_batch", None)
@@ -41,13 +74,14 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) of ``model`` on ``split``, in eval mode (no dropout)."""
+def evaluate(model: nn.Module, split: Split, objective: Objective) -> tuple[float, float]:
+    """(mean loss, metric in [0, 1]) of ``model`` on ``split`` under the task's ``objective`` (classification:
+    cross-entropy and accuracy), in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
     logits = logits_of(model, split.x)
-    loss = F.cross_entropy(logits, split.y).item()
-    acc = (logits.argmax(1) == split.y).float().mean().item()
+    loss = objective.loss(logits, split.y).item()
+    acc = objective.correct(logits, split.y).mean().item()
     model.train(was_training)
     return loss, acc
 
@@ -57,7 +91,8 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
           on_epoch_end: Callable[[int], bool] | None = None, reset_optimizer_on_merge: bool = False,
           on_step_end: Callable[[int], bool] | None = None, lr_lambda: Callable[[int], float] | None = None,
           progress: Callable[[dict], None] | None = None) -> Record:
-    """Train ``params`` of ``model`` on ``task.train``; keep the weights of the lowest validation loss.
+    """Train ``params`` of ``model`` on ``task.train`` under the task's objective (``task.spec.objective``); keep
+    the weights of the lowest validation loss.
 
     Stops after ``patience`` epochs without a lower validation loss, or at ``max_epochs``, or at once
     when a batch's loss is not finite (``record.status`` DIVERGED; the unfinished epoch is not recorded).
@@ -70,43 +105,33 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     """
     device = task.train.x.device
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
-    step = 0
+    hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda)
     record = Record()
     best_state = _snapshot(model)
     stale = 0  # epochs since the validation loss last improved
     t0 = time.perf_counter()
     x, y = task.train.x, task.train.y
-    merges = 0
+    objective = task.spec.objective  # the task's loss and metric (classification: cross-entropy, accuracy)
     for epoch in range(1, max_epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=x.dtype)  # summed on device: no host sync per step
         for idx in batches(len(task.train), batch_size, generator, device):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = objective.loss(model(x[idx]), y[idx])
             if not torch.isfinite(loss):  # stop before the step: the kept weights stay finite
-                record.status, record.diverged_step = DIVERGED, step + 1
+                record.status, record.diverged_step = DIVERGED, hooks.step + 1
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * idx.numel()
-            step += 1
-            if on_step_end is not None and on_step_end(step):
-                merges += 1
-                if reset_optimizer_on_merge:
-                    optimizer.state.clear()
-            if scheduler is not None:
-                scheduler.step()
+            hooks.after_step()
         if record.status == DIVERGED:
             break
-        if on_epoch_end is not None and on_epoch_end(epoch):
-            merges += 1
-            if reset_optimizer_on_merge:
-                optimizer.state.clear()  # AdamW re-creates zeroed moments and step counts lazily
-        merged = merges > record.merges
-        record.merges = merges
-        val_loss, val_acc = evaluate(model, task.val)
-        _, test_acc = evaluate(model, task.test)
+        hooks.after_epoch(epoch)
+        merged = hooks.merges > record.merges
+        record.merges = hooks.merges
+        val_loss, val_acc = evaluate(model, task.val, objective)
+        _, test_acc = evaluate(model, task.test, objective)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / len(task.train), "val_loss": val_loss,
                "val_acc": val_acc, "test_acc": test_acc, "merged": merged}
         record.curve.append(row)

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from config import Config  # noqa: E402
 from data import load_tasks  # noqa: E402
 from engine.build import build_run, config_model  # noqa: E402
-from lora import lora_scale  # noqa: E402
+from raclora.factors import lora_scale  # noqa: E402
 from engine.runner import resolve_device  # noqa: E402
 from train import train  # noqa: E402
 

@@ -27,6 +27,9 @@ from fed.partition import partition  # noqa: E402
 from fed.simulate import FedSettings, run_federated  # noqa: E402
 from engine.runner import cpu_count, resolve_device  # noqa: E402
 from sweep import Sweep  # noqa: E402
+from fed.deploy import Flower  # noqa: E402
+from fed.flower import from_run_config  # noqa: E402
+from fed.study import client_shards, settings as run_settings  # noqa: E402
 
 
 def settings(method: str, rounds: int) -> FedSettings:
@@ -83,9 +86,6 @@ def flower(base, tasks, rounds: int, tmp: Path) -> None:
     """Part 3: one config on Flower's local simulation federation and in this process."""
     import json
 
-    from fed.deploy import Flower
-    from fed.flower import from_run_config
-    from federated import client_shards, settings as run_settings
 
     rc = {"method": "fed_rac_lora", "rank": 1, "seed": 0, "clients": 10, "rounds": rounds,
           "data-dir": str(ROOT / "data"), "results-dir": str(tmp / "flower_results"),

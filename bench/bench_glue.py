@@ -18,6 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from glue import GlueConfig  # noqa: E402
+from raclora.peft_chain import ChainController  # noqa: E402
+
 # GLUE's training-set sizes (Wang et al., 2019, Table 1)
 TRAIN_SIZES = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "qqp": 363846, "stsb": 5749, "mnli": 392702,
                "qnli": 104743, "rte": 2490}
@@ -45,8 +48,6 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from config import GlueConfig
-    from peft_chain import ChainController
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)

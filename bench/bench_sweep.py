@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from config import Config  # noqa: E402
 from data import MEAN, STD, load_tasks  # noqa: E402
 from engine.build import build_run, config_model  # noqa: E402
-from lora import lora_scale  # noqa: E402
+from raclora.factors import lora_scale  # noqa: E402
 from engine.stack import train_stack  # noqa: E402
 from engine.runner import cpu_count, resolve_device  # noqa: E402
 from train import train  # noqa: E402

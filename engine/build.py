@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora import wrap_linears
-from methods import get_method
+from raclora.methods import get_method
 from data import DIGITS
 from models import build_model, model_settings, set_generator
 from randlora import wrap_randlora

@@ -6,6 +6,9 @@ import signal
 import sys
 from pathlib import Path
 from typing import Callable
+from engine.runner import cpu_count, resolve_device
+from raclora.errors import CheckpointError, ConfigError, DataError, one_line, ResultsError
+from raclora.files import clean_stale_tmp, prepare_output_dir
 
 
 class Terminated(KeyboardInterrupt):
@@ -19,8 +22,6 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
     on one line, exit 2. Ctrl-C: say where the finished runs are kept, exit 130 (SIGTERM: 143). The
     heavy modules are imported only after parsing, so that --help and bad options answer at once.
     """
-    from config import ConfigError
-
     try:
         cfg = parse()
         cfg.check_setup()  # the checks that need the data's and the model's sizes
@@ -29,9 +30,6 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
     except ConfigError as e:
         return fail(e)
 
-    from data import DataError
-    from engine.results import ResultsError
-    from sweep import CheckpointError
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -50,8 +48,6 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
 def prepare_outputs(cfg) -> None:
     """Check (and create) the config's output folders before any compute, and delete the temporary files
     that a writer killed mid-write left there (results, checkpoints, figures)."""
-    from engine.results import clean_stale_tmp, prepare_output_dir
-
     for field in ("results_dir", "plots_dir"):
         if hasattr(cfg, field):
             folder = prepare_output_dir(field, getattr(cfg, field))
@@ -60,11 +56,9 @@ def prepare_outputs(cfg) -> None:
 
 
 def check_memory(cfg) -> None:
-    """Refuse, before any compute, a model and stack that this machine cannot hold (config.check_fits)."""
+    """Refuse, before any compute, a model and stack that this machine cannot hold (check_fits)."""
     if getattr(cfg, "plots_only", False):
         return
-    from config import check_fits
-    from engine.runner import cpu_count, resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -74,6 +68,26 @@ def check_memory(cfg) -> None:
     else:
         check_fits(cfg, available_memory(), (cfg.workers or cpu_count()) if device.type == "cpu" else 1,
                    "this machine")
+
+
+def memory_need_bytes(sizes: tuple[int, int, int], runs_per_stack: int, processes: int) -> int:
+    """Rough peak bytes a sweep needs, from one run's (parameters, activation floats of one evaluation pass,
+    image floats): per run, every parameter six times in float32 (base copy, trained copy, gradient, AdamW's
+    two moments, best-so-far snapshot) and the activations; times the runs of a stack and the worker
+    processes, each of which also holds the images."""
+    params, activations, images = sizes
+    return processes * (runs_per_stack * 4 * (6 * params + activations) + 4 * images)
+
+
+def check_fits(cfg, available_bytes: int, processes: int, where: str) -> None:
+    """ConfigError when the model and stack asked for need more memory than ``available_bytes``."""
+    need = memory_need_bytes(cfg.sizes(), cfg.runs_per_stack(), processes)
+    if need > available_bytes:
+        what = f"hidden {cfg.hidden}" if getattr(cfg, "model", "mlp") == "mlp" else f"the {cfg.model}"
+        raise ConfigError(f"{what} needs about {need / 2 ** 30:.1f} GiB ({cfg.runs_per_stack()} runs "
+                          f"per stack x {processes} process{'es' if processes > 1 else ''}) but {where} has "
+                          f"{available_bytes / 2 ** 30:.1f} GiB available; use narrower layers, fewer runs at once "
+                          f"(--stack_size; federated.py: --clients x --participation) or fewer --workers")
 
 
 def available_memory() -> int:
@@ -95,7 +109,6 @@ def _on_sigterm(signum, frame):
 
 
 def fail(e: Exception) -> int:
-    from config import one_line
 
     print(f"error: {one_line(str(e))}", file=sys.stderr)
     return 2

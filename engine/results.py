@@ -15,50 +15,32 @@ rows are seen together or not at all.
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
-import re
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import mean, stdev
 
-from methods import display_order
+from engine.provenance import PROVENANCE_COLUMNS
+from raclora.methods import display_order
+from raclora.files import atomic_path
+from raclora.errors import DIVERGED, ResultsError
 
-RUN_COLUMNS = [
-    "method", "sketch", "rank", "seed", "status", "trainable_params", "epochs", "best_epoch", "best_val_loss",
-    "test_acc_b", "test_acc_a", "merges", "diverged_step", "wall_s", "config_hash", "settings_hash", "git_commit",
-    "code_fingerprint", "device",
-    "scaling", "lora_alpha", "random_init", "merge_every", "reset_optimizer_on_merge", "lr", "weight_decay",
-    "batch_size", "max_epochs", "patience", "finished_at", "config",
-]
-CURVE_COLUMNS = ["config_hash", "method", "sketch", "rank", "seed", "epoch", "train_loss", "val_loss",
-                 "val_acc", "test_acc_b", "merged"]
-_INT = {"rank", "seed", "trainable_params", "epochs", "best_epoch", "merges", "epoch", "merge_every", "diverged_step",
-        "batch_size", "max_epochs", "patience", "optimizer_state",
-        "clients", "rounds", "local_epochs", "up_numbers", "down_numbers", "rounds_to_target", "round", "participants",
-        "train_examples", "dev_examples"}
-_FLOAT = {"best_val_loss", "test_acc_b", "test_acc_a", "wall_s", "train_loss", "val_loss", "val_acc",
-          "test_acc", "final_test_acc", "best_test_acc",
-          "lora_alpha", "lr", "weight_decay",
-          "dirichlet_alpha", "participation", "final_test_acc_b", "final_test_acc_a", "best_test_acc_b",
-          "target_accuracy", "mb_to_target", "total_mb", "max_aggregation_error", "communicated_mb", "aggregation_error",
-          "sent_up_numbers", "sent_down_numbers", "final_dev", "best_dev", "dev_loss", "dev_metric"}
+# A study declares its columns as {name: type} (str, int, float or bool; sweep.RUN_COLUMNS, ...): the order is the
+# files' column order, the types are how read_rows parses them back. Every study's runs rows end with these.
+Columns = dict
+RECORD_COLUMNS: Columns = {"wall_s": float, "config_hash": str, "settings_hash": str, "git_commit": str,
+                           "code_fingerprint": str, "device": str, **PROVENANCE_COLUMNS, "finished_at": str,
+                           "config": str}
 
-
-class ResultsError(RuntimeError):
-    """A results file that cannot be read back; the message says which and what to do."""
-
-
-DIVERGED = "diverged"  # status of a run whose training loss became non-finite (see train.train)
 LOCK_NAME = ".results.lock"
 LOCK_TIMEOUT_S = 600  # a write holds the lock for milliseconds; this long means something is wrong
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a results CSV with numbers parsed; [] if the file does not exist. Empty cells become None.
+def read_rows(path: str | os.PathLike, columns: Columns) -> list[dict]:
+    """Rows of a results CSV, each cell parsed by the type its study declares in ``columns`` (a column the
+    declaration does not name stays a string); [] if the file does not exist. Empty cells become None.
 
     A UTF-8 byte-order mark (a spreadsheet's re-save) is skipped.
     """
@@ -67,7 +49,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         return []
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [{k: _parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = [{k: _parse(v, columns.get(k, str)) for k, v in row.items()} for row in csv.DictReader(f)]
         if rows and "config_hash" not in rows[0]:
             raise KeyError("config_hash")
         return rows
@@ -87,9 +69,9 @@ def landed_runs(rows: list[dict]) -> list[dict]:
     return list(last.values())
 
 
-def read_runs(path: str | os.PathLike) -> list[dict]:
+def read_runs(path: str | os.PathLike, columns: Columns) -> list[dict]:
     """landed_runs of the runs CSV at ``path``."""
-    return landed_runs(read_rows(path))
+    return landed_runs(read_rows(path, columns))
 
 
 @contextmanager
@@ -110,117 +92,29 @@ def results_lock(results_dir: str | os.PathLike):
         lock.release()
 
 
-def read_results(results_dir: str | os.PathLike, prefix: str = "") -> tuple[list[dict], list[dict]]:
+def read_results(results_dir: str | os.PathLike, prefix: str, run_columns: Columns,
+                 curve_columns: Columns) -> tuple[list[dict], list[dict]]:
     """(runs, curves) of a results folder, read under its lock: the runs that landed (landed_runs)
     and the curve rows of exactly those runs."""
     results_dir = Path(results_dir)
     with results_lock(results_dir):
-        runs = read_runs(results_dir / f"{prefix}runs.csv")
-        curves = read_rows(results_dir / f"{prefix}curves.csv")
+        runs = read_runs(results_dir / f"{prefix}runs.csv", run_columns)
+        curves = read_rows(results_dir / f"{prefix}curves.csv", curve_columns)
     keys = {r["config_hash"] for r in runs}
     return runs, [c for c in curves if c["config_hash"] in keys]
 
 
-_TMP = re.compile(r"^.+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <name>.<pid of the writer>.<random>.tmp
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
-
-    The one way this project writes files (CSVs, checkpoints, figures): a reader sees the old file
-    or the new one, never half of one, whatever interrupts the write. The temporary name carries
-    the writer's process id, so that clean_stale_tmp can tell a killed writer's leftover from a
-    file another live process is writing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in ``folder``:
-    those whose writer process no longer exists, and untagged ones (older versions' names). Returns them."""
-    removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for f in folder.glob("*.tmp"):
-        m = _TMP.match(f.name)
-        if m and _alive(int(m.group(1))):
-            continue
-        try:
-            f.unlink()
-            removed.append(f)
-        except FileNotFoundError:  # its writer finished and renamed it meanwhile
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # a process we may not signal is alive; an absurd pid is not ours to judge
-    return True
-
-
-_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
-
-
-def prepare_output_dir(field: str, path: str) -> Path:
-    """Check an output folder setting before any compute: not empty, not a system folder, not a file,
-    creatable and writable. Creates it; returns it. ConfigError in one line otherwise."""
-    from config import ConfigError
-
-    if not str(path).strip():
-        raise ConfigError(f"{field} is empty; give a folder to write into, e.g. --{field} ./"
-                          f"{'results' if 'results' in field else 'plots'}")
-    if "\x00" in str(path):
-        raise ConfigError(f"{field} {str(path)!r} holds a NUL byte, which no path may hold")
-    p = Path(path).expanduser()
-    real = os.path.realpath(p)
-    system = next((d for d in _SYSTEM_DIRS if real == d or real.startswith(d + "/")), None)
-    if system:
-        raise ConfigError(f"{field} {str(path)!r} is under {system}, a system folder; give a folder of your own")
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{field} {str(path)!r} is a file, not a folder; give a folder (it is created if missing)")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{field} {str(path)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
-                          f"give a writable folder") from None
-    return p
-
-
-def write_rows(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
+def write_rows(path: str | os.PathLike, rows: list[dict], columns) -> None:
     """Write ``rows`` to the CSV ``path`` atomically (see atomic_path)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for row in rows:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
-def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows: list[dict], prefix: str = "",
-                run_columns: list[str] | None = None, curve_columns: list[str] | None = None) -> None:
+def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows: list[dict], prefix: str,
+                run_columns: Columns, curve_columns: Columns) -> None:
     """Add finished runs (replacing earlier rows with the same config_hash) to both CSVs, under the
     folder's lock, so that concurrent writers never lose each other's rows.
 
@@ -232,30 +126,15 @@ def upsert_runs(results_dir: str | os.PathLike, run_rows: list[dict], curve_rows
     results_dir = Path(results_dir)
     keys = {r["config_hash"] for r in run_rows}
     curves_csv, runs_csv = results_dir / f"{prefix}curves.csv", results_dir / f"{prefix}runs.csv"
-    run_columns, curve_columns = run_columns or RUN_COLUMNS, curve_columns or CURVE_COLUMNS
     with results_lock(results_dir):
-        all_runs = read_rows(runs_csv)
+        all_runs = read_rows(runs_csv, run_columns)
         runs = [r for r in all_runs if r["config_hash"] not in keys]
         if len(runs) < len(all_runs):  # replacing: take the old rows out before their curves change
             write_rows(runs_csv, runs, run_columns)
         landed = {r["config_hash"] for r in runs}
-        curves = [r for r in read_rows(curves_csv) if r["config_hash"] in landed]
+        curves = [r for r in read_rows(curves_csv, curve_columns) if r["config_hash"] in landed]
         write_rows(curves_csv, curves + curve_rows, curve_columns)
         write_rows(runs_csv, runs + run_rows, run_columns)
-
-
-def code_fingerprint(modules: list[str]) -> str:
-    """First 12 hex digits of the SHA-256 of the source files of ``modules`` (names as imported, e.g.
-    "engine.stack"), in the given order: what identifies the code that determines a study's numbers."""
-    import importlib.util
-
-    h = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"no source file for module {name!r}")
-        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes().replace(b"\r\n", b"\n") + b"\0")
-    return h.hexdigest()[:12]
 
 
 def same_code(row: dict, fingerprint: str, any_code: bool) -> bool:
@@ -354,13 +233,9 @@ def _finite(value) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _parse(key: str, value: str):
+def _parse(value: str, kind: type):
     if value == "":
         return None
-    if key in _INT:
-        return int(value)
-    if key in _FLOAT:
-        return float(value)
-    if key in ("merged", "reset_optimizer_on_merge"):
+    if kind is bool:
         return value == "True"
-    return value
+    return kind(value)

@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from config import ConfigError
-from engine.results import code_fingerprint, read_runs, same_code, upsert_runs
+from raclora.errors import ConfigError, DataError
+from engine.provenance import code_fingerprint, provenance
+from engine.results import Columns, mixed_code_note, read_results, read_runs, same_code, upsert_runs
 
 
 @dataclass
@@ -32,12 +33,12 @@ class Study:
     run_hash: Callable[[dict], str]  # spec -> the config_hash its row is recorded under
     stack_key: Callable[[dict], tuple]  # runs with the same key may share a stack
     make_trainer: Callable  # make_trainer(*trainer_args, show_epochs) -> object with .run(specs) -> rows
-    code: list[str]  # the modules whose source determines the study's numbers (results.code_fingerprint)
+    code: str  # the study's module: it and what it imports make the code fingerprint (provenance.code_fingerprint)
     trainer_args: tuple  # picklable: worker processes build their own trainer from them
+    run_columns: Columns  # the runs rows' columns and types (ending with results.RECORD_COLUMNS)
+    curve_columns: Columns  # the curve rows'
     trainer: object | None = None  # this process's trainer, if already built (it may hold the loaded data)
     prefix: str = ""  # results/<prefix>runs.csv and <prefix>curves.csv
-    run_columns: list[str] | None = None  # None: results.RUN_COLUMNS
-    curve_columns: list[str] | None = None  # None: results.CURVE_COLUMNS
     balance: bool = True  # split stacks so that no worker idles (stacks()); False: one stack per key chunk
     order: Callable[[list[dict]], object] | None = None  # sort key of the stacks; None: biggest first on workers
 
@@ -49,7 +50,7 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     Uses cfg.results_dir, stack_size, workers, resume, resume_any_code and progress."""
     results_dir = Path(cfg.results_dir)
     fingerprint = code_fingerprint(study.code)
-    done = recorded_runs(cfg, study.prefix, fingerprint)
+    done = recorded_runs(cfg, study.prefix, fingerprint, study.run_columns)
     rows, todo = [], []
     for spec in study.plan:
         key = study.run_hash(spec)
@@ -80,7 +81,7 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
         if workers <= 1:
             trainer = study.trainer or study.make_trainer(*study.trainer_args, show_epochs=True)
             for specs in jobs:
-                record(trainer.run(specs))
+                record(train(trainer, specs))
                 bar.update(len(specs))
         else:
             threads = max(1, cpu_count() // workers)
@@ -92,18 +93,25 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     return rows
 
 
+def train(trainer, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """``trainer.run(specs)``, each runs row stamped with the machine that trained it (provenance), in the
+    process that trained it: a worker's threads are not the parent's."""
+    results = trainer.run(specs)
+    for row, _ in results:
+        row.update(provenance(row["device"]))
+    return results
+
+
 def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callable[[list[dict]], str],
-           draw: Callable[[list[dict], list[dict], str], list], prefix: str = "") -> None:
+           draw: Callable[[list[dict], list[dict], str], list], run_columns: Columns, curve_columns: Columns,
+           prefix: str = "") -> None:
     """The end of every study: the summary table, one line if the rows mix code versions, the figures, and
     where the results are. The table shows ``study_rows`` (this invocation's runs; None with --plots-only:
     every run recorded under the current settings); the figures show every run recorded under the current
     settings (``wanted``: their settings hashes), so comparisons built up over several invocations appear
     together. DataError when no recorded run was made with these settings."""
-    from data import DataError
-    from engine.results import mixed_code_note, read_results
-
     runs_csv = Path(cfg.results_dir) / f"{prefix}runs.csv"
-    runs, curves = read_results(cfg.results_dir, prefix)
+    runs, curves = read_results(cfg.results_dir, prefix, run_columns, curve_columns)
     plot_rows = [r for r in runs if r["settings_hash"] in wanted]
     if not plot_rows:
         raise DataError(f"no runs in {runs_csv} were made with these settings; run the study first, "
@@ -118,19 +126,21 @@ def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callab
     print(f"results in {runs_csv} and {Path(cfg.results_dir) / f'{prefix}curves.csv'}")
 
 
-def recorded_runs(cfg, prefix: str, fingerprint: str) -> dict[str, dict]:
+def recorded_runs(cfg, prefix: str, fingerprint: str, run_columns: Columns) -> dict[str, dict]:
     """{config_hash: row} of the runs that resume may skip: landed in <prefix>runs.csv and made by the
     code of ``fingerprint`` (any code with ``cfg.resume_any_code``); {} without ``cfg.resume``."""
-    recorded = read_runs(Path(cfg.results_dir) / f"{prefix}runs.csv") if cfg.resume else []
+    recorded = read_runs(Path(cfg.results_dir) / f"{prefix}runs.csv", run_columns) if cfg.resume else []
     return {r["config_hash"]: r for r in recorded if same_code(r, fingerprint, cfg.resume_any_code)}
 
 
-def record_results(results_dir, results: list[tuple[dict, list[dict]]], fingerprint: str, prefix: str = "",
-                   run_columns: list[str] | None = None, curve_columns: list[str] | None = None) -> list[dict]:
-    """Stamp finished runs with ``fingerprint`` and write them (runs row, curve rows) to the results
+def record_results(results_dir, results: list[tuple[dict, list[dict]]], fingerprint: str, prefix: str,
+                   run_columns: Columns, curve_columns: Columns) -> list[dict]:
+    """Stamp finished runs with ``fingerprint`` (and the machine, if not yet) and write them (runs row, curve rows) to the results
     store (results.upsert_runs); returns their runs rows."""
     for row, _ in results:
         row["code_fingerprint"] = fingerprint
+        for k, v in provenance(row["device"]).items():  # rows trained in this process (runner.train stamps the rest)
+            row.setdefault(k, v)
     upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=prefix,
                 run_columns=run_columns, curve_columns=curve_columns)
     return [r for r, _ in results]
@@ -184,7 +194,7 @@ def _init_worker(make_trainer: Callable, args: tuple) -> None:
 
 
 def _work(specs: list[dict]) -> list[tuple[dict, list[dict]]]:
-    return _WORKER.run(specs)
+    return train(_WORKER, specs)
 
 
 def cpu_count() -> int:

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import Split, Task
-from lora import ROLES, FactorRoles, _set_submodule, init_factor_
+from data import Objective, Split, Task
+from raclora.factors import ROLES, FactorRoles, init_factor_
+from lora import _set_submodule
 from models import SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
-from engine.results import DIVERGED
-from train import Record, logits_of
+from raclora.errors import DIVERGED
+from train import MethodHooks, Record, logits_of
 
 
 class StackedDropout(nn.Module):
@@ -404,14 +405,14 @@ class StackedModel(nn.Module):
 
 
 @torch.no_grad()
-def evaluate_stack(model: StackedModel, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, accuracy) of every run on ``split``, each an (R,) tensor, in eval mode."""
+def evaluate_stack(model: StackedModel, split: Split, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, metric) of every run on ``split`` under ``objective``, each an (R,) tensor, in eval mode."""
     was_training = model.training
     model.eval()
     logits = logits_of(model, split.x)  # (R, N, C)
     y = split.y.expand(logits.shape[0], -1)
-    loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
-    acc = (logits.argmax(2) == y).float().mean(1)  # float32, as train.evaluate computes it
+    loss = objective.losses(logits, y).mean(1)
+    acc = objective.correct(logits, y).mean(1)  # float32, as train.evaluate computes it
     model.train(was_training)
     return loss, acc
 
@@ -438,8 +439,9 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     device = task.train.x.device
     optimizer = (make_optimizer(params) if make_optimizer is not None
                  else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
-    step = merges = merges_at_epoch_start = 0  # every run of the stack steps and merges at the same times
+    # every run of the stack steps and merges at the same times: one set of hooks (train.MethodHooks) for all
+    hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda)
+    merges_at_epoch_start = 0
     records = [Record() for _ in range(runs)]
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}  # every run, at its best so far
     ranks = [list(lin.ranks) for lin in model.linears]
@@ -448,6 +450,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     stale = [0] * runs
     t0 = time.perf_counter()
     x, y, n = task.train.x, task.train.y, len(task.train)
+    objective = task.spec.objective  # the task's loss and metric
     for epoch in range(1, max_epochs + 1):
         model.train()
         model.set_generators(gens)
@@ -459,7 +462,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
             flat = idx.flatten()
             xb = torch.index_select(x, 0, flat, out=buf[:flat.numel()])
             logits = model(xb.view(*idx.shape, -1))  # (live, b, C)
-            losses = F.cross_entropy(logits.flatten(0, 1), y.index_select(0, flat), reduction="none")
+            losses = objective.losses(logits.flatten(0, 1), y.index_select(0, flat))
             per_run = losses.view(idx.shape).mean(1)  # (live,): each run's mean loss over its batch
             bad = ~torch.isfinite(per_run)
             diverged = bad.nonzero().flatten().tolist() if bad.any() else []
@@ -469,16 +472,10 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 _zero_rows(optimizer, bad)  # so the other runs take exactly the step they take alone
             optimizer.step()
             loss_sum += per_run.detach() * idx.shape[1]
-            step += 1
-            if on_step_end is not None and on_step_end(step, gens):
-                merges += 1
-                if reset_optimizer_on_merge:
-                    optimizer.state.clear()
-            if scheduler is not None:
-                scheduler.step()
+            hooks.after_step(gens)
             if diverged:  # as train.train: recorded as diverged at this step, its unfinished epoch not recorded
                 for row in diverged:
-                    records[active[row]].status, records[active[row]].diverged_step = DIVERGED, step
+                    records[active[row]].status, records[active[row]].diverged_step = DIVERGED, hooks.step
                 keep = [r for r in range(len(active)) if r not in diverged]
                 active, gens = [active[r] for r in keep], [gens[r] for r in keep]
                 if not active:
@@ -489,21 +486,18 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
         if not active:
             break
         live = len(active)
-        if on_epoch_end is not None and on_epoch_end(epoch, gens):
-            merges += 1
-            if reset_optimizer_on_merge:
-                optimizer.state.clear()
-        val_loss, val_acc = evaluate_stack(model, task.val)
-        _, test_acc = evaluate_stack(model, task.test)
+        hooks.after_epoch(epoch, gens)
+        val_loss, val_acc = evaluate_stack(model, task.val, objective)
+        _, test_acc = evaluate_stack(model, task.test, objective)
         columns = [(loss_sum / n).tolist(), val_loss.tolist(), val_acc.tolist(), test_acc.tolist()]
         improved, stopped = [], []
-        merged = merges > merges_at_epoch_start
-        merges_at_epoch_start = merges
+        merged = hooks.merges > merges_at_epoch_start
+        merges_at_epoch_start = hooks.merges
         for row, (run, tl, vl, va, ta) in enumerate(zip(active, *columns)):
             rec = records[run]
             rec.curve.append({"epoch": epoch, "train_loss": tl, "val_loss": vl, "val_acc": va,
                               "test_acc": ta, "merged": merged})
-            rec.epochs, rec.merges = epoch, merges
+            rec.epochs, rec.merges = epoch, hooks.merges
             if vl < rec.best_val_loss:
                 rec.best_val_loss, rec.best_epoch, stale[run] = vl, epoch, 0
                 improved.append(row)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -36,10 +37,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script_dirs() -> list[str]:
+    """Where the running Python's console scripts are: beside sys.executable (an unactivated venv's bin/),
+    then sysconfig's scripts folder."""
+    return list(dict.fromkeys([str(Path(sys.executable).parent), sysconfig.get_path("scripts")]))
+
+
 def _bin(name: str) -> str:
-    """A console script of the running Python's environment (flwr, flower-superlink, flower-supernode)."""
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
+    """A console script of the running Python's environment (flwr, flower-superlink, flower-supernode): the one
+    in script_dirs(), else the one on PATH; FileNotFoundError (one line, naming where it looked) if neither."""
+    for folder in script_dirs():
+        if found := shutil.which(name, path=folder):
+            return found
+    if found := shutil.which(name):
+        return found
+    raise FileNotFoundError(f"no {name} script beside {sys.executable} (looked in {', '.join(script_dirs())}) "
+                            f"nor on PATH: install flwr into this environment (pip install -r requirements.txt)")
 
 
 def live_in_groups(groups: list[int]) -> list[int]:
@@ -81,7 +94,10 @@ class Flower:
         # Ray's sockets need a short path (107 bytes at most): a folder of /tmp of its own, removed by stop()
         self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         self.env = {**os.environ, **QUIET, "FLWR_HOME": str(self.home), "RAY_TMPDIR": self.ray_tmp,
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                    # so that Flower's own processes (flower-superexec, flwr-serverapp, ...) find its scripts too
+                    "PATH": os.pathsep.join(dict.fromkeys(filter(None, [
+                        *script_dirs(), *os.environ.get("PATH", "").split(os.pathsep)])))}
         for key in ("NO_PROXY", "no_proxy"):  # Flower's CLI and processes talk to 127.0.0.1 directly
             self.env[key] = ",".join(filter(None, [self.env.get(key), "127.0.0.1", "localhost"]))
 

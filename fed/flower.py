@@ -36,7 +36,19 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from config import ConfigError
+from raclora.errors import ConfigError
+from data import load_tasks, Split, Task
+from engine.build import config_model
+from engine.provenance import code_fingerprint, provenance
+from engine.results import git_commit, upsert_runs
+from engine.runner import resolve_device
+from fed.config import from_argv
+from fed.methods import get_fed_method
+from fed.simulate import apply_down, client_round, close_round, global_state, load_global_state, Server
+from fed.study import client_shards, CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
+from raclora.factors import ROLES
+from raclora.files import atomic_path
+from sweep import Sweep
 
 PREFIX = "fed_flower_"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -62,9 +74,6 @@ def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
     """(FedConfig, the run's spec {method, sketch, rank, seed}, the engine's options) from a Flower run config,
     with federated.py's checks: ConfigError (one line) on anything unknown or out of range, or (with
     ``check_paths``) a relative path."""
-    from config import FedConfig, from_argv
-    from fed.methods import get_fed_method
-
     unknown = sorted(set(run_config) - set(RUN_CONFIG))
     if unknown:
         raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; allowed: {', '.join(RUN_CONFIG)}")
@@ -76,7 +85,7 @@ def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
         field = SINGLE.get(key, key.replace("-", "_"))
         parts = [p.strip() for p in str(value).split(",")] if key in LIST_KEYS else [str(value)]
         argv += [f"--{field}", *parts]
-    cfg = from_argv(argv, FedConfig, prog="flwr run")
+    cfg = from_argv(argv, prog="flwr run")
     if cfg.method == "all" or cfg.sketch == "both":
         raise ConfigError("the Flower engine runs one method and one sketch per run; "
                           f"got method {cfg.method!r}, sketch {cfg.sketch!r}")
@@ -100,8 +109,6 @@ def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
 
 def load_run_tasks(cfg, data_dir: str, dtype: torch.dtype, device, tasks: dict | None = None) -> dict:
     """Tasks A and B (data.load_tasks, unless ``tasks`` already holds them) with images in ``dtype``."""
-    from data import Split, Task, load_tasks
-
     tasks = tasks if tasks is not None else load_tasks(data_dir, cfg.val_size, cfg.split_seed, device)
     return {name: Task(**{k: Split(getattr(t, k).x.to(dtype), getattr(t, k).y) for k in ("train", "val", "test")},
                        spec=t.spec) for name, t in tasks.items()}
@@ -112,7 +119,6 @@ def load_base(cfg, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     unreadable or not this model's."""
     from pathlib import Path
 
-    from engine.build import config_model
 
     model = config_model(cfg, None, device)
     if not Path(path).is_file():
@@ -129,8 +135,6 @@ def load_base(cfg, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
 
 def sent_keys(server) -> list[str]:
     """What a client sends up: every weight (FedAvg), A and B (FedIT, FLoRA), the trained factor otherwise."""
-    from lora import ROLES
-
     m = server.m
     if m.trains == "all":
         return [name for name, _ in server.model.named_parameters()]
@@ -177,8 +181,6 @@ class FederatedRound(FedAvg):
         self.node_of = found
 
     def configure_train(self, server_round, arrays, config, grid):
-        from fed.simulate import global_state
-
         if not self.node_of:
             sample_nodes(grid, self.server.clients, self.server.clients)  # waits for every node to connect
             self._discover(grid)
@@ -204,8 +206,6 @@ class FederatedRound(FedAvg):
         return messages
 
     def aggregate_train(self, server_round, replies):
-        from fed.simulate import close_round
-
         replies = list(replies)
         failed = [r for r in replies if r.has_error()]
         chosen = self.round["chosen"]
@@ -247,11 +247,6 @@ class FederatedRound(FedAvg):
 def server_main(grid, context) -> None:
     """The ServerApp: the base model, the Server of fed/simulate.py, ``rounds`` rounds through Flower, then the
     run's rows in results/fed_flower_*.csv (and the records file, when asked)."""
-    from engine.results import atomic_path, code_fingerprint, git_commit, upsert_runs
-    from engine.runner import resolve_device
-    from fed.simulate import Server, global_state
-    from federated import CODE, CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
-
     t0 = time.perf_counter()
     cfg, spec, opts = from_run_config(dict(context.run_config))
     cfg.check_setup()
@@ -261,7 +256,6 @@ def server_main(grid, context) -> None:
         tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device)
         base = load_base(cfg, opts["base_model"], opts["dtype"], device)
     else:  # the suite's base model, trained or loaded as main.py does (the sweep has read the data already)
-        from sweep import Sweep
 
         sweep = Sweep(cfg.base_config(), commit)
         base = sweep.base_model().to(opts["dtype"])
@@ -273,9 +267,10 @@ def server_main(grid, context) -> None:
     records = strategy.records
     wall = time.perf_counter() - t0
     row, curve = run_rows(cfg, commit, device.type, spec, records, wall, trainable(base, s))
-    row["code_fingerprint"] = code_fingerprint(CODE + ["fed.flower"])
+    row["code_fingerprint"] = code_fingerprint(__name__)
+    row.update(provenance(row["device"]))
     upsert_runs(cfg.results_dir, [row], curve, prefix=PREFIX, run_columns=RUN_COLUMNS,
-                curve_columns=CURVE_COLUMNS + FLOWER_COLUMNS)
+                curve_columns={**CURVE_COLUMNS, **FLOWER_COLUMNS})
     if opts["records"]:
         with atomic_path(opts["records"]) as tmp:
             with open(tmp, "w") as f:
@@ -295,7 +290,6 @@ def _client_setup(context):
     pid, parts = int(node["partition-id"]), int(node.get("num-partitions", cfg.clients))
     if parts != cfg.clients or not 0 <= pid < cfg.clients:
         raise ConfigError(f"node holds partition {pid} of {parts}; the run has clients {cfg.clients}")
-    from engine.runner import resolve_device
 
     device = resolve_device(cfg.device)
     tasks, shards = _client_data(cfg, str(node.get("data-dir", cfg.data_dir)), opts["dtype"], device)
@@ -309,8 +303,6 @@ def _client_data(cfg, data_dir: str, dtype: torch.dtype, device) -> tuple[dict, 
     """(tasks, every client's shard) for this data and split, read once per process."""
     key = (data_dir, cfg.val_size, cfg.split_seed, dtype, str(device), cfg.clients, cfg.partition, cfg.dirichlet_alpha)
     if key not in _CLIENT_DATA:
-        from federated import client_shards
-
         tasks = load_run_tasks(cfg, data_dir, dtype, device)
         _CLIENT_DATA.clear()  # one data set at a time
         _CLIENT_DATA[key] = tasks, client_shards(cfg, tasks)
@@ -326,10 +318,6 @@ def client_query(msg, context):
 def client_train(msg, context):
     """One round of local training: bring this node's copy of the server's state up to date with what came
     down, train from it (fed.simulate.client_round, the in-process client's code), send up what it trained."""
-    from engine.build import config_model
-    from fed.simulate import Server, apply_down, client_round, global_state, load_global_state
-    from federated import settings
-
     cfg, spec, opts, pid, tasks, shard, device = _client_setup(context)
     conf = msg.content["config"]
     t, round_seed, base = int(conf["server-round"]), int(conf["round-seed"]), int(conf["from-round"])
@@ -346,8 +334,7 @@ def client_train(msg, context):
         apply_down(server, {k: v.to(device) for k, v in came.items()}, int(conf["last-seed"]))
     context.state["global"] = ArrayRecord(global_state(server))
     context.state["sync"] = ConfigRecord({"round": t})
-    x, y = tasks["B"].train.x, tasks["B"].train.y
-    _, state, loss = client_round(server, pid, t, round_seed, x, y, shard)
+    _, state, loss = client_round(server, pid, t, round_seed, tasks["B"], shard)
     up = {k: state[k].detach().cpu() for k in sent_keys(server)}
     metrics = MetricRecord({"partition-id": pid, "num-examples": int(shard.numel()), "train-loss": float(loss)})
     return Message(content=RecordDict({"arrays": ArrayRecord(up), "metrics": metrics}), reply_to=msg)

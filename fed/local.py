@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from data import Objective
 from engine.stack import StackedModel, _keep_rows
 from models import set_generator
 
@@ -31,10 +31,10 @@ def client_steps(shard_size: int, batch_size: int, epochs: int) -> int:
 
 
 def train_client(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                 shard: torch.Tensor, generator: torch.Generator, *, epochs: int, batch_size: int, lr: float,
-                 weight_decay: float) -> float:
-    """Train ``params`` of ``model`` on x[shard], every draw (batch order, dropout masks) from ``generator``;
-    returns the mean training loss of the last epoch."""
+                 shard: torch.Tensor, generator: torch.Generator, *, objective: Objective, epochs: int,
+                 batch_size: int, lr: float, weight_decay: float) -> float:
+    """Train ``params`` of ``model`` on x[shard] under the task's ``objective``, every draw (batch order,
+    dropout masks) from ``generator``; returns the mean training loss of the last epoch."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     set_generator(model, generator)
     model.train()
@@ -45,7 +45,7 @@ def train_client(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, 
         total = 0.0
         for start in range(0, n, batch_size):
             idx = shard[perm[start:start + batch_size]]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = objective.loss(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -54,8 +54,8 @@ def train_client(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, 
 
 
 def train_clients(model: StackedModel, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
-                  shards: list[torch.Tensor], generators: list[torch.Generator], *, epochs: int, batch_size: int,
-                  lr: float, weight_decay: float) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+                  shards: list[torch.Tensor], generators: list[torch.Generator], *, objective: Objective, epochs: int,
+                  batch_size: int, lr: float, weight_decay: float) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """train_client for every client of the stack at once (client i = run i, ``shards[i]``,
     ``generators[i]``). Returns each client's final state (StackedModel.run_state: the plain model's names)
     and the mean training loss of its last epoch."""
@@ -87,7 +87,7 @@ def train_clients(model: StackedModel, params: list[nn.Parameter], x: torch.Tens
         mask = torch.arange(longest, device=x.device) < torch.tensor(valid, device=x.device).unsqueeze(1)
         model.set_generators([generators[c] for c in active], valid)
         logits = model(x[idx])  # (live, longest, classes)
-        per_example = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="none").view(idx.shape)
+        per_example = objective.losses(logits.flatten(0, 1), y[idx].flatten()).view(idx.shape)
         per_run = (per_example * mask).sum(1) / mask.sum(1)  # each client's mean over its real examples
         optimizer.zero_grad(set_to_none=True)
         per_run.sum().backward()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora import ROLES
+from raclora.factors import ROLES
 
 
 @dataclass(frozen=True)

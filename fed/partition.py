@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from config import ConfigError
+from raclora.errors import ConfigError
 
 PARTITIONS = ("iid", "dirichlet")
 MAX_TRIES = 100  # dirichlet: draws until every client holds at least one image

@@ -26,7 +26,7 @@ from data import Task
 from engine.build import build_run
 from fed.local import train_client, train_clients
 from fed.methods import aggregate_layer, aggregation_error, communication, get_fed_method
-from lora import ROLES, init_factor_
+from raclora.factors import ROLES, init_factor_
 from models import target_linears
 from train import evaluate
 
@@ -42,9 +42,9 @@ def mix(*parts) -> int:
 @dataclass
 class FedSettings:
     method: str
-    sketch: str | None  # which factor is random (lora.ROLES); None for fedavg
+    sketch: str | None  # which factor is random (factors.ROLES); None for fedavg
     rank: int | None
-    scale: float | None  # the update's scale s (lora.lora_scale)
+    scale: float | None  # the update's scale s (factors.lora_scale)
     seed: int
     rounds: int
     participation: float  # fraction of the clients in each round
@@ -138,7 +138,8 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
     training loss, participants, numbers sent up and down per client, aggregation error."""
     server = Server(base, s, len(shards))
     x, y = task.train.x, task.train.y
-    kw = dict(epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
+    kw = dict(objective=task.spec.objective, epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
+              weight_decay=s.weight_decay)
     records = []
     for t in range(1, s.rounds + 1):
         chosen, round_seed = server.next_round()
@@ -150,7 +151,7 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
                 _set_factors(run.model, server.layers, starts, stacked=True)
             states, losses = train_clients(run.model, run.params, x, y, [shards[c] for c in chosen], gens, **kw)
         elif engine == "plain":
-            starts, states, losses = zip(*[client_round(server, c, t, round_seed, x, y, shards[c]) for c in chosen])
+            starts, states, losses = zip(*[client_round(server, c, t, round_seed, task, shards[c]) for c in chosen])
         else:
             raise ValueError(f"unknown engine {engine!r}; allowed: stack, plain")
         rec, _ = close_round(server, t, chosen, list(starts), list(states), list(losses),
@@ -166,17 +167,19 @@ def client_generator(seed: int, t: int, client: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mix(seed, t, client))
 
 
-def client_round(server: Server, client: int, t: int, round_seed: int, x: torch.Tensor, y: torch.Tensor,
+def client_round(server: Server, client: int, t: int, round_seed: int, task: Task,
                  shard: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor], float]:
-    """One client's round alone, from the server's state at the start of round ``t`` (what a Flower client
-    does): (its start factors, its state after local training, its last epoch's mean loss)."""
+    """One client's round alone on its ``shard`` of ``task.train``, from the server's state at the start of round
+    ``t`` (what a Flower client does): (its start factors, its state after local training, its last epoch's mean
+    loss)."""
     s = server.s
+    x, y = task.train.x, task.train.y
     start = server.start_factors(round_seed, client, t)
     run = _client_run(server)
     if server.layers:
         _set_factors(run.model, server.layers, [start], stacked=False)
     loss = train_client(run.model, run.params, x, y, shard, client_generator(s.seed, t, client, x.device),
-                        epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
+                        objective=task.spec.objective, epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr, weight_decay=s.weight_decay)
     return start, {k: v.detach() for k, v in run.model.state_dict().items()}, loss
 
 
@@ -187,8 +190,8 @@ def close_round(server: Server, t: int, chosen: list[int], starts: list[dict], s
     error, down = _aggregate(server, starts, states, weights)
     up_numbers, down_numbers = server.communication(len(chosen))
     model = _global_model(server)
-    _, acc_b = evaluate(model, task.test)
-    _, acc_a = evaluate(model, task_a.test)
+    _, acc_b = evaluate(model, task.test, task.spec.objective)
+    _, acc_a = evaluate(model, task_a.test, task_a.spec.objective)
     rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
                test_acc_a=acc_a, up_numbers=up_numbers, down_numbers=down_numbers, aggregation_error=error)
     return rec, down

@@ -1,6 +1,8 @@
-"""Shared fixtures: a small seeded MLP and inputs, and the MNIST tasks loaded once per session."""
+"""Shared fixtures: a small seeded MLP and inputs, the MNIST tasks loaded once per session, and the loopback
+check (127.0.0.1) of the tests that start Flower or bind a port."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,46 @@ def mnist_tasks():
     from data import load_tasks
 
     return load_tasks(ROOT / "data", 5000, 0, "cpu")
+
+
+def loopback_problem(timeout: float = 2.0) -> str | None:
+    """None when a socket bound on 127.0.0.1:0 accepts a connection within ``timeout`` seconds; else why not, in
+    one line, as the reason to skip a test that needs the loopback interface."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+            server.settimeout(timeout)
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname()[:2], timeout=timeout):
+                server.accept()[0].close()
+    except OSError as e:  # TimeoutError included
+        detail = " ".join(str(e).split()) or "no message"
+        return f"needs the loopback interface 127.0.0.1, which is down here ({type(e).__name__}: {detail})"
+    return None
+
+
+def skip_without_loopback(problem: str | None) -> None:
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def loopback():
+    """Skips the test when 127.0.0.1 cannot be reached (checked once per session: a session fixture's skip is
+    kept and raised again for every later test that asks for it)."""
+    skip_without_loopback(loopback_problem())
+
+
+def needs_loopback(item) -> bool:
+    """A test marked ``loopback``, or one that starts a Flower federation on 127.0.0.1 or takes a port: its code
+    names fed.deploy's Flower and calls its deployment() or simulation(), or it names free_port."""
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    return (item.get_closest_marker("loopback") is not None or "free_port" in names
+            or ("Flower" in names and bool({"deployment", "simulation"} & names)))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_loopback(item) and "loopback" not in item.fixturenames:
+            item.fixturenames.insert(0, "loopback")

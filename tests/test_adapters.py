@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import SCALINGS
-from lora import LoRALinear, adapters_of, lora_scale, wrap_linears
-from methods import METHODS
+from raclora.factors import SCALINGS
+from lora import LoRALinear, adapters_of, wrap_linears
+from raclora.factors import lora_scale
+from raclora.methods import METHODS
 from models import count_trainable, set_generator
 
 ALL = [(m, s) for m in METHODS for s in ("left", "right") if METHODS[m].adapter == "lora"]  # LoRALinear methods
@@ -151,7 +152,7 @@ def test_sketch_roles():
 
 
 def test_kaiming_init_bounds():
-    from lora import init_factor_
+    from raclora.factors import init_factor_
 
     t = init_factor_(torch.empty(64, 784), "kaiming", torch.Generator().manual_seed(0))
     bound = 1 / 784 ** 0.5

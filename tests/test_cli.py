@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
-from config import METHODS
-from engine.results import RUN_COLUMNS, read_rows, write_rows
+from raclora.methods import METHODS
+from engine.results import read_rows, write_rows
+from sweep import CURVE_COLUMNS, RUN_COLUMNS
 from tests.conftest import ROOT
 from tests.test_data import NO_NETWORK, _copy_raw
 
-PLOTS = {"rank_vs_accuracy.png", "accuracy_vs_epoch.png", "methods_rank1.png"}
+PLOTS = {"mlp_rank_vs_accuracy.png", "mlp_accuracy_vs_epoch.png", "mlp_methods_rank1.png"}
 
 
 def run_main(*args, env=None, cwd=ROOT):
@@ -41,7 +42,7 @@ def tiny_sweep(tmp_path_factory):
 
 def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     out, _, proc = tiny_sweep
-    runs = read_rows(out / "results" / "runs.csv")
+    runs = read_rows(out / "results" / "runs.csv", RUN_COLUMNS)
     assert set(RUN_COLUMNS) <= set(runs[0])
     methods = sorted((r["method"], r["sketch"]) for r in runs)
     assert methods == sorted([("base", None), ("fpft", None), ("randlora", None)] +
@@ -55,7 +56,7 @@ def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     assert base["test_acc_a"] > 0.9  # one epoch on digits 0-4 already separates them
     rac = next(r for r in runs if r["method"] == "rac_lora" and r["sketch"] == "left")
     assert rac["trainable_params"] == 912 and rac["merges"] == 1
-    curves = read_rows(out / "results" / "curves.csv")
+    curves = read_rows(out / "results" / "curves.csv", CURVE_COLUMNS)
     assert len(curves) == len(runs)  # one epoch each
     assert {p.name for p in (out / "plots").iterdir()} == PLOTS
     assert "test acc B %" in proc.stdout and "rac_lora" in proc.stdout
@@ -63,11 +64,11 @@ def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
 
 def test_second_invocation_resumes_and_plots_only_redraws(tiny_sweep):
     out, args, _ = tiny_sweep
-    before = read_rows(out / "results" / "runs.csv")
+    before = read_rows(out / "results" / "runs.csv", RUN_COLUMNS)
     proc = run_main(*args)
     assert proc.returncode == 0, proc.stderr
     assert "base model: loaded" in proc.stdout + proc.stderr
-    assert read_rows(out / "results" / "runs.csv") == before  # nothing re-trained, nothing lost
+    assert read_rows(out / "results" / "runs.csv", RUN_COLUMNS) == before  # nothing re-trained, nothing lost
     shutil.rmtree(out / "plots")
     proc = run_main("--plots-only", *args)
     assert proc.returncode == 0, proc.stderr
@@ -84,8 +85,8 @@ def test_runs_alone_or_on_two_workers_give_the_same_rows(tiny_sweep, tmp_path, e
             tmp_path / "plots", "--progress", "false", *engine]
     proc = run_main(*mine)
     assert proc.returncode == 0, proc.stderr
-    want = {r["config_hash"]: r for r in read_rows(out / "results" / "runs.csv")}
-    got = {r["config_hash"]: r for r in read_rows(tmp_path / "results" / "runs.csv")}
+    want = {r["config_hash"]: r for r in read_rows(out / "results" / "runs.csv", RUN_COLUMNS)}
+    got = {r["config_hash"]: r for r in read_rows(tmp_path / "results" / "runs.csv", RUN_COLUMNS)}
     assert got.keys() == want.keys()
     for k, r in got.items():
         assert r["best_val_loss"] == pytest.approx(want[k]["best_val_loss"], rel=1e-5)
@@ -158,13 +159,13 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs_csv = tmp_path / "r" / "runs.csv"
     deadline = time.time() + 300
-    while time.time() < deadline and len(read_rows(runs_csv) if runs_csv.exists() else []) < 3:
+    while time.time() < deadline and len(read_rows(runs_csv, RUN_COLUMNS) if runs_csv.exists() else []) < 3:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
-    kept = read_rows(runs_csv)
+    kept = read_rows(runs_csv, RUN_COLUMNS)
     assert len(kept) >= 3 and {r["method"] for r in kept} == {"base", "rac_lora"}
     done_seeds = sorted(r["seed"] for r in kept if r["method"] == "rac_lora")
     # the same command again trains only what is missing, and keeps every finished run as it was
@@ -172,6 +173,6 @@ def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
     wanted = sorted(done_seeds + [min(set(range(40)) - set(done_seeds))])
     again = run_main(*common, "--seeds", *wanted)
     assert again.returncode == 0, again.stderr
-    after = {r["config_hash"]: r for r in read_rows(runs_csv)}
+    after = {r["config_hash"]: r for r in read_rows(runs_csv, RUN_COLUMNS)}
     assert all(after[r["config_hash"]] == r for r in kept)
     assert sorted(r["seed"] for r in after.values() if r["method"] == "rac_lora") == wanted

@@ -1,9 +1,13 @@
 """Config defaults, command-line overrides and range checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from config import Config, ConfigError, from_argv, settings_hash
+from config import Config, from_argv
+from engine.settings import settings_hash
+from raclora.errors import ConfigError
 
 
 def test_defaults_match_the_experiment():
@@ -91,20 +95,20 @@ def test_settings_hash_ignores_names_and_paths_but_not_settings():
     assert settings_hash(Config(lr=1e-3), "cpu") != a
     assert settings_hash(Config(), "cuda") != a
     # the base model does not depend on adapter settings
-    assert settings_hash(Config(scaling="alpha/r"), "cpu", "base") == settings_hash(Config(), "cpu", "base")
+    assert settings_hash(Config(scaling="alpha/r"), "cpu", kind="base") == settings_hash(Config(), "cpu", kind="base")
     assert settings_hash(Config(scaling="alpha/r"), "cpu") != a
 
 
-def test_method_names_come_from_the_registry_without_importing_torch():
+def test_method_names_come_from_the_registry_and_the_registry_imports_no_torch():
     import subprocess
     import sys
 
-    from config import METHODS
-    from methods import METHODS as REGISTRY
+    from raclora.methods import METHODS
     from tests.conftest import ROOT
 
-    assert METHODS == tuple(REGISTRY)
-    code = "import sys, config; print('torch' in sys.modules)"
+    with pytest.raises(ConfigError, match=f"unknown method 'x'; allowed: {', '.join(METHODS)}, all$"):
+        Config(method="x")
+    code = "import sys, raclora.methods; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -112,16 +116,16 @@ def test_method_names_come_from_the_registry_without_importing_torch():
 def test_method_settings_are_config_fields_and_enter_only_their_methods_hashes():
     import dataclasses
 
-    from methods import METHODS as REGISTRY
+    from raclora.methods import METHODS as REGISTRY
 
     fields = {f.name for f in dataclasses.fields(Config)}
     for m in REGISTRY.values():
         assert set(m.settings) <= fields, m.name
         for name in m.settings:
             changed = Config(**{name: getattr(Config(), name) * 2})
-            assert settings_hash(changed, "cpu", "adapter", m.name) != settings_hash(Config(), "cpu", "adapter", m.name)
+            assert settings_hash(changed, "cpu", kind="adapter", method=m.name) != settings_hash(Config(), "cpu", kind="adapter", method=m.name)
             others = [o for o in REGISTRY if name not in REGISTRY[o].settings]
-            assert all(settings_hash(changed, "cpu", "adapter", o) == settings_hash(Config(), "cpu", "adapter", o)
+            assert all(settings_hash(changed, "cpu", kind="adapter", method=o) == settings_hash(Config(), "cpu", kind="adapter", method=o)
                        for o in others)
 
 
@@ -132,23 +136,25 @@ def test_the_committed_results_keep_their_hashes():
     import json
 
     import scratch
-    from config import ScratchConfig
+    import sweep
     from engine.results import read_rows
+    from fed import study as fed_study
+    from fed.config import FedConfig
+    from scratch import ScratchConfig
     from sweep import run_hash
     from tests.conftest import ROOT
 
     checked = 0
     for path in glob.glob(str(ROOT / "docs" / "results" / "*runs.csv")):
-        for r in read_rows(path):
+        name = Path(path).name
+        columns = (scratch if name.startswith("scratch_") else fed_study if name.startswith("fed_") else sweep).RUN_COLUMNS
+        for r in read_rows(path, columns):
             if "form" in r:
                 cfg = ScratchConfig(**json.loads(r["config"]))
                 got = scratch.run_hash(cfg, r["device"], r["form"], r["rank"], r["seed"])
             elif "clients" in r:
-                import federated
-                from config import FedConfig
-
                 cfg = FedConfig(**json.loads(r["config"]))
-                got = federated.run_hash(cfg, r["device"], r["method"], r["sketch"], r["rank"], r["seed"])
+                got = fed_study.run_hash(cfg, r["device"], r["method"], r["sketch"], r["rank"], r["seed"])
             else:
                 cfg = Config(**json.loads(r["config"]))
                 got = run_hash(cfg, r["device"], r["method"], r["sketch"], r["rank"], r["seed"])
@@ -168,7 +174,7 @@ def test_the_table2_preset_sets_the_papers_protocol_and_yields_to_explicit_flags
     assert (shorter.merge_every, shorter.max_epochs, shorter.patience) == (2, 20, 100)
     # a preset only sets fields: the same fields given by hand make the same runs (the same hashes)
     by_hand = from_argv(["--method", "cola", *[a for k, v in PRESETS["table2"].items() for a in (f"--{k}", str(v))]])
-    assert settings_hash(c, "cpu", "adapter", "cola") == settings_hash(by_hand, "cpu", "adapter", "cola")
+    assert settings_hash(c, "cpu", kind="adapter", method="cola") == settings_hash(by_hand, "cpu", kind="adapter", method="cola")
     with pytest.raises(ConfigError, match="unknown preset 'glue'; allowed: none, table2"):
         from_argv(["--preset", "glue"])
 
@@ -181,4 +187,4 @@ def test_model_fields_enter_only_their_models_hash():
     assert settings_hash(vit, "cpu") != settings_hash(mlp, "cpu")
     attention = Config(model="vit", target_modules=["attention"])
     assert settings_hash(attention, "cpu") != settings_hash(vit, "cpu")
-    assert settings_hash(attention, "cpu", "fpft") == settings_hash(vit, "cpu", "fpft")  # FPFT has no adapters
+    assert settings_hash(attention, "cpu", kind="fpft") == settings_hash(vit, "cpu", kind="fpft")  # FPFT has no adapters

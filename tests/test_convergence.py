@@ -20,9 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-import convergence as cv
+import convergence
+from theory import central as cv
 from lora import LoRALinear
-from methods import METHODS
+from raclora.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 RAC = METHODS["rac_lora"]
@@ -252,7 +253,7 @@ def test_cli_writes_csv_and_plots(tmp_path):
     ["--steps", "0"], ["--seed", "-1"], ["--links", "many"], ["--nope", "1"],
     ["--seed="], ["--steps", ""], ["--seed", "1e3"], ["--seed", "0x10"], ["--seed", "\u0663"], ["--seed", "-1e3"],
     ["--seed", str(2 ** 63)], ["--seed", str(2 ** 64)], ["--seed", "9" * 5000], ["--steps", "-" + "9" * 5000],
-    ["--steps", str(10 ** 12)], ["--steps", str(cv.MAX_STEPS + 1)], ["--links", str(cv.MAX_LINKS + 1)],
+    ["--steps", str(10 ** 12)], ["--steps", str(convergence.MAX_STEPS + 1)], ["--links", str(convergence.MAX_LINKS + 1)],
     ["--seed", "1", "--seed", "2"], ["--steps=5", "--steps=5"], ["--se", "1", "--seed", "1"],
     ["--nope\nx"], ["--seed", "1\n2"], ["--seed", "\u2028"], ["\x00"], ["--s", "1"], ["--="],
 ])
@@ -260,7 +261,7 @@ def test_cli_rejects_bad_values_in_one_line(args, capsys, tmp_path, monkeypatch)
     """main() parses before it does anything, so this is the whole story of a bad command line."""
     monkeypatch.setattr(cv, "counterexample_runs", None)  # a value that got through fails at once, not in hours
     with pytest.raises(SystemExit) as exit_info:
-        cv.main(args + ["--results_dir", str(tmp_path / "r"), "--plots_dir", str(tmp_path / "p")])
+        convergence.main(args + ["--results_dir", str(tmp_path / "r"), "--plots_dir", str(tmp_path / "p")])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert err.startswith("convergence.py: error:") and len(err.strip().splitlines()) == 1, err
@@ -271,17 +272,18 @@ def test_import_does_nothing(tmp_path, monkeypatch, capsys):
     """Re-executing the module body writes no file, prints nothing, touches no global RNG or setting."""
     monkeypatch.chdir(tmp_path)
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
-    importlib.reload(cv)
+    for module in (cv, convergence):
+        importlib.reload(module)
     assert capsys.readouterr() == ("", "")
     assert not list(tmp_path.iterdir())
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
 
 
 def test_cli_accepts_the_edges_of_each_range():
-    args = cv.parse_args(["--seed", str(2 ** 63 - 1), "--steps", str(cv.MAX_STEPS), "--links", " 0007 "])
-    assert (args.seed, args.steps, args.links) == (2 ** 63 - 1, cv.MAX_STEPS, 7)
-    assert cv.parse_args(["--seed=+0"]).seed == 0
-    assert "ends within the hour" in " ".join(cv._parser().format_help().split())
+    args = convergence.parse_args(["--seed", str(2 ** 63 - 1), "--steps", str(convergence.MAX_STEPS), "--links", " 0007 "])
+    assert (args.seed, args.steps, args.links) == (2 ** 63 - 1, convergence.MAX_STEPS, 7)
+    assert convergence.parse_args(["--seed=+0"]).seed == 0
+    assert "ends within the hour" in " ".join(convergence._parser().format_help().split())
 
 
 @pytest.mark.parametrize("field", ["results_dir", "plots_dir"])
@@ -291,7 +293,7 @@ def test_cli_checks_output_folders_before_computing(field, capsys, tmp_path, mon
     for bad in [str(tmp_path / "a_file"), "", "/proc/convergence", "a\x00b"]:
         folders = {"results_dir": str(tmp_path / "r"), "plots_dir": str(tmp_path / "p"), field: bad}
         with pytest.raises(SystemExit) as exit_info:
-            cv.main([arg for name, value in folders.items() for arg in (f"--{name}", value)])
+            convergence.main([arg for name, value in folders.items() for arg in (f"--{name}", value)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith(f"convergence.py: error: {field}"), err
         assert len(err.strip().splitlines()) == 1, err
@@ -331,9 +333,9 @@ def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, 
     def ctrl_c(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cv, "plot_rates", ctrl_c)
+    monkeypatch.setattr(convergence, "plot_rates", ctrl_c)  # the command line draws with theory.central's
     try:
-        code = cv.main(["--steps", "20", "--links", "20", "--results_dir", str(res), "--plots_dir", str(plots)])
+        code = convergence.main(["--steps", "20", "--links", "20", "--results_dir", str(res), "--plots_dir", str(plots)])
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped main()")
     err = capsys.readouterr().err
@@ -344,10 +346,10 @@ def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, 
     assert not (plots / "convergence_rates.png").exists()
 
 
-# --- the federated case (fed/theory.py) ----------------------------------------------------------------
+# --- the federated case (theory/federated.py) ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def federated():
-    from fed.theory import federated_runs
+    from theory.federated import federated_runs
 
     torch.set_num_threads(1)
     return {(r["problem"].split(",")[0], r["inner_steps"], r["method"]): r for r in federated_runs(0, 200)}

@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
-from config import Config, settings_hash
+from config import Config
+from engine.settings import settings_hash
 from data import Split, Task
 from lora import wrap_linears
-from methods import METHODS
+from raclora.methods import METHODS
 from conftest import mlp
 from models import set_generator
 from train import train
@@ -122,9 +123,9 @@ def test_relora_merges_keep_the_function_and_only_it_merges_by_steps():
 def test_method_fields_enter_only_their_methods_hash():
     base, changed = Config(), Config(loraplus_ratio=4.0, relora_every=50)
     for m in ("lora", "cola", "asymmetric_lora", "rac_lora"):
-        assert settings_hash(changed, "cpu", "adapter", m) == settings_hash(base, "cpu", "adapter", m)
+        assert settings_hash(changed, "cpu", kind="adapter", method=m) == settings_hash(base, "cpu", kind="adapter", method=m)
     for m in ("lora_plus", "cola_plus", "relora"):
-        assert settings_hash(changed, "cpu", "adapter", m) != settings_hash(base, "cpu", "adapter", m)
+        assert settings_hash(changed, "cpu", kind="adapter", method=m) != settings_hash(base, "cpu", kind="adapter", method=m)
 
 
 # --- RandLoRA ---------------------------------------------------------------------------------------

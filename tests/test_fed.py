@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from config import ConfigError
+from raclora.errors import ConfigError
 from fed.methods import FED_METHODS, aggregate_layer, aggregation_error, communication, get_fed_method
 from fed.partition import partition
 
@@ -153,6 +153,7 @@ def _round_models(model_name, method, k, dt=DT):
 @pytest.mark.parametrize("model_name", ["mlp", "vit"])
 @pytest.mark.parametrize("method", ["fpft", "rac_lora", "lora"])
 def test_a_round_of_clients_stacked_equals_each_client_alone(model_name, method):
+    from data import CLASSIFICATION
     from fed.local import train_client, train_clients
 
     k = 4
@@ -160,7 +161,7 @@ def test_a_round_of_clients_stacked_equals_each_client_alone(model_name, method)
     x, y = torch.randn(300, 784, generator=g, dtype=DT), torch.randint(0, 5, (300,), generator=g)
     shards = partition(y, k, "dirichlet", 0.5, seed=1)  # unequal shards: clients take different step counts
     assert len({s.numel() for s in shards}) == k
-    kw = dict(epochs=2, batch_size=32, lr=1e-2, weight_decay=0.01)
+    kw = dict(objective=CLASSIFICATION, epochs=2, batch_size=32, lr=1e-2, weight_decay=0.01)
     stacked, alone = _round_models(model_name, method, k)
     gens = [torch.Generator().manual_seed(c) for c in range(k)]
     states, losses = train_clients(stacked.model, stacked.params, x, y, shards, gens, **kw)
@@ -258,7 +259,7 @@ def test_the_down_payload_brings_a_clients_copy_to_the_servers_state(method, ske
     load_global_state(client, global_state(server))
     for t in (1, 2):
         chosen, seed = server.next_round()
-        rounds = [client_round(server, c, t, seed, task.train.x, task.train.y, shards[c]) for c in chosen]
+        rounds = [client_round(server, c, t, seed, task, shards[c]) for c in chosen]
         starts, states, losses = map(list, zip(*rounds))
         rec, down = close_round(server, t, chosen, starts, states, losses, [shards[c].numel() for c in chosen],
                                 task, task_a)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from raclora.errors import ConfigError
 from tests.conftest import ROOT
 from tests.test_cli import assert_one_line_error
 
@@ -36,8 +37,9 @@ def test_federated_end_to_end_then_resume(tmp_path):
         assert (int(r["up_numbers"]), int(r["down_numbers"])) == want, r["method"]
         exact = r["method"] != "fedit"
         assert (float(r["max_aggregation_error"]) < 1e-5) == exact, (r["method"], r["max_aggregation_error"])
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["fed_accuracy_vs_mb.png", "fed_accuracy_vs_round.png",
-                                                                  "fed_aggregation_error.png"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["fed_dirichlet_accuracy_vs_mb.png",
+                                                                  "fed_dirichlet_accuracy_vs_round.png",
+                                                                  "fed_dirichlet_aggregation_error.png"]
     assert "fed_rac_lora  left" in out.stdout and "max agg. error" in out.stdout
     again = _run(*args)
     assert again.returncode == 0 and "0 runs to train, 9 already recorded" in again.stdout + again.stderr
@@ -62,9 +64,11 @@ def test_bad_federated_settings_get_one_line(tmp_path, argv, needle):
 
 
 def test_the_configs_federated_names_are_the_registrys():
-    import config
+    from fed.config import FedConfig
     from fed.methods import FED_METHODS
     from fed.partition import PARTITIONS
 
-    assert config.FED_METHODS == tuple(FED_METHODS)
-    assert config.PARTITIONS == PARTITIONS
+    with pytest.raises(ConfigError, match=f"unknown method 'x'; allowed: {', '.join(FED_METHODS)}, all$"):
+        FedConfig(method="x")
+    with pytest.raises(ConfigError, match=f"unknown partition 'x'; allowed: {', '.join(PARTITIONS)}$"):
+        FedConfig(partition="x")

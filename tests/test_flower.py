@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ConfigError
+from raclora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = str(ROOT / "data")
@@ -24,11 +24,12 @@ def test_pyproject_holds_the_run_config_and_the_requirements():
     assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fed.flower:server_app",
                                                             "clientapp": "fed.flower:client_app"}
     required = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
-    assert project["project"]["dependencies"] == required
+    assert project["project"]["optional-dependencies"]["lab"] == required  # the lab's, as requirements.txt
+    assert set(project["project"]["dependencies"]) <= set(required)  # the library's, a part of them
 
 
 def test_the_run_config_defaults_are_federated_pys():
-    from config import FedConfig
+    from fed.config import FedConfig
     from fed.flower import from_run_config
 
     cfg, spec, opts = from_run_config({}, check_paths=False)
@@ -72,7 +73,7 @@ def _setup(tmp_path, **over):
     from engine.build import config_model
     from fed.flower import from_run_config, load_base, load_run_tasks
     from fed.simulate import run_federated
-    from federated import client_shards, settings
+    from fed.study import client_shards, settings
 
     rc = {"rank": 2, "seed": 3, "clients": 2, "rounds": 2, "hidden": "8", "partition": "iid", "batch-size": 256,
           "dtype": "float64", "data-dir": DATA, "results-dir": str(tmp_path / "results"),
@@ -106,6 +107,7 @@ def test_a_deployment_on_127_0_0_1_equals_the_in_process_simulation(tmp_path):
     `flwr run`: the same records as in this process (float64, 1e-10), the messages held the method's
     numbers, the results landed in fed_flower_*.csv, and every process is stopped afterwards."""
     from engine.results import read_results
+    from fed.study import CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS
     from fed.deploy import Flower
 
     rc, want = _setup(tmp_path)
@@ -124,7 +126,7 @@ def test_a_deployment_on_127_0_0_1_equals_the_in_process_simulation(tmp_path):
     assert all(r["sent_up_numbers"] == r["up_numbers"] for r in got)
     assert got[0]["sent_down_numbers"] == 784 * 8 + 8 + 8 * 5 + 5  # W of the 784-8-5 MLP
     assert got[1]["sent_down_numbers"] == got[1]["down_numbers"] - 1
-    runs, curves = read_results(rc["results-dir"], prefix="fed_flower_")
+    runs, curves = read_results(rc["results-dir"], "fed_flower_", RUN_COLUMNS, {**CURVE_COLUMNS, **FLOWER_COLUMNS})
     assert len(runs) == 1 and runs[0]["method"] == "fed_rac_lora" and len(curves) == 2
     assert runs[0]["final_test_acc_b"] == pytest.approx(want[-1]["test_acc_b"], abs=1e-10)
 

@@ -11,7 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convergence
-from config import Config, ConfigError, FedConfig, ScratchConfig, from_argv
+from config import Config, from_argv
+from engine.settings import from_argv as parse
+from fed.config import FedConfig
+from scratch import ScratchConfig
+from raclora.errors import ConfigError
 
 NASTY = ["nan", "NaN", "inf", "-inf", "+inf", "1e308", "1e-320", "0", "-0", "-1", "1", "2", "64", "65", "0.5",
          "1.5", "1e3", str(2 ** 63 - 1), str(2 ** 63), str(2 ** 64), "9" * 40, "9" * 5000, "", " ", "true", "false",
@@ -42,7 +46,7 @@ def test_config_command_lines_give_a_config_or_one_clean_error(cls, prog):
     @given(argv_strategy(cls))
     def check(argv):
         try:
-            cfg = from_argv(argv, cls, prog=prog)
+            cfg = parse(argv, cls, prog=prog)
             assert isinstance(cfg, cls)
             cfg.validate()  # a config that parsed is a valid one
             cfg.check_setup()  # and the checks that need the data's and the model's sizes answer in one line too

@@ -92,6 +92,7 @@ def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
     """Table 2's five methods on three tasks (2 chains x 2 epochs, seed 0): every run lands with its dev
     metric per epoch, the merging methods merged after each chain, the trainable counts follow the formula,
     the figures are drawn, and a second invocation trains nothing."""
+    import glue
     from engine.results import read_results
 
     model, data = sources
@@ -101,7 +102,7 @@ def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
             "--results_dir", str(tmp_path / "results"), "--plots_dir", str(tmp_path / "plots"), "--progress", "false"]
     done = _glue(args)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs, curves = read_results(tmp_path / "results", prefix="glue_")
+    runs, curves = read_results(tmp_path / "results", "glue_", glue.RUN_COLUMNS, glue.CURVE_COLUMNS)
     assert sorted((r["task"], r["method"]) for r in runs) == sorted(
         (t, m) for t in ("sst2", "rte", "stsb") for m in ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora"))
     hidden, layers, r = 32, 2, 2

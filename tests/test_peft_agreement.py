@@ -8,7 +8,8 @@ import torch
 
 peft = pytest.importorskip("peft")  # in requirements-dev.txt; CI installs it
 
-from lora import LoRALinear, lora_scale  # noqa: E402
+from lora import LoRALinear  # noqa: E402
+from raclora.factors import lora_scale
 
 
 class One(torch.nn.Module):

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from peft_chain import ChainCallback, ChainController, ChainError, lora_methods  # noqa: E402
+from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_methods
 
 DT = torch.float64
 MLP_TARGETS = ["net.0", "net.3", "net.6"]  # the suite's MLP (784-16-16-5): its three Linear layers
@@ -248,7 +248,7 @@ def test_relora_in_trainer_merges_clears_adamw_and_follows_its_jagged_schedule(t
     step count restarts), and the learning rate of every step is the registry's lr_lambda."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from methods import get_method
+    from raclora.methods import get_method
 
     model = _tiny_classifier()
     chain = ChainController(model, "relora", "left", seed=0)

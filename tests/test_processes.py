@@ -183,7 +183,7 @@ def test_worker_whose_parent_already_died_exits_at_once():
 
 _KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
-    from engine.results import atomic_path
+    from raclora.files import atomic_path
     with atomic_path(sys.argv[1]) as tmp:
         with open(tmp, "wb") as f:
             f.write(b"half a figure")

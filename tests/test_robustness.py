@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from engine.results import (RUN_COLUMNS, landed_runs, read_results, read_rows, read_runs, summary_table, upsert_runs,
-                     write_rows)
+from engine.results import landed_runs, read_results, read_rows, read_runs, summary_table, upsert_runs, write_rows
+from sweep import CURVE_COLUMNS, RUN_COLUMNS
 from tests.conftest import ROOT
 
 CURVES_PER_RUN = 3
@@ -31,12 +31,12 @@ def fake_run(writer: int, i: int) -> tuple[dict, list[dict]]:
 def _writer(folder: str, writer: int, runs: int) -> None:
     for i in range(runs):
         row, curve = fake_run(writer, i)
-        upsert_runs(folder, [row], curve)
+        upsert_runs(folder, [row], curve, "", RUN_COLUMNS, CURVE_COLUMNS)
 
 
 def _check_complete(folder, writers, runs):
-    rows = read_rows(folder / "runs.csv")
-    curves = read_rows(folder / "curves.csv")
+    rows = read_rows(folder / "runs.csv", RUN_COLUMNS)
+    curves = read_rows(folder / "curves.csv", CURVE_COLUMNS)
     assert len(rows) == writers * runs and len({r["config_hash"] for r in rows}) == writers * runs
     per_run = {}
     for c in curves:
@@ -63,7 +63,7 @@ def _reader(folder: str, rounds: int, out) -> None:
     """Read while others write: every run seen has exactly its own curve rows."""
     bad = 0
     for _ in range(rounds):
-        runs, curves = read_results(folder)
+        runs, curves = read_results(folder, "", RUN_COLUMNS, CURVE_COLUMNS)
         counts = {}
         for c in curves:
             counts[c["config_hash"]] = counts.get(c["config_hash"], 0) + 1
@@ -88,7 +88,7 @@ def test_a_writer_killed_between_the_two_files_leaves_no_half_run(tmp_path, monk
     import engine.results as results
 
     row, curve = fake_run(0, 0)
-    upsert_runs(tmp_path, [row], curve)
+    upsert_runs(tmp_path, [row], curve, "", RUN_COLUMNS, CURVE_COLUMNS)
     replaced, new_curve = dict(row, test_acc_b=0.9), [dict(c, train_loss=9.0) for c in curve]
     other, other_curve = fake_run(1, 0)
     real_write = results.write_rows
@@ -102,13 +102,13 @@ def test_a_writer_killed_between_the_two_files_leaves_no_half_run(tmp_path, monk
 
     monkeypatch.setattr(results, "write_rows", dies_before_runs_csv)
     with pytest.raises(KeyboardInterrupt):
-        upsert_runs(tmp_path, [replaced, other], curve_rows=new_curve + other_curve)
+        upsert_runs(tmp_path, [replaced, other], new_curve + other_curve, "", RUN_COLUMNS, CURVE_COLUMNS)
     monkeypatch.setattr(results, "write_rows", real_write)
-    runs, curves = read_results(tmp_path)
+    runs, curves = read_results(tmp_path, "", RUN_COLUMNS, CURVE_COLUMNS)
     assert runs == []  # the replaced run left runs.csv first; the new one never landed
     assert curves == []  # and no reader sees curve rows of a run that has no row
-    upsert_runs(tmp_path, [other], other_curve)  # the next write drops the orphans for good
-    assert len(read_rows(tmp_path / "curves.csv")) == CURVES_PER_RUN
+    upsert_runs(tmp_path, [other], other_curve, "", RUN_COLUMNS, CURVE_COLUMNS)  # the next write drops the orphans for good
+    assert len(read_rows(tmp_path / "curves.csv", CURVE_COLUMNS)) == CURVES_PER_RUN
 
 
 # --- 2. corrupt results files ------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_bom_duplicates_and_nan_rows(tmp_path):
     write_rows(tmp_path / "runs.csv", rows + [rows[0], diverged], RUN_COLUMNS)  # rows[0] twice
     data = (tmp_path / "runs.csv").read_bytes()
     (tmp_path / "runs.csv").write_bytes(b"\xef\xbb\xbf" + data)  # re-saved by a spreadsheet
-    got = read_runs(tmp_path / "runs.csv")
+    got = read_runs(tmp_path / "runs.csv", RUN_COLUMNS)
     assert sorted(r["config_hash"] for r in got) == ["w0-r0", "w0-r1", "w0-r3"]
     table = summary_table(got)
     assert "2 +1 diverged" in table and "50.00 ± 0.00" in table  # two seeds counted once each
@@ -153,7 +153,7 @@ def test_plots_only_survives_a_spreadsheet_save_and_a_nan_row(small_sweep, tmp_p
     out, args = small_sweep
     results = tmp_path / "results"
     shutil.copytree(out / "results", results)
-    rows = read_rows(results / "runs.csv")
+    rows = read_rows(results / "runs.csv", RUN_COLUMNS)
     lora = [r for r in rows if r["method"] == "lora"]
     lora[0]["test_acc_b"] = math.nan
     write_rows(results / "runs.csv", rows + [lora[1]], RUN_COLUMNS)  # a nan row and a duplicated row
@@ -166,14 +166,14 @@ def test_plots_only_survives_a_spreadsheet_save_and_a_nan_row(small_sweep, tmp_p
     assert line.split()[4] == "1"  # the nan run is not counted, the duplicated one once
     proc = _run("main.py", *swapped)  # resume: the nan run is not finished, so it is trained again
     assert proc.returncode == 0, proc.stderr
-    redone = [r for r in read_runs(results / "runs.csv") if r["method"] == "lora"]
+    redone = [r for r in read_runs(results / "runs.csv", RUN_COLUMNS) if r["method"] == "lora"]
     assert len(redone) == 2 and all(0 <= r["test_acc_b"] <= 1 for r in redone)
     assert any(r["config_hash"] == lora[0]["config_hash"] for r in redone)
 
 
 # --- 2. checkpoints prove themselves -------------------------------------------------------------------
 def _checkpoint(tmp_path):
-    from data import Split
+    from data import DIGITS, Split, Task
     from conftest import mlp
     from sweep import save_checkpoint
     from train import Record, evaluate
@@ -181,11 +181,11 @@ def _checkpoint(tmp_path):
     g = torch.Generator().manual_seed(0)
     model = mlp([16], 0.0, g, "cpu")
     val = Split(torch.randn(40, 784, generator=g), torch.randint(0, 5, (40,), generator=g))
-    record = Record(best_val_loss=evaluate(model, val)[0], best_epoch=1, epochs=1)
+    record = Record(best_val_loss=evaluate(model, val, DIGITS.objective)[0], best_epoch=1, epochs=1)
     path = tmp_path / "base.pt"
     from config import Config
     save_checkpoint(path, model, record, Config(hidden=[16]))
-    return path, val, lambda: mlp([16], 0.0, None, "cpu")
+    return path, Task(val, val, val, DIGITS), lambda: mlp([16], 0.0, None, "cpu")
 
 
 def _damage(path, kind):
@@ -355,14 +355,13 @@ def test_non_finite_values_never_train():
 
 
 def test_rows_record_their_code_and_a_mix_is_said_in_one_line(small_sweep, tmp_path):
-    from engine.results import code_fingerprint
-    from sweep import CODE
+    from engine.provenance import code_fingerprint
 
     out, args = small_sweep
     results = tmp_path / "results"
     shutil.copytree(out / "results", results)
-    rows = read_rows(results / "runs.csv")
-    assert {r["code_fingerprint"] for r in rows} == {code_fingerprint(CODE)}
+    rows = read_rows(results / "runs.csv", RUN_COLUMNS)
+    assert {r["code_fingerprint"] for r in rows} == {code_fingerprint("sweep")}
     rows[-1]["code_fingerprint"] = "0123456789ab"
     write_rows(results / "runs.csv", rows, RUN_COLUMNS)
     swapped = [results if a == out / "results" else tmp_path / "plots" if a == out / "plots" else a for a in args]

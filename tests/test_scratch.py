@@ -10,8 +10,13 @@ import sys
 import pytest
 import torch
 
-from config import FORMS, ConfigError, ScratchConfig, from_argv, scratch_settings_hash
-from data import FASHION_FILES, DataError, Split, Task, provide_fashion_mnist
+from engine.settings import from_argv
+from lowrank import FORMS
+import scratch
+from scratch import ScratchConfig, scratch_settings_hash
+from raclora.errors import ConfigError
+from data import FASHION_FILES, Split, Task, provide_fashion_mnist
+from raclora.errors import DataError
 from galore import GaLoreAdamW, state_numel
 from lowrank import StackedFactorised, StackedLTE, build
 from engine.results import read_rows
@@ -209,12 +214,12 @@ def test_scratch_py_end_to_end(tmp_path):
             tmp_path / "results", "--plots_dir", tmp_path / "plots", "--progress", "false"]
     proc = _run_scratch(*args)
     assert proc.returncode == 0, proc.stderr
-    runs = read_rows(tmp_path / "results" / "scratch_runs.csv")
+    runs = read_rows(tmp_path / "results" / "scratch_runs.csv", scratch.RUN_COLUMNS)
     assert sorted((r["form"], r["rank"]) for r in runs) == [("lowrank", 4), ("lowrank", 8)]
     for r in runs:
         assert r["dataset"] == "mnist" and r["optimizer"] == "sgd" and r["epochs"] == 1
         assert 0.1 < r["final_test_acc"] <= 1.0 and r["git_commit"]
-    assert len(read_rows(tmp_path / "results" / "scratch_curves.csv")) == 2
+    assert len(read_rows(tmp_path / "results" / "scratch_curves.csv", scratch.CURVE_COLUMNS)) == 2
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {
         "scratch_mnist_sgd_lowrank.png", "scratch_mnist_sgd_all.png", "scratch_mnist_sgd_final.png"}
     again = _run_scratch(*args)

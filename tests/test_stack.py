@@ -6,7 +6,7 @@ import torch
 
 from data import Split, Task
 from engine.build import build_run
-from methods import METHODS
+from raclora.methods import METHODS
 from conftest import mlp
 from models import count_trainable
 from engine.stack import StackedModel, evaluate_stack, train_stack
@@ -89,8 +89,8 @@ def assert_run_is_alone(model, i, got, ref, rec, task):
         for k in ("train_loss", "val_loss", "val_acc", "test_acc"):
             assert a[k] == pytest.approx(b[k], abs=1e-10), (i, a["epoch"], k)
     assert model.trainable_count(i) == count_trainable(ref)
-    loss, acc = evaluate_stack(model, task.test)
-    ref_loss, ref_acc = evaluate(ref, task.test)
+    loss, acc = evaluate_stack(model, task.test, task.spec.objective)
+    ref_loss, ref_acc = evaluate(ref, task.test, task.spec.objective)
     assert loss[i].item() == pytest.approx(ref_loss, abs=1e-10) and acc[i].item() == ref_acc
 
 
@@ -121,8 +121,8 @@ def test_stacked_model_starts_as_the_base(base, task):
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
     model = StackedModel(base, 2)
     model.wrap([2, 1], [1.0, 1.0], "left", "gaussian", gens)
-    loss, acc = evaluate_stack(model, task.test)
-    ref_loss, ref_acc = evaluate(base, task.test)
+    loss, acc = evaluate_stack(model, task.test, task.spec.objective)
+    ref_loss, ref_acc = evaluate(base, task.test, task.spec.objective)
     assert loss.tolist() == pytest.approx([ref_loss] * 2, abs=1e-12) and acc.tolist() == [ref_acc] * 2
     batched = model.eval()(task.test.x.expand(2, -1, -1))  # the (R, N, in) path agrees with the shared one
     torch.testing.assert_close(batched, model(task.test.x), rtol=0, atol=1e-12)

@@ -50,7 +50,7 @@ def test_best_weights_are_kept():
     assert rec.best_epoch < rec.epochs
     best = rec.curve[rec.best_epoch - 1]
     assert best["val_loss"] == min(c["val_loss"] for c in rec.curve) == rec.best_val_loss
-    val_loss, val_acc = evaluate(model, task.val)
+    val_loss, val_acc = evaluate(model, task.val, task.spec.objective)
     assert abs(val_loss - best["val_loss"]) < 1e-6 and abs(val_acc - best["val_acc"]) < 1e-9
 
 
@@ -98,13 +98,13 @@ def test_eval_mode_is_deterministic_and_restores_training_flag():
     model = mlp([64, 64], 0.5, g, "cpu")
     set_generator(model, g)
     model.train()
-    a, b = evaluate(model, task.val), evaluate(copy.deepcopy(model), task.val)
+    a, b = evaluate(model, task.val, task.spec.objective), evaluate(copy.deepcopy(model), task.val, task.spec.objective)
     assert a == b and model.training
 
 
 def test_a_run_never_touches_the_global_rng():
     from lora import wrap_linears
-    from methods import METHODS
+    from raclora.methods import METHODS
 
     before = torch.random.get_rng_state()
     g = torch.Generator().manual_seed(0)

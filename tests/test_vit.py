@@ -14,7 +14,7 @@ import torch
 from engine.build import build_run
 from data import DIGITS
 from lora import adapters_of, wrap_linears
-from methods import METHODS
+from raclora.methods import METHODS
 from models import TARGET_PRESETS, build_model, count_trainable, target_linears
 from engine.stack import StackedModel, train_stack
 from tests.test_stack import DT, assert_run_is_alone, noisy_task
@@ -198,8 +198,8 @@ def test_main_runs_the_vit_end_to_end(tmp_path):
     assert [r["method"] for r in rows] == ["base", "fpft", "rac_lora"]
     assert all('"model": "vit"' in r["config"] for r in rows)
     assert int(rows[2]["trainable_params"]) == 49 + 4 * 8 + 8 + 16 + 8  # rank 1, left sketch: r * in per layer
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["accuracy_vs_epoch.png", "methods_rank1.png",
-                                                                  "rank_vs_accuracy.png"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["vit_accuracy_vs_epoch.png", "vit_methods_rank1.png",
+                                                                  "vit_rank_vs_accuracy.png"]
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -219,16 +219,21 @@ def test_bad_model_settings_get_one_line(tmp_path, argv, needle):
     assert not (tmp_path / "runs.csv").exists()
 
 
-def test_the_configs_model_and_preset_names_are_the_registrys():
-    """config.py names the models and target presets without importing torch; they must be models.py's."""
+def test_the_configs_model_names_and_model_fields_are_the_registrys():
+    """config.py reads the models from models.py's registry, and a field only some models read enters only
+    their runs' hashes (derived from the registry, not kept by hand)."""
     import config
     import models
+    from raclora.errors import ConfigError
 
-    assert config.MODELS == tuple(models.MODELS)
-    assert config.TARGET_PRESETS == tuple(models.TARGET_PRESETS)
-    for name, (_, fields) in models.MODELS.items():  # every field a model reads is a Config field
-        assert set(fields) <= {f for f in config.Config.__dataclass_fields__}
-        assert all(config._MODEL_FIELDS.get(f, name) == name for f in fields if f != "dropout")
+    with pytest.raises(ConfigError, match=f"unknown model 'x'; allowed: {', '.join(models.MODELS)}$"):
+        config.Config(model="x")
+    fields = config.Config.__dataclass_fields__
+    for name, (_, reads) in models.MODELS.items():  # every field a model reads is a Config field
+        assert set(reads) <= set(fields)
+        for f in reads:
+            readers = fields[f].metadata["only"].get("model", tuple(models.MODELS))
+            assert name in readers and all(f in models.MODELS[m][1] for m in readers), f
 
 
 def test_figure_titles_name_the_model_and_the_target_set():
@@ -243,7 +248,8 @@ def test_figure_titles_name_the_model_and_the_target_set():
 
 
 def test_run_sweep_from_python_checks_the_model_before_any_compute(tmp_path):
-    from config import Config, ConfigError
+    from config import Config
+    from raclora.errors import ConfigError
     from sweep import run_sweep
 
     cfg = Config(model="vit", ranks=[40], results_dir=str(tmp_path))  # the default ViT's layers are 32 wide at most

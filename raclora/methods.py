@@ -3,7 +3,7 @@
 A strategy says three things, and the adapter layer never asks which method it is in:
 
 - ``trains``: which roles get gradients ("zero" = the factor that starts at zero, "random" = the
-  one drawn at random; lora.py's ``sketch`` maps roles to A and B);
+  one drawn at random; factors.py's ROLES map a ``sketch`` to A and B);
 - ``merges``: whether the adapter is merged into the base weight every ``merge_every`` epochs;
 - what a merge re-draws: the zero factor is always re-zeroed (so the function is unchanged) and
   the random factor is re-sampled. Methods that never merge never re-sample;
@@ -11,23 +11,37 @@ A strategy says three things, and the adapter layer never asks which method it i
   optimizer steps instead of epochs with the optimizer state reset and a re-warming learning-rate
   schedule (``step_merges``, ReLoRA).
 
-Both engines (train.py one run at a time, engine/stack.py many at once) drive the same strategy, through
-``optimizer_groups``, ``end_of_epoch``, ``after_step`` and ``lr_lambda``.
-To add a variant, add one entry to METHODS: it is the one list of method names (config.py reads it).
-Importing this module imports no torch (the types below are only annotations), so that the command
-line can check a method name at once.
+Every engine (the lab's train.py one run at a time and engine/stack.py many at once, and peft_chain.py on
+PEFT's layers) drives the same strategy, through ``optimizer_groups``, ``end_of_epoch``, ``after_step`` and
+``lr_lambda``, on any adapter with the ``Adapter`` interface below.
+To add a variant, add one entry to METHODS: it is the one list of method names (every config reads it).
+Importing this module imports no torch (the types below are only annotations).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from lora import LoRALinear
+
+class Adapter(Protocol):
+    """What a method drives: two factors ``A`` (r, in) and ``B`` (out, r) with their roles (factors.FactorRoles),
+    ``merge()`` (the delta into the base weight) and ``reset()`` (zero factor re-zeroed, random one re-drawn).
+    lora.LoRALinear, engine/stack.py's stacked layer and peft_chain.PeftFactors are such adapters."""
+    A: nn.Parameter
+    B: nn.Parameter
+    zero_factor: nn.Parameter
+    random_factor: nn.Parameter
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]: ...
+
+    def merge(self) -> None: ...
+
+    def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -38,20 +52,20 @@ class Method:
     merges: bool  # merge + reset every merge_every epochs (or every relora_every steps if step_merges)
     reference: str  # where it comes from
     b_lr_ratio: bool = False  # LoRA+: factor B learns at loraplus_ratio x the learning rate of A
-    adapter: str = "lora"  # the layer it needs: "lora" (A, B; lora.py) or "randlora" (randlora.py)
+    adapter: str = "lora"  # the layer it needs: "lora" (A, B) or "randlora" (the lab's randlora.py)
     step_merges: bool = False  # ReLoRA: merge every relora_every steps, reset AdamW, re-warm the learning rate
-    settings: tuple[str, ...] = ()  # the Config fields only this method reads: they enter its runs' hashes only
+    settings: tuple[str, ...] = ()  # the config fields only this method reads: they enter its runs' hashes only
 
     @property
     def uses_sketch(self) -> bool:
         """Whether ``sketch`` (which of A, B is random) means anything for this method."""
         return self.adapter == "lora"
 
-    def trainable_factors(self, adapter: LoRALinear) -> list[nn.Parameter]:
+    def trainable_factors(self, adapter: Adapter) -> list[nn.Parameter]:
         roles = {"zero": lambda: adapter.zero_factor, "random": lambda: adapter.random_factor}
         return [roles[role]() if role in roles else getattr(adapter, role) for role in self.trains]
 
-    def prepare(self, adapters: list[LoRALinear]) -> list[nn.Parameter]:
+    def prepare(self, adapters: list[Adapter]) -> list[nn.Parameter]:
         """Set requires_grad on each adapter's factors as the method says; return the trainable ones."""
         params = []
         for ad in adapters:
@@ -61,7 +75,7 @@ class Method:
             params.extend(wanted)
         return params
 
-    def optimizer_groups(self, adapters: list[LoRALinear], lr: float, loraplus_ratio: float) -> list[dict]:
+    def optimizer_groups(self, adapters: list[Adapter], lr: float, loraplus_ratio: float) -> list[dict]:
         """``prepare``, then the trainable factors as AdamW parameter groups (LoRA+: B at lr x ratio)."""
         params = self.prepare(adapters)
         if not self.b_lr_ratio:
@@ -75,14 +89,14 @@ class Method:
         """Whether every merge clears AdamW's moments whatever reset_optimizer_on_merge says."""
         return self.step_merges
 
-    def end_of_epoch(self, adapters: list[LoRALinear], epoch: int, merge_every: int,
+    def end_of_epoch(self, adapters: list[Adapter], epoch: int, merge_every: int,
                      generator: torch.Generator) -> bool:
         """Called after epoch ``epoch`` (1-based). Merges and resets when due; returns whether it did."""
         if not self.merges or self.step_merges or epoch % merge_every != 0:
             return False
         return merge_and_reset(adapters, generator)
 
-    def after_step(self, adapters: list[LoRALinear], step: int, every: int, generator: torch.Generator) -> bool:
+    def after_step(self, adapters: list[Adapter], step: int, every: int, generator: torch.Generator) -> bool:
         """Called after optimizer step ``step`` (1-based, counted over the whole run); ReLoRA merges here."""
         if not self.step_merges or step % every != 0:
             return False

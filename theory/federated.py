@@ -1,4 +1,4 @@
-"""The federated case of convergence.py: heterogeneous clients, gradient steps, float64.
+"""The federated case of the convergence theory (convergence.py --rounds): heterogeneous clients, gradient steps, float64.
 
 K clients hold different data: client i's least-squares (or logistic) problem has its own design X_i and its
 own ground truth W*_i = W* + SPREAD * N(0, 1), so the clients' optima differ and the global objective
@@ -24,8 +24,8 @@ import math
 
 import torch
 
-from convergence import DTYPE, NOISE, Problem, _design, classify, projection
-from lora import init_factor_
+from theory.central import design, save_figure, classify, DTYPE, NOISE, Problem, projection
+from raclora.factors import init_factor_
 
 CLIENTS = 4
 N = 8  # W is N x N
@@ -42,7 +42,7 @@ def heterogeneous(kind: str, g: torch.Generator) -> tuple[Problem, list, float]:
     w_star = torch.randn(N, N, generator=g, dtype=DTYPE)
     losses, designs = [], []
     for _ in range(CLIENTS):
-        x, eig = _design(g, N, SAMPLES)
+        x, eig = design(g, N, SAMPLES)
         w_i = w_star + SPREAD * torch.randn(N, N, generator=g, dtype=DTYPE)
         if kind == "least squares":
             y = x @ w_i.T + NOISE * torch.randn(SAMPLES, N, generator=g, dtype=DTYPE)
@@ -157,7 +157,6 @@ def plot_federated(records: list[dict], path: str) -> None:
     """One panel per problem and number of local steps: f - f* of the server's model by round, log y."""
     from matplotlib.figure import Figure
 
-    from convergence import _save
 
     panels = list(dict.fromkeys((r["problem"], r["inner_steps"]) for r in records))
     fig = Figure(figsize=(6 * len(panels) // 2, 8))
@@ -177,7 +176,7 @@ def plot_federated(records: list[dict], path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"Federated: {CLIENTS} clients with different data, rank {RANK} of n = {N}, gamma = 1/L_max")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def format_table(records: list[dict]) -> str:

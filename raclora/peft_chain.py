@@ -11,7 +11,7 @@ does, and when the optimizer state is cleared.
 
 Names follow PEFT's. A PEFT LoRA layer computes ``base(x) + scaling * lora_B(lora_A(x))``, with
 ``lora_A.weight`` (r x in) and ``lora_B.weight`` (out x r): the paper's A and B. The paper's sketches then
-read (lora.ROLES):
+read (factors.ROLES):
 
 | sketch | random, frozen (re-drawn at each merge) | starts at zero, trains |
 |---|---|---|
@@ -30,12 +30,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from lora import ROLES, FactorRoles, init_factor_
-from methods import METHODS, get_method, merge_and_reset
-
-RANDOM_INITS = ("gaussian", "kaiming")
+from raclora.factors import RANDOM_INITS, ROLES, FactorRoles, init_factor_
+from raclora.methods import METHODS, get_method, merge_and_reset
 
 
 class ChainError(ValueError):
@@ -207,10 +204,15 @@ def _active_adapter(model: nn.Module) -> str:
     return name if isinstance(name, str) else "default"
 
 
-class ChainCallback(TrainerCallback):
+class ChainCallback:
     """Merges the controller's chain on a schedule during ``Trainer.train``: every ``merge_every_steps``
     optimizer steps or every ``merge_every_epochs`` epochs (one of the two). ``merge_steps`` and
-    ``merge_epochs`` record the global step and the epoch (Trainer's state.epoch) of each merge it made."""
+    ``merge_epochs`` record the global step and the epoch (Trainer's state.epoch) of each merge it made.
+
+    It keeps transformers' callback protocol (Trainer calls ``on_<event>(args, state, control, **kwargs)`` on
+    every callback it was given) without subclassing ``TrainerCallback``: importing that loads transformers'
+    whole Trainer (seconds, and warnings on stderr), which this module must not do to a user who only wants
+    the controller. Every event but ``on_step_end`` and ``on_epoch_end`` is a no-op, as in TrainerCallback."""
 
     def __init__(self, chain: ChainController, merge_every_steps: int | None = None,
                  merge_every_epochs: int | None = None, clear_optimizer: bool = False):
@@ -242,6 +244,15 @@ class ChainCallback(TrainerCallback):
         self.epochs_done += 1
         if self.every_epochs is not None and self.epochs_done % self.every_epochs == 0:
             self._merge(state, optimizer)
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):  # any other Trainer event (on_train_begin, on_log, ...): nothing to do
+            return _no_op
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def _no_op(*args, **kwargs) -> None:
+    return None
 
 
 __all__ = ["ChainCallback", "ChainController", "ChainError", "PeftFactors", "lora_layers", "lora_methods"]

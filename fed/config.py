@@ -1,0 +1,87 @@
+"""Settings of ``python federated.py``: the suite's base model (main.py's, the same checkpoint) adapted to digits
+5-9 by clients that each hold a shard of task B, under a federated method of fed/methods.py's registry.
+
+The base model's and the adapters' fields are main.py's (config.AdaptedModelConfig); the federation's are here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import models
+from config import AdaptedModelConfig, Config
+from data import TEST_IMAGES
+from engine.settings import arg, from_argv as parse, override, settings_hash
+from fed.methods import FED_METHODS
+from fed.partition import PARTITIONS
+from raclora.errors import ConfigError
+
+
+def fed_method_choices() -> tuple[str, ...]:
+    return (*FED_METHODS, "all")
+
+
+@dataclass
+class FedConfig(AdaptedModelConfig):
+    """Settings of ``python federated.py``."""
+    # --- what to run ---
+    method: str = arg("fed_rac_lora", "a method of fed/methods.py's registry (fedavg fedit ffa_lora flora "
+                      "fed_rac_lora), or all", choices=fed_method_choices, hash=False)
+    ranks: list[int] = override(AdaptedModelConfig, "ranks", [1])
+    # --- the federation ---
+    clients: int = arg(10, "clients holding task B's training images", range=(1, 10 ** 6))
+    partition: str = arg("dirichlet", "iid | dirichlet (label skew)", choices=PARTITIONS)
+    dirichlet_alpha: float = arg(0.5, "dirichlet: concentration; small = few classes per client", positive=True)
+    participation: float = arg(1.0, "fraction of the clients in each round, in (0, 1]")
+    rounds: int = arg(50, "server rounds", range=(1, 100_000))
+    local_epochs: int = arg(1, "epochs of random reshuffling over a client's own shard per round",
+                            range=(1, 10_000))
+    lr: float = override(AdaptedModelConfig, "lr", 1e-3, help="clients' AdamW learning rate (a fresh optimizer "
+                         "every round)")
+    target_accuracy: float = arg(0.9, "the summary's rounds and megabytes to reach this test accuracy on digits "
+                                 "5-9", hash=False)
+    workers: int = override(AdaptedModelConfig, "workers", help="processes training runs side by side; 0 = one "
+                            "per core on CPU, 1 on a GPU")
+
+    stack_size = 1  # not a setting: each federated run is one job of the runner (its clients form the stack)
+    # a run is one method's; FedAvg trains every weight, so the adapters' fields stay out of its hash
+    RUN_KEYS = {"kind": "adapter", "method": None}
+    HASHED_CONTEXT = ("method",)
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 < self.participation <= 1.0:
+            raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+
+    def sizes(self) -> tuple[int, int, int]:
+        """As Config.sizes, with the activations of one client step (batch_size images): clients do not evaluate."""
+        params, activations, images = super().sizes()
+        evaluated = min(models.MODELS[self.model][0].eval_batch or TEST_IMAGES, TEST_IMAGES)
+        return params, activations * self.batch_size // evaluated, images
+
+    def runs_per_stack(self) -> int:  # a round's clients train as one stack
+        return max(1, round(self.participation * self.clients))
+
+    def selected_methods(self) -> list[str]:
+        return list(FED_METHODS) if self.method == "all" else [self.method]
+
+    def run_context(self, method: str) -> dict:
+        """settings_hash's context of a run of ``method``: FedAvg is no adapter run."""
+        return dict(kind="adapter" if FED_METHODS[method].uses_sketch else "full", method=method)
+
+    def base_config(self) -> Config:
+        """The main.py Config whose base model this study adapts (the same checkpoint, the same hash)."""
+        shared = ("model", "hidden", "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_dim", "dropout",
+                  "data_dir", "val_size", "split_seed", "base_seed", "results_dir", "device", "progress")
+        return Config(**{k: getattr(self, k) for k in shared})
+
+
+def from_argv(argv: list[str] | None = None, prog: str = "federated.py") -> FedConfig:
+    return parse(argv, FedConfig, prog=prog,
+                 description="Federated adaptation of the suite's base model. Every field can be overridden.")
+
+
+def fed_settings_hash(cfg: FedConfig, device: str, method: str) -> str:
+    """Hash of every field that changes a federated run of ``method``, apart from its sketch, rank and seed."""
+    return settings_hash(cfg, device, **cfg.run_context(method))

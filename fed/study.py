@@ -1,0 +1,158 @@
+"""The federated study as the runner runs it: its plan, its run hash, its trainer (a worker's), its rows.
+
+federated.py is its command line; fed/flower.py runs the same runs on Flower and writes the same rows.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from tqdm.auto import tqdm
+
+from data import load_tasks
+from engine.build import config_model
+from engine.results import RECORD_COLUMNS
+from engine.runner import resolve_device, run_study as run, Study
+from engine.settings import stable_hash
+from fed.config import fed_settings_hash
+from fed.methods import get_fed_method
+from fed.partition import partition
+from fed.simulate import _client_run, FedSettings, megabytes, run_federated, Server
+from models import count_trainable
+from raclora.factors import lora_scale
+from sweep import Sweep
+
+RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status": str, "clients": int,
+               "partition": str, "dirichlet_alpha": float, "participation": float, "rounds": int, "local_epochs": int,
+               "lr": float, "model": str, "target_modules": str, "trainable_params": int, "up_numbers": int,
+               "down_numbers": int, "final_test_acc_b": float, "final_test_acc_a": float, "best_test_acc_b": float,
+               "target_accuracy": float, "rounds_to_target": int, "mb_to_target": float, "total_mb": float,
+               "max_aggregation_error": float, **RECORD_COLUMNS}
+CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int, "round": int,
+                 "participants": int, "train_loss": float, "test_acc_b": float, "test_acc_a": float,
+                 "up_numbers": int, "down_numbers": int, "communicated_mb": float, "aggregation_error": float}
+# the Flower engine's curve rows also carry the numbers its messages held, per participating client (fed/flower.py)
+FLOWER_COLUMNS = {"sent_up_numbers": float, "sent_down_numbers": float}
+PREFIX = "fed_"  # results/fed_runs.csv, results/fed_curves.csv (one row per run and round)
+
+
+def plan(cfg) -> list[dict]:
+    """Every run the config asks for: method x sketch x rank x seed (fedavg: no sketch, no rank)."""
+    out = []
+    for method in cfg.selected_methods():
+        if not get_fed_method(method).uses_sketch:  # full fine-tuning: no adapter
+            out += [dict(method=method, sketch=None, rank=None, seed=s) for s in cfg.seeds]
+            continue
+        for sketch in cfg.selected_sketches():
+            for rank in cfg.ranks:
+                out += [dict(method=method, sketch=sketch, rank=rank, seed=s) for s in cfg.seeds]
+    return out
+
+
+def run_hash(cfg, device: str, method: str, sketch: str | None, rank: int | None, seed: int) -> str:
+    return stable_hash([fed_settings_hash(cfg, device, method), method, sketch, rank, seed])
+
+
+class FedTrainer:
+    """Runs federated runs from the base model; what one worker process holds."""
+    def __init__(self, cfg, commit: str, base_state: dict, tasks=None, show_epochs: bool = True):
+
+        self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
+        self.device = resolve_device(cfg.device)
+        self.tasks = tasks if tasks is not None else load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed,
+                                                                self.device)
+        self.base = config_model(cfg, None, self.device)
+        self.base.load_state_dict(base_state)
+        self.shards = client_shards(cfg, self.tasks)
+
+    def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
+        out = []
+        for spec in specs:
+            s = settings(self.cfg, spec)
+            bar = tqdm(total=s.rounds, desc=describe(spec), leave=False, unit="round",
+                       disable=not (self.cfg.progress and self.show_epochs))
+            t0 = time.perf_counter()
+            with bar:
+                records = run_federated(self.base, self.tasks["B"], self.tasks["A"], self.shards, s,
+                                        progress=lambda rec: bar.update(1))
+            out.append(self.rows(spec, records, time.perf_counter() - t0, trainable(self.base, s)))
+        return out
+
+    def rows(self, spec: dict, records: list[dict], wall: float, trainable_params: int) -> tuple[dict, list[dict]]:
+        return run_rows(self.cfg, self.commit, self.device.type, spec, records, wall, trainable_params)
+
+
+def run_rows(cfg, commit: str, dev: str, spec: dict, records: list[dict], wall: float,
+             trainable_params: int) -> tuple[dict, list[dict]]:
+    """One run's fed_runs.csv row and fed_curves.csv rows from its round records (fed.simulate.run_federated's,
+    or the Flower server's, which also carry the numbers its messages held: sent_up_numbers, sent_down_numbers)."""
+    key = run_hash(cfg, dev, **spec)
+    total, curve = 0.0, []
+    for r in records:  # every participating client's upload and download, cumulated over the rounds
+        total += r["participants"] * megabytes(r["up_numbers"] + r["down_numbers"])
+        curve.append(dict(config_hash=key, **spec, **{k: r[k] for k in r if k in CURVE_COLUMNS or k in FLOWER_COLUMNS},
+                          communicated_mb=total))
+    reached = next((c for c in curve if c["test_acc_b"] >= cfg.target_accuracy), None)
+    last = records[-1]
+    row = dict(**spec, status="finished", clients=cfg.clients, partition=cfg.partition,
+               dirichlet_alpha=cfg.dirichlet_alpha, participation=cfg.participation, rounds=cfg.rounds,
+               local_epochs=cfg.local_epochs, lr=cfg.lr, model=cfg.model,
+               target_modules=" ".join(cfg.target_modules), trainable_params=trainable_params,
+               up_numbers=records[0]["up_numbers"], down_numbers=records[0]["down_numbers"],
+               final_test_acc_b=last["test_acc_b"], final_test_acc_a=last["test_acc_a"],
+               best_test_acc_b=max(r["test_acc_b"] for r in records), target_accuracy=cfg.target_accuracy,
+               rounds_to_target=reached["round"] if reached else None,
+               mb_to_target=reached["communicated_mb"] if reached else None, total_mb=total,
+               max_aggregation_error=max(r["aggregation_error"] for r in records), wall_s=round(wall, 3),
+               config_hash=key, settings_hash=fed_settings_hash(cfg, dev, spec["method"]),
+               git_commit=commit, device=dev,
+               finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               config=json.dumps(cfg.to_dict(), sort_keys=True))
+    return row, curve
+
+
+def settings(cfg, spec: dict):
+    """The fed.simulate.FedSettings of one run."""
+    rank = spec["rank"]
+    return FedSettings(method=spec["method"], sketch=spec["sketch"], rank=rank,
+                       scale=None if rank is None else lora_scale(cfg.scaling, cfg.lora_alpha, rank), seed=spec["seed"],
+                       rounds=cfg.rounds, participation=cfg.participation, local_epochs=cfg.local_epochs,
+                       batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       random_init=cfg.random_init, targets=cfg.targets())
+
+
+def trainable(base, s) -> int:
+    """What one client trains (fed.simulate's client model, built once)."""
+    return count_trainable(_client_run(Server(base, s, 1)).model)
+
+
+def client_shards(cfg, tasks) -> list:
+    """Task B's training images split over the clients (fed.partition), from split_seed: the same for every run."""
+    return partition(tasks["B"].train.y, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.split_seed)
+
+
+def describe(spec: dict) -> str:
+    return " ".join(str(spec[k]) for k in ("method", "sketch", "rank") if spec[k] is not None) + f" seed {spec['seed']}"
+
+
+def run_study(cfg, commit: str) -> list[dict]:
+    """The base model (trained or loaded as main.py does), then every run of the plan not yet recorded
+    (engine.runner.run_study); returns this study's fed_runs.csv rows."""
+    t0 = time.perf_counter()
+    cfg.check_setup()
+    sweep = Sweep(cfg.base_config(), commit)
+    shards = client_shards(cfg, sweep.tasks)  # a split that cannot be made stops here, before any training
+    tqdm.write(f"device: {sweep.device}; {cfg.clients} clients ({cfg.partition}"
+               + (f", alpha {cfg.dirichlet_alpha}" if cfg.partition == "dirichlet" else "")
+               + f"): {min(s.numel() for s in shards)}-{max(s.numel() for s in shards)} images each")
+    base = sweep.base_model()
+    state = {k: v.cpu() for k, v in base.state_dict().items()}
+    dev = sweep.device.type
+    study = Study(plan=plan(cfg), run_hash=lambda spec: run_hash(cfg, dev, **spec),
+                  stack_key=lambda spec: tuple(spec.values()), make_trainer=FedTrainer, code=__name__,
+                  trainer_args=(cfg, commit, state), trainer=FedTrainer(cfg, commit, base.state_dict(), sweep.tasks),
+                  prefix=PREFIX, run_columns=RUN_COLUMNS, curve_columns=CURVE_COLUMNS)
+    rows = run(study, cfg, sweep.device)
+    tqdm.write(f"study finished in {time.perf_counter() - t0:.1f} s")
+    return rows

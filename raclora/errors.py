@@ -1,0 +1,39 @@
+"""The ground floor: the errors every layer raises and every command line reports on one line.
+
+Each is an expected failure with a message that says what is wrong and what is allowed; the command lines
+(engine/cli.py) print it as ``error: ...`` and exit 2, without a traceback. Nothing here imports anything of
+the project, so that any module may import it.
+"""
+from __future__ import annotations
+
+
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character (line breaks among them) written as its escape, so
+    that it prints as one line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class ConfigError(ValueError):
+    """A setting that is out of range or of the wrong kind; the message says what is allowed, on one line
+    (a line break inside a quoted value is shown escaped)."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
+
+
+class DataError(RuntimeError):
+    """The data cannot be had; the message says what to put where."""
+
+
+class CheckpointError(RuntimeError):
+    """A cached checkpoint that cannot be loaded; the message says what to delete."""
+
+
+class ResultsError(RuntimeError):
+    """A results file that cannot be read back; the message says which and what to do."""
+
+
+DIVERGED = "diverged"  # the status a run records when its training loss became non-finite (train.py, engine/stack.py)
+
+# the expected failures of a command: reported in one line, never as a traceback
+EXPECTED = (ConfigError, DataError, CheckpointError, ResultsError)

@@ -1,0 +1,98 @@
+"""Files written so that nothing is lost or half-written: every CSV, checkpoint and figure of the lab goes
+through ``atomic_path``, and a command checks its output folders (``prepare_output_dir``) before any compute.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from raclora.errors import ConfigError
+
+_TMP = re.compile(r"^.+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <name>.<pid of the writer>.<random>.tmp
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The one way this project writes files (CSVs, checkpoints, figures): a reader sees the old file
+    or the new one, never half of one, whatever interrupts the write. The temporary name carries
+    the writer's process id, so that clean_stale_tmp can tell a killed writer's leftover from a
+    file another live process is writing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in ``folder``:
+    those whose writer process no longer exists, and untagged ones (older versions' names). Returns them."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for f in folder.glob("*.tmp"):
+        m = _TMP.match(f.name)
+        if m and _alive(int(m.group(1))):
+            continue
+        try:
+            f.unlink()
+            removed.append(f)
+        except FileNotFoundError:  # its writer finished and renamed it meanwhile
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # a process we may not signal is alive; an absurd pid is not ours to judge
+    return True
+
+
+_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+
+
+def prepare_output_dir(field: str, path: str) -> Path:
+    """Check an output folder setting before any compute: not empty, not a system folder, not a file,
+    creatable and writable. Creates it; returns it. ConfigError in one line otherwise."""
+    if not str(path).strip():
+        raise ConfigError(f"{field} is empty; give a folder to write into, e.g. --{field} ./"
+                          f"{'results' if 'results' in field else 'plots'}")
+    if "\x00" in str(path):
+        raise ConfigError(f"{field} {str(path)!r} holds a NUL byte, which no path may hold")
+    p = Path(path).expanduser()
+    real = os.path.realpath(p)
+    system = next((d for d in _SYSTEM_DIRS if real == d or real.startswith(d + "/")), None)
+    if system:
+        raise ConfigError(f"{field} {str(path)!r} is under {system}, a system folder; give a folder of your own")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{field} {str(path)!r} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{field} {str(path)!r} cannot be written ({type(e).__name__}: {e.strerror or e}); "
+                          f"give a writable folder") from None
+    return p
