@@ -342,22 +342,28 @@ def load_fashion_mnist(data_dir: str | os.PathLike, source: Path = DEBIAN_FASHIO
     return tuple((x[f"{s}-images-idx3-ubyte"], x[f"{s}-labels-idx1-ubyte"]) for s in ("train", "t10k"))
 
 
+# The ten-class datasets (scratch.py's --dataset): name -> (loader of ((train x, y), (test x, y)) uint8 images
+# and int64 labels, training-set pixel mean, std, the task it makes). A new dataset is one entry here.
+DATASETS = {
+    "mnist": (load_mnist, MEAN, STD, TEN_CLASSES),
+    "fashion_mnist": (load_fashion_mnist, FASHION_MEAN, FASHION_STD, TEN_CLASSES),
+}
+
+
 def load_ten_classes(dataset: str, data_dir: str | os.PathLike, val_size: int, split_seed: int,
                      device: torch.device | str) -> Task:
-    """All ten classes of ``dataset`` ("mnist" or "fashion_mnist") as one Task, labels 0-9.
+    """All ten classes of ``dataset`` (a name of DATASETS) as one Task, labels 0-9.
 
     Train/val is the same seeded split of the 60k training images as load_tasks uses; test is the
     10k test set. Pixels are normalised with the dataset's own training mean and std.
     """
-    if dataset == "mnist":
-        (train, test), mean, std = load_mnist(data_dir), MEAN, STD
-    elif dataset == "fashion_mnist":
-        (train, test), mean, std = load_fashion_mnist(data_dir), FASHION_MEAN, FASHION_STD
-    else:
-        raise DataError(f"unknown dataset {dataset!r}; allowed: mnist, fashion_mnist")
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
+    load, mean, std, spec = DATASETS[dataset]
+    train, test = load(data_dir)
     parts = _split(train, test, val_size, split_seed)
     return Task(**{k: Split(_normalise(x, mean, std).to(device), y.to(device)) for k, (x, y) in parts.items()},
-                spec=TEN_CLASSES)
+                spec=spec)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import models
-from data import TEN_CLASSES, check_val_size, load_ten_classes
+from data import DATASETS, check_val_size, load_ten_classes
 from engine.cli import run_command
 from engine.results import RECORD_COLUMNS, format_table, git_commit, group, mean_std, pct, seeds_cell, split_diverged
 from engine.runner import report, resolve_device, run_study as run, Study
@@ -29,7 +29,6 @@ from lowrank import FORMS, build
 from plots import draw_scratch
 from raclora.errors import DIVERGED, ConfigError
 
-DATASETS = ("mnist", "fashion_mnist")  # data.load_ten_classes
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -45,7 +44,7 @@ class ScratchConfig(StudyConfig):
                     hash=False)
     ranks: list[int] = arg([1, 2, 4, 8, 16, 32, 64, 128], "rank r of every form but full", hash=False)
     seeds: list[int] = override(StudyConfig, "seeds", [0])
-    dataset: str = arg("mnist", "mnist | fashion_mnist (the study trained on fashion_mnist)", choices=DATASETS)
+    dataset: str = arg("mnist", "mnist | fashion_mnist (the study trained on fashion_mnist)", choices=tuple(DATASETS))
     hidden: list[int] = arg([512, 512], "hidden widths of the (28*28)-...-10 MLP")
     # --- optimisation ---
     optimizer: str = arg("sgd", "sgd (plain, no momentum: the study) | adamw; galore always runs its own Adam",
@@ -88,7 +87,8 @@ class ScratchConfig(StudyConfig):
     def check_setup(self) -> None:
         """The checks that need the data's sizes: val_size, and ranks against the MLP's layers."""
         check_val_size(self.val_size)
-        top = max_useful_rank([TEN_CLASSES.features, *self.hidden, TEN_CLASSES.classes])
+        spec = DATASETS[self.dataset][3]  # the task the dataset makes: its inputs and classes
+        top = max_useful_rank([spec.features, *self.hidden, spec.classes])
         for r in self.ranks:
             if r > top:
                 raise ConfigError(f"rank {r} is out of range: ranks must be integers from 1 to {top} (the largest "
@@ -96,7 +96,7 @@ class ScratchConfig(StudyConfig):
 
     def sizes(self) -> tuple[int, int, int]:
         """(parameters, activation floats of one evaluation pass, image floats) of the full-form MLP."""
-        return models.sizes("mlp", dict(hidden=self.hidden, dropout=0.0), TEN_CLASSES)
+        return models.sizes("mlp", dict(hidden=self.hidden, dropout=0.0), DATASETS[self.dataset][3])
 
     def runs_per_stack(self) -> int:
         return min(self.stack_size, len(self.seeds))

@@ -23,7 +23,7 @@ from raclora.errors import ConfigError
 from data import DIGITS, Task, load_tasks
 from engine.build import build_run, config_model
 from raclora.factors import lora_scale
-from raclora.methods import get_method
+from raclora.methods import METHODS, get_method
 from models import count_trainable, meta_model, model_settings, set_generator, target_linears
 from raclora.errors import DIVERGED
 from raclora.files import atomic_path
@@ -198,9 +198,8 @@ class Trainer:
         run = build_run(self.base, specs[0]["method"], specs[0]["sketch"], ranks, gens, scales,
                         random_init=cfg.random_init, stacked=stacked, targets=cfg.targets(), lr=cfg.lr,
                         total_steps=steps,
-                        merge_every=cfg.merge_every, loraplus_ratio=cfg.loraplus_ratio,
-                        relora_every=cfg.relora_every, relora_warmup=cfg.relora_warmup,
-                        reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
+                        merge_every=cfg.merge_every, reset_optimizer_on_merge=cfg.reset_optimizer_on_merge,
+                        **method_settings(cfg))
         return run, gens
 
     def _alone(self, spec: dict) -> tuple[dict, list[dict]]:
@@ -257,6 +256,12 @@ def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Recor
                   test_acc_b=c["test_acc"] if method != "base" else None, merged=c["merged"])
              for c in record.curve]
     return row, curve
+
+
+def method_settings(cfg: Config) -> dict:
+    """The config's value of every setting a method of the registry reads (Method.settings): Method.training's
+    keyword arguments (LoRA+'s ratio, ReLoRA's schedule), derived from the registry."""
+    return {name: getattr(cfg, name) for m in METHODS.values() for name in m.settings}
 
 
 def _train_kw(cfg: Config) -> dict:

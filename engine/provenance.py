@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,9 +96,11 @@ def imports(root: Path = ROOT) -> list[Import]:
 
 
 def imported_closure(module: str, root: Path = ROOT) -> dict[str, Path]:
-    """``module`` (a lab module, or any importable one, e.g. a test's) and every lab module it imports, directly
-    or through others: {name: source file}, sorted by name."""
+    """``module`` (a lab module, "__main__" for the script being run, or any importable one, e.g. a test's) and
+    every lab module it imports, directly or through others: {name: source file}, sorted by name."""
     modules = lab_modules(root)
+    if module == "__main__":  # a study run as a script (python glue.py): its module's own name
+        module = module_name(Path(sys.modules["__main__"].__file__).resolve(), root)
     if module in modules:
         start = modules[module]
     else:

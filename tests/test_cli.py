@@ -40,6 +40,7 @@ def tiny_sweep(tmp_path_factory):
     return out, args, proc
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     out, _, proc = tiny_sweep
     runs = read_rows(out / "results" / "runs.csv", RUN_COLUMNS)
@@ -62,6 +63,7 @@ def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     assert "test acc B %" in proc.stdout and "rac_lora" in proc.stdout
 
 
+@pytest.mark.slow
 def test_second_invocation_resumes_and_plots_only_redraws(tiny_sweep):
     out, args, _ = tiny_sweep
     before = read_rows(out / "results" / "runs.csv", RUN_COLUMNS)
@@ -76,6 +78,7 @@ def test_second_invocation_resumes_and_plots_only_redraws(tiny_sweep):
 
 
 @pytest.mark.parametrize("engine", [["--stack_size", "1"], ["--workers", "2", "--stack_size", "3"]])
+@pytest.mark.slow
 def test_runs_alone_or_on_two_workers_give_the_same_rows(tiny_sweep, tmp_path, engine):
     """The same sweep one run at a time, or in stacks on two worker processes: the same runs,
     the same numbers to float rounding (the tiny sweep itself ran in stacks in one process)."""
@@ -149,6 +152,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_keeps_finished_runs_and_resumes(tmp_path):
     import signal
     import time

@@ -17,6 +17,7 @@ def _run(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_federated_end_to_end_then_resume(tmp_path):
     args = ["--method", "all", "--sketch", "both", "--clients", "4", "--participation", "0.5", "--rounds", "2",
             "--seeds", "0", "--hidden", "16", "--workers", "1", "--progress", "false", "--results_dir",

@@ -102,6 +102,7 @@ def _groups_gone(groups: list[int]) -> bool:
     return not live_in_groups(groups)
 
 
+@pytest.mark.slow
 def test_a_deployment_on_127_0_0_1_equals_the_in_process_simulation(tmp_path):
     """A real SuperLink and two SuperNodes (partition-id 0 and 1), two rounds of fed_rac_lora through
     `flwr run`: the same records as in this process (float64, 1e-10), the messages held the method's
@@ -131,6 +132,7 @@ def test_a_deployment_on_127_0_0_1_equals_the_in_process_simulation(tmp_path):
     assert runs[0]["final_test_acc_b"] == pytest.approx(want[-1]["test_acc_b"], abs=1e-10)
 
 
+@pytest.mark.slow
 def test_flower_simulation_with_partial_participation_equals_the_in_process_simulation(tmp_path):
     """`flwr run` on the local simulation federation (3 virtual SuperNodes), FedIT with 2 of 3 clients a round
     for 3 rounds: a node that sat out a round is sent the whole state again; same records as in process."""

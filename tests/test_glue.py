@@ -88,6 +88,7 @@ def _glue(args, cwd=ROOT):
     return subprocess.run([sys.executable, "glue.py", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
     """Table 2's five methods on three tasks (2 chains x 2 epochs, seed 0): every run lands with its dev
     metric per epoch, the merging methods merged after each chain, the trainable counts follow the formula,

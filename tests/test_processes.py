@@ -110,6 +110,7 @@ def start_training(shared, log: Path) -> tuple[subprocess.Popen, list[int]]:
     pytest.fail("main.py's two workers did not start training within 240 s")
 
 
+@pytest.mark.slow
 def test_workers_die_at_once_when_the_parent_is_killed(shared, tmp_path):
     """SIGKILL: no handler of the parent runs; the kernel kills the workers (PR_SET_PDEATHSIG). Before,
     they trained on until their run ended (8-40 s here, with the load), then failed to send the result."""
@@ -123,6 +124,7 @@ def test_workers_die_at_once_when_the_parent_is_killed(shared, tmp_path):
         kill_running(kids)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_workers_and_says_so_in_one_line(shared, tmp_path):
     """SIGTERM: cli.Terminated stops the pool; one line, exit 143, and no warning from multiprocessing's
     resource tracker about semaphores that terminated workers leaked (tqdm's lock, before)."""
@@ -191,6 +193,7 @@ _KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_next_run_removes_a_killed_writers_temp_file_and_keeps_a_live_ones(shared):
     out, args = shared
     plots = out / "plots"

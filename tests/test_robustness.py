@@ -45,6 +45,7 @@ def _check_complete(folder, writers, runs):
 
 
 @pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.slow
 def test_four_writers_lose_nothing(tmp_path, attempt):
     """4 processes x 100 upserts of distinct runs into one folder: all 400 runs and all their curve rows.
     (Before the lock, two writers of 200 upserts each kept 117 of 200 rows each.)"""
@@ -149,6 +150,7 @@ def small_sweep(tmp_path_factory):
     return out, args
 
 
+@pytest.mark.slow
 def test_plots_only_survives_a_spreadsheet_save_and_a_nan_row(small_sweep, tmp_path):
     out, args = small_sweep
     results = tmp_path / "results"
@@ -227,6 +229,7 @@ def test_a_damaged_checkpoint_is_refused(tmp_path, kind, needle):
     assert record is None and needle in problem and "\n" not in problem
 
 
+@pytest.mark.slow
 def test_main_retrains_a_damaged_base_checkpoint(small_sweep, tmp_path):
     out, args = small_sweep
     results = tmp_path / "results"
@@ -354,6 +357,7 @@ def test_non_finite_values_never_train():
         _one_line_error(_run(script, *args, timeout=60), "must be a finite number")
 
 
+@pytest.mark.slow
 def test_rows_record_their_code_and_a_mix_is_said_in_one_line(small_sweep, tmp_path):
     from engine.provenance import code_fingerprint
 

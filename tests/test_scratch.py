@@ -208,6 +208,7 @@ def _run_scratch(*args):
                           text=True, timeout=600, env={**os.environ})
 
 
+@pytest.mark.slow
 def test_scratch_py_end_to_end(tmp_path):
     """The issue's example command on MNIST, then a resume that trains nothing, and a bad value."""
     args = ["--form", "lowrank", "--ranks", "4", "8", "--seeds", "0", "--max_epochs", "1", "--results_dir",

@@ -93,6 +93,7 @@ def assert_same_runs(base, task, method, sketch, lr, targets=None):
 
 @pytest.mark.parametrize("method,sketch", [("fpft", None)] + [
     (m, s) for m in METHODS for s in (["left", "right"] if METHODS[m].uses_sketch else [None])])
+@pytest.mark.slow
 def test_every_method_stacked_equals_alone(base, task, method, sketch):
     slow = method != "fpft" and (METHODS[method].step_merges or METHODS[method].b_lr_ratio)
     assert_same_runs(base, task, method, sketch, lr=3e-3 if slow else 1e-2)
@@ -186,6 +187,7 @@ def test_lora_on_the_vit_agrees_with_peft(base):
         torch.testing.assert_close(a.base.weight, lin.weight, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.slow
 def test_main_runs_the_vit_end_to_end(tmp_path):
     """The issue's command, on a tiny ViT and a short budget: the same CSVs and plots as for the MLP."""
     args = ["--model", "vit", "--vit_dim", "8", "--vit_depth", "1", "--vit_mlp_dim", "16", "--method", "rac_lora",
