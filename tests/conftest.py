@@ -12,6 +12,11 @@ from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# One torch thread in the test process: the suite's tensors are small, and two threads on a 2-core machine spin
+# against any other load (a second pytest, a test's workers) and make small tests 10-30x slower (the fast lane:
+# 2 min with one thread, 11 min with two beside another pytest run). Subprocesses choose their own.
+torch.set_num_threads(1)
+
 
 def mlp(hidden, dropout: float, generator, device="cpu"):
     """The suite's MLP for tasks A/B (models.build_model "mlp") with these hidden widths and dropout."""

@@ -106,6 +106,7 @@ def test_runs_alone_or_on_two_workers_give_the_same_rows(tiny_sweep, tmp_path, e
     (["--max_epochs", "ten"], "--max_epochs expects an integer"),
     (["--seeds"], "expected at least one argument"),
 ])
+@pytest.mark.slow
 def test_bad_command_line_gives_one_line_error(args, needle):
     assert_one_line_error(run_main(*args), needle)
 

@@ -233,6 +233,7 @@ def run_cli(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_writes_csv_and_plots(tmp_path):
     res, plots = tmp_path / "res", tmp_path / "figs"
     out = run_cli("--seed", "3", "--steps", "40", "--links", "30", "--rounds", "5", "--results_dir", str(res),
@@ -300,6 +301,7 @@ def test_cli_checks_output_folders_before_computing(field, capsys, tmp_path, mon
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted:"), (signal.SIGTERM, 143, "terminated:")])
+@pytest.mark.slow
 def test_cli_ctrl_c_and_sigterm_end_in_one_line(sig, code, word, tmp_path):
     """Sent while it computes (its first line says it started): one line, no traceback, the exit
     status of the signal, and no file written or left half-written."""
@@ -321,6 +323,7 @@ def test_cli_ctrl_c_and_sigterm_end_in_one_line(sig, code, word, tmp_path):
     assert not [p for d in (res, plots) for p in d.iterdir()]  # both folders checked (made), nothing in them
 
 
+@pytest.mark.slow
 def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, monkeypatch):
     """... and the next run removed the temporary file of a writer that was killed, not a live one's."""
     res, plots = tmp_path / "res", tmp_path / "figs"

@@ -57,6 +57,7 @@ def test_federated_end_to_end_then_resume(tmp_path):
     (["--clients", "30000", "--hidden", "4"], "clients must be from 1 to the 26993 training images, got 30000"),
     (["--clients", "100000"], "needs about"),  # 100000 clients of the 54,725-parameter MLP at once
 ])
+@pytest.mark.slow
 def test_bad_federated_settings_get_one_line(tmp_path, argv, needle):
     out = _run(*argv, "--results_dir", tmp_path, "--plots_dir", tmp_path / "p", timeout=120)
     assert out.returncode == 2, out.stderr

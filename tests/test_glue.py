@@ -184,6 +184,7 @@ def test_metrics_match_their_definitions():
     (["--data_dir", "/nonexistent/glue"], "is missing; --data_dir must hold GLUE's layout"),
     (["--lr", "nan"], "lr must be a finite number"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(sources, tmp_path, extra, needle):
     model, data = sources
     given = {a for a in extra if a.startswith("--")}

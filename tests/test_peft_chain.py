@@ -223,7 +223,6 @@ def _tiny_classifier():
 
 
 @pytest.mark.parametrize("schedule", [{"merge_every_steps": 5}, {"merge_every_epochs": 1}])
-@pytest.mark.slow
 def test_the_trainer_callback_merges_on_schedule_and_the_loss_goes_down(tmp_path, schedule):
     from transformers import Trainer, TrainingArguments
 

@@ -159,6 +159,7 @@ _MIDDLE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_die_with_parent_by_prctl_and_by_polling():
     middle = subprocess.Popen([sys.executable, "-c", _MIDDLE, _CHILD], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     kids = []

@@ -72,6 +72,7 @@ def _reader(folder: str, rounds: int, out) -> None:
     out.put(bad)
 
 
+@pytest.mark.slow
 def test_readers_see_a_run_with_all_its_curves_or_not_at_all(tmp_path):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -315,6 +316,7 @@ def test_summary_counts_diverged_runs_apart():
 @pytest.mark.parametrize("field", ["results_dir", "plots_dir"])
 @pytest.mark.parametrize("value,needle", [("", "is empty"), ("/proc/rac", "is under /proc, a system folder"),
                                           ("README.md", "is a file, not a folder")])
+@pytest.mark.slow
 def test_bad_output_folders_stop_before_compute(script, field, value, needle):
     proc = _run(script, f"--{field}", value, timeout=60)
     _one_line_error(proc, f"{field} ")
@@ -339,6 +341,7 @@ def test_read_only_output_folder(tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [("main.py", []), ("scratch.py", ["--form", "full"])])
+@pytest.mark.slow
 def test_a_model_the_machine_cannot_hold_is_refused(script, args, tmp_path):
     proc = _run(script, "--hidden", "100000", "100000", *args, "--results_dir", tmp_path / "r", "--plots_dir",
                 tmp_path / "p", timeout=60)
@@ -350,6 +353,7 @@ def test_scratch_rejects_a_validation_set_that_leaves_nothing_to_train():
     _one_line_error(_run("scratch.py", "--val_size", "59999", timeout=60), "val_size must be an integer from 1 to 50000")
 
 
+@pytest.mark.slow
 def test_non_finite_values_never_train():
     for script, args in (("main.py", ["--lr", "inf"]), ("main.py", ["--lora_alpha", "inf"]),
                          ("main.py", ["--weight_decay", "nan"]), ("scratch.py", ["--lr", "inf"]),

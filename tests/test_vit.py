@@ -93,7 +93,6 @@ def assert_same_runs(base, task, method, sketch, lr, targets=None):
 
 @pytest.mark.parametrize("method,sketch", [("fpft", None)] + [
     (m, s) for m in METHODS for s in (["left", "right"] if METHODS[m].uses_sketch else [None])])
-@pytest.mark.slow
 def test_every_method_stacked_equals_alone(base, task, method, sketch):
     slow = method != "fpft" and (METHODS[method].step_merges or METHODS[method].b_lr_ratio)
     assert_same_runs(base, task, method, sketch, lr=3e-3 if slow else 1e-2)
@@ -213,6 +212,7 @@ def test_main_runs_the_vit_end_to_end(tmp_path):
     (["--model", "transformer"], "unknown model 'transformer'; allowed: mlp, vit"),
     (["--model", "vit", "--vit_patch", "1"], "the vit needs about"),  # 785 tokens: attention maps of ~500 GiB
 ])
+@pytest.mark.slow
 def test_bad_model_settings_get_one_line(tmp_path, argv, needle):
     out = subprocess.run([sys.executable, "main.py", *argv, "--results_dir", str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
