@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 from engine.runner import cpu_count, resolve_device
-from raclora.errors import CheckpointError, ConfigError, DataError, one_line, ResultsError
+from raclora.errors import ConfigError, EXPECTED, one_line
 from raclora.files import clean_stale_tmp, prepare_output_dir
 
 
@@ -34,7 +34,7 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         body(cfg)
-    except (ConfigError, DataError, CheckpointError, ResultsError) as e:
+    except EXPECTED as e:
         return fail(e)
     except KeyboardInterrupt as e:
         print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: finished runs are kept in "

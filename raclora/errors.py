@@ -6,6 +6,8 @@ the project, so that any module may import it.
 """
 from __future__ import annotations
 
+import math
+
 
 def one_line(text: str) -> str:
     """``text`` with every non-printable character (line breaks among them) written as its escape, so
@@ -33,7 +35,32 @@ class ResultsError(RuntimeError):
     """A results file that cannot be read back; the message says which and what to do."""
 
 
-DIVERGED = "diverged"  # the status a run records when its training loss became non-finite (train.py, engine/stack.py)
+class OutputError(RuntimeError):
+    """A file that could not be written (disk full, quota, permissions); the message names it, the space it
+    needed and what is kept (raclora.files.atomic_write)."""
+
+
+DIVERGED = "diverged"  # the status a run records when its training loss became non-finite
+
+
+class Diverged(Exception):
+    """A run's training loss became nan or inf at optimizer step ``step`` (counted from 1), before that step
+    was taken: every study's loop raises it through ``check_loss`` and records the run as DIVERGED."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the training loss was {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def check_loss(loss, step: int) -> None:
+    """Raise Diverged when ``loss`` (a number, or a tensor of any shape: every element) is not finite at
+    ``step``; the one test of divergence that every training loop of the suite makes (train.py, engine/stack.py,
+    fed/local.py, glue.py's Trainer)."""
+    values = loss.detach().flatten().tolist() if hasattr(loss, "detach") else [float(loss)]
+    bad = next((v for v in values if not math.isfinite(v)), None)
+    if bad is not None:
+        raise Diverged(step, bad)
+
 
 # the expected failures of a command: reported in one line, never as a traceback
-EXPECTED = (ConfigError, DataError, CheckpointError, ResultsError)
+EXPECTED = (ConfigError, DataError, CheckpointError, ResultsError, OutputError)

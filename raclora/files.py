@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from raclora.errors import ConfigError
+from raclora.errors import ConfigError, OutputError
 
 _TMP = re.compile(r"^.+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <name>.<pid of the writer>.<random>.tmp
 
@@ -33,9 +33,61 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e, _size(tmp), at_least=True) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` (str: UTF-8) to ``path`` through atomic_path: the old file is kept whatever happens, and a
+    file that cannot be written (disk full, quota, permissions) is an OutputError in one line that names it and
+    the bytes it needed. What the suite writes (CSVs, checkpoints, figures) is made in memory first, so that
+    its size is known and a failing writer (torch's zip writer, matplotlib) never meets the full disk."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # a full disk shows here at the latest, not after the rename
+        except OSError as e:
+            raise write_error(path, e, len(data)) from None
+
+
+def write_error(path: str | os.PathLike, e: OSError, needed: int | None, at_least: bool = False) -> OutputError:
+    """OutputError for ``path`` that ``e`` stopped: which file, why, the bytes it needed (``needed``; None when
+    not known) against what its disk has free, and that the old file is kept."""
+    path = Path(path)
+    free = _free(path.parent)
+    need = f"it needs {'more than ' if at_least else ''}{_bytes(needed)}" if needed else "its size is not known"
+    space = f"; {need}, and {_bytes(free)} are free there" if free is not None else ""
+    kept = "the previous file is kept" if path.exists() else "nothing was written"
+    return OutputError(f"could not write {path} ({e.strerror or type(e).__name__}){space}; {kept}; free some "
+                       f"space or give another folder, then run the same command again")
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path) or None
+    except OSError:
+        return None
+
+
+def _free(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 2 ** 30), ("MB", 2 ** 20), ("kB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
