@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from engine.cli import run_command
-from engine.results import format_table, git_commit, group, mean_std, pct
+from engine.results import format_table, git_commit, group, mean_std, pct, seeds_cell, split_diverged
 from engine.runner import report, resolve_device
 from fed.config import fed_settings_hash, from_argv
 from fed.methods import FED_METHODS
@@ -30,24 +30,26 @@ def summary(rows: list[dict]) -> str:
               "trainable", "up / down per round", "max agg. error"]
     order = {m: i for i, m in enumerate(FED_METHODS)}
     lines = []
-    for (method, sketch, rank), rs in sorted(group(rows, ("method", "sketch", "rank")).items(),
-                                             key=lambda kv: (order.get(kv[0][0], 9), str(kv[0][1]), kv[0][2] or 0)):
+    for (method, sketch, rank), runs in sorted(group(rows, ("method", "sketch", "rank")).items(),
+                                               key=lambda kv: (order.get(kv[0][0], 9), str(kv[0][1]), kv[0][2] or 0)):
+        rs, diverged = split_diverged(runs)  # a diverged run is counted in the seeds column, left out of the rest
         reached = [r["rounds_to_target"] for r in rs if r["rounds_to_target"] is not None]
         mb = [r["mb_to_target"] for r in rs if r["mb_to_target"] is not None]
-        target = f"{100 * rs[0]['target_accuracy']:.0f}%"
+        target = f"{100 * runs[0]['target_accuracy']:.0f}%"
 
         def cell(values, fmt):
             if not values:
-                return f"not reached ({target})"
+                return f"not reached ({target})" if rs else "-"
             m, s = mean_std(values)
             return (fmt.format(m) + ("" if math.isnan(s) else " ± " + fmt.format(s))
                     + ("" if len(values) == len(rs) else f" ({len(values)}/{len(rs)})"))
-        lines.append([method, sketch or "-", "-" if rank is None else str(rank), str(len(rs)),
+        first = rs[0] if rs else runs[0]
+        lines.append([method, sketch or "-", "-" if rank is None else str(rank), seeds_cell(rs, diverged),
                       pct(*mean_std([r["final_test_acc_b"] for r in rs])),
                       pct(*mean_std([r["final_test_acc_a"] for r in rs])), cell(reached, "{:.1f}"),
-                      cell(mb, "{:.2f}"), str(rs[0]["trainable_params"]),
-                      f"{rs[0]['up_numbers']} / {rs[0]['down_numbers']}",
-                      f"{max(r['max_aggregation_error'] for r in rs):.1e}"])
+                      cell(mb, "{:.2f}"), str(first["trainable_params"]),
+                      f"{first['up_numbers']} / {first['down_numbers']}",
+                      f"{max(r['max_aggregation_error'] for r in rs):.1e}" if rs else "-"])
     return format_table(header, lines)
 
 

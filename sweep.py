@@ -26,7 +26,7 @@ from raclora.factors import lora_scale
 from raclora.methods import METHODS, get_method
 from models import count_trainable, meta_model, model_settings, set_generator, target_linears
 from raclora.errors import DIVERGED
-from raclora.files import atomic_path
+from raclora.files import atomic_write_via
 from engine.provenance import code_fingerprint
 from engine.results import RECORD_COLUMNS
 from engine.runner import Study, record_results, recorded_runs, resolve_device, run_study
@@ -133,9 +133,9 @@ def tensor_checksum(state: dict[str, torch.Tensor]) -> str:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, record: Record, cfg) -> None:
     state = model.state_dict()
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state, "checksum": tensor_checksum(state),
-                    "record": dataclasses.asdict(record), "config": cfg.to_dict()}, tmp)
+    atomic_write_via(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "state_dict": state,
+                                                 "checksum": tensor_checksum(state),
+                                                 "record": dataclasses.asdict(record), "config": cfg.to_dict()}, f))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, task: Task) -> tuple[Record | None, str | None]:

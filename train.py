@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from data import Objective, Split, Task, batches
-from raclora.errors import DIVERGED
+from raclora.errors import check_loss, DIVERGED, Diverged
 
 
 @dataclass
@@ -117,8 +117,10 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
         loss_sum = torch.zeros((), device=device, dtype=x.dtype)  # summed on device: no host sync per step
         for idx in batches(len(task.train), batch_size, generator, device):
             loss = objective.loss(model(x[idx]), y[idx])
-            if not torch.isfinite(loss):  # stop before the step: the kept weights stay finite
-                record.status, record.diverged_step = DIVERGED, hooks.step + 1
+            try:
+                check_loss(loss, hooks.step + 1)
+            except Diverged as e:  # stop before the step: the kept weights stay finite
+                record.status, record.diverged_step = DIVERGED, e.step
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+import struct
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -104,8 +106,8 @@ def check_fields(cfg) -> None:
     ``check``: check_seeds, check_ranks."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if isinstance(value, float):
+            training_dtype_number(f.name, value)
         choices = meta.get("choices")
         if choices is not None:
             allowed = choices() if callable(choices) else choices
@@ -118,6 +120,23 @@ def check_fields(cfg) -> None:
                                   f"{f.name} must be an integer from {lo} to {hi}, got {value}")
         if meta.get("positive"):
             positive(f.name, value)
+
+
+FLOAT32_MAX = struct.unpack("f", b"\xff\xff\x7f\x7f")[0]  # 3.4028234663852886e+38, torch.finfo(float32).max
+
+
+def training_dtype_number(name: str, value: float) -> None:
+    """A number setting must be finite, and stay what it says in float32, the dtype every study trains in:
+    not beyond float32's largest (``1e308`` is finite in Python, inf in a float32 tensor, and a learning rate
+    or scale of inf trains nothing but nan), and not a nonzero value that float32 rounds to 0."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{name} {value:g} is beyond float32's largest number ({FLOAT32_MAX:.4g}), the dtype "
+                          f"the suite trains in; give a value of magnitude up to {FLOAT32_MAX:.4g}")
+    if value != 0 and struct.unpack("f", struct.pack("f", value))[0] == 0:
+        raise ConfigError(f"{name} {value:g} is 0 in float32, the dtype the suite trains in; give 0 or a "
+                          f"magnitude of at least 1.4e-45")
 
 
 def check_seeds(seeds: list[int]) -> None:
@@ -213,9 +232,30 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": _parse_bool,
-          "list[int]": int, "list[float]": float, "list[str]": str}
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", _parse_bool: "true or false"}
+_INT = re.compile(r"[+-]?[0-9]+\Z")
+_FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)\Z", re.IGNORECASE)
+
+
+def _parse_int(text: str) -> int:
+    """A decimal integer in ASCII digits with an optional sign: Python's int() also takes other scripts' digits
+    ("٣"), underscores ("1_000") and spaces, which a command line should not read as a number silently."""
+    if not _INT.match(text):
+        raise ValueError(text)
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    """A decimal number in ASCII (digits, point, exponent; inf and nan are parsed and then refused by the
+    field checks with their own message), for the reasons of _parse_int."""
+    if not _FLOAT.match(text):
+        raise ValueError(text)
+    return float(text)
+
+
+_TYPES = {"int": _parse_int, "float": _parse_float, "str": str, "bool": _parse_bool,
+          "list[int]": _parse_int, "list[float]": _parse_float, "list[str]": str}
+_TYPE_WORDS = {_parse_int: "an integer in ASCII digits", _parse_float: "a number in ASCII digits", str: "a string",
+               _parse_bool: "true or false"}
 
 
 def from_argv(argv: list[str] | None, cls: type, prog: str, description: str = "", presets: dict | None = None):

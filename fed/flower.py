@@ -47,7 +47,7 @@ from fed.methods import get_fed_method
 from fed.simulate import apply_down, client_round, close_round, global_state, load_global_state, Server
 from fed.study import client_shards, CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
 from raclora.factors import ROLES
-from raclora.files import atomic_path
+from raclora.files import atomic_write
 from sweep import Sweep
 
 PREFIX = "fed_flower_"
@@ -272,9 +272,7 @@ def server_main(grid, context) -> None:
     upsert_runs(cfg.results_dir, [row], curve, prefix=PREFIX, run_columns=RUN_COLUMNS,
                 curve_columns={**CURVE_COLUMNS, **FLOWER_COLUMNS})
     if opts["records"]:
-        with atomic_path(opts["records"]) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(records, f)
+        atomic_write(opts["records"], json.dumps(records))
     print(f"Flower run finished: {spec}, final accuracy on digits 5-9 {100 * records[-1]['test_acc_b']:.2f} %, "
           f"{wall:.1f} s")
 

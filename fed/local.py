@@ -24,6 +24,7 @@ from torch import nn
 from data import Objective
 from engine.stack import StackedModel, _keep_rows
 from models import set_generator
+from raclora.errors import check_loss
 
 
 def client_steps(shard_size: int, batch_size: int, epochs: int) -> int:
@@ -34,18 +35,22 @@ def train_client(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, 
                  shard: torch.Tensor, generator: torch.Generator, *, objective: Objective, epochs: int,
                  batch_size: int, lr: float, weight_decay: float) -> float:
     """Train ``params`` of ``model`` on x[shard] under the task's ``objective``, every draw (batch order,
-    dropout masks) from ``generator``; returns the mean training loss of the last epoch."""
+    dropout masks) from ``generator``; returns the mean training loss of the last epoch. A loss that is not
+    finite stops it before that step is taken (raclora.errors.Diverged, with the client's step)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     set_generator(model, generator)
     model.train()
     shard = shard.to(x.device)
     n = shard.numel()
+    step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=generator, device=x.device)
         total = 0.0
         for start in range(0, n, batch_size):
             idx = shard[perm[start:start + batch_size]]
             loss = objective.loss(model(x[idx]), y[idx])
+            step += 1
+            check_loss(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -58,7 +63,8 @@ def train_clients(model: StackedModel, params: list[nn.Parameter], x: torch.Tens
                   batch_size: int, lr: float, weight_decay: float) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """train_client for every client of the stack at once (client i = run i, ``shards[i]``,
     ``generators[i]``). Returns each client's final state (StackedModel.run_state: the plain model's names)
-    and the mean training loss of its last epoch."""
+    and the mean training loss of its last epoch. Any client's loss not finite stops the round before that
+    step (Diverged): the round's aggregate would be nan."""
     runs = model.runs
     if not len(shards) == len(generators) == runs:
         raise ValueError(f"need one shard and one generator per run: {len(shards)}, {len(generators)} for {runs}")
@@ -89,6 +95,7 @@ def train_clients(model: StackedModel, params: list[nn.Parameter], x: torch.Tens
         logits = model(x[idx])  # (live, longest, classes)
         per_example = objective.losses(logits.flatten(0, 1), y[idx].flatten()).view(idx.shape)
         per_run = (per_example * mask).sum(1) / mask.sum(1)  # each client's mean over its real examples
+        check_loss(per_run, step + 1)
         optimizer.zero_grad(set_to_none=True)
         per_run.sum().backward()
         optimizer.step()

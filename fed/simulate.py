@@ -26,6 +26,7 @@ from data import Task
 from engine.build import build_run
 from fed.local import train_client, train_clients
 from fed.methods import aggregate_layer, aggregation_error, communication, get_fed_method
+from raclora.errors import check_loss, Diverged
 from raclora.factors import ROLES, init_factor_
 from models import target_linears
 from train import evaluate
@@ -135,31 +136,46 @@ def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.
                   engine: str = "stack", progress: Callable[[dict], None] | None = None) -> list[dict]:
     """``s.rounds`` rounds of ``s.method`` from ``base`` over the clients' ``shards`` of task.train; returns one
     record per round: the server's test accuracy on task B and on task A (forgetting), the clients' mean
-    training loss, participants, numbers sent up and down per client, aggregation error."""
+    training loss, participants, numbers sent up and down per client, aggregation error.
+
+    A client's loss that is not finite ends the run (raclora.errors.Diverged, raised on with ``records``: the
+    rounds completed before it, and ``round``: the round it happened in)."""
     server = Server(base, s, len(shards))
-    x, y = task.train.x, task.train.y
     kw = dict(objective=task.spec.objective, epochs=s.local_epochs, batch_size=s.batch_size, lr=s.lr,
               weight_decay=s.weight_decay)
     records = []
     for t in range(1, s.rounds + 1):
-        chosen, round_seed = server.next_round()
-        if engine == "stack":
-            starts = [server.start_factors(round_seed, c, t) for c in chosen]
-            gens = [client_generator(s.seed, t, c, x.device) for c in chosen]
-            run = _client_run(server, len(chosen))
-            if server.layers:
-                _set_factors(run.model, server.layers, starts, stacked=True)
-            states, losses = train_clients(run.model, run.params, x, y, [shards[c] for c in chosen], gens, **kw)
-        elif engine == "plain":
-            starts, states, losses = zip(*[client_round(server, c, t, round_seed, task, shards[c]) for c in chosen])
-        else:
-            raise ValueError(f"unknown engine {engine!r}; allowed: stack, plain")
-        rec, _ = close_round(server, t, chosen, list(starts), list(states), list(losses),
-                             [shards[c].numel() for c in chosen], task, task_a)
+        try:
+            rec = _round(server, t, engine, task, task_a, shards, kw)
+        except Diverged as e:
+            e.records, e.round = records, t
+            raise
         records.append(rec)
         if progress is not None:
             progress(rec)
     return records
+
+
+def _round(server: Server, t: int, engine: str, task: Task, task_a: Task, shards: list[torch.Tensor],
+           kw: dict) -> dict:
+    """Round ``t`` of run_federated: its record."""
+    s = server.s
+    x, y = task.train.x, task.train.y
+    chosen, round_seed = server.next_round()
+    if engine == "stack":
+        starts = [server.start_factors(round_seed, c, t) for c in chosen]
+        gens = [client_generator(s.seed, t, c, x.device) for c in chosen]
+        run = _client_run(server, len(chosen))
+        if server.layers:
+            _set_factors(run.model, server.layers, starts, stacked=True)
+        states, losses = train_clients(run.model, run.params, x, y, [shards[c] for c in chosen], gens, **kw)
+    elif engine == "plain":
+        starts, states, losses = zip(*[client_round(server, c, t, round_seed, task, shards[c]) for c in chosen])
+    else:
+        raise ValueError(f"unknown engine {engine!r}; allowed: stack, plain")
+    rec, _ = close_round(server, t, chosen, list(starts), list(states), list(losses),
+                         [shards[c].numel() for c in chosen], task, task_a)
+    return rec
 
 
 def client_generator(seed: int, t: int, client: int, device) -> torch.Generator:
@@ -190,7 +206,8 @@ def close_round(server: Server, t: int, chosen: list[int], starts: list[dict], s
     error, down = _aggregate(server, starts, states, weights)
     up_numbers, down_numbers = server.communication(len(chosen))
     model = _global_model(server)
-    _, acc_b = evaluate(model, task.test, task.spec.objective)
+    loss_b, acc_b = evaluate(model, task.test, task.spec.objective)
+    check_loss(loss_b, t)  # a last local step to non-finite weights shows here, not in a next round's loss
     _, acc_a = evaluate(model, task_a.test, task_a.spec.objective)
     rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
                test_acc_a=acc_a, up_numbers=up_numbers, down_numbers=down_numbers, aggregation_error=error)

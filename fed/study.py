@@ -20,10 +20,12 @@ from fed.methods import get_fed_method
 from fed.partition import partition
 from fed.simulate import _client_run, FedSettings, megabytes, run_federated, Server
 from models import count_trainable
+from raclora.errors import DIVERGED, Diverged
 from raclora.factors import lora_scale
 from sweep import Sweep
 
-RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status": str, "clients": int,
+RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status": str, "diverged_round": int,
+               "clients": int,
                "partition": str, "dirichlet_alpha": float, "participation": float, "rounds": int, "local_epochs": int,
                "lr": float, "model": str, "target_modules": str, "trainable_params": int, "up_numbers": int,
                "down_numbers": int, "final_test_acc_b": float, "final_test_acc_a": float, "best_test_acc_b": float,
@@ -73,20 +75,29 @@ class FedTrainer:
             bar = tqdm(total=s.rounds, desc=describe(spec), leave=False, unit="round",
                        disable=not (self.cfg.progress and self.show_epochs))
             t0 = time.perf_counter()
+            diverged = None
             with bar:
-                records = run_federated(self.base, self.tasks["B"], self.tasks["A"], self.shards, s,
-                                        progress=lambda rec: bar.update(1))
-            out.append(self.rows(spec, records, time.perf_counter() - t0, trainable(self.base, s)))
+                try:
+                    records = run_federated(self.base, self.tasks["B"], self.tasks["A"], self.shards, s,
+                                            progress=lambda rec: bar.update(1))
+                except Diverged as e:  # recorded as diverged, with the rounds before it, as main.py records one
+                    records, diverged = e.records, e.round
+                    tqdm.write(f"{describe(spec)}: diverged in round {e.round} ({e}); recorded as diverged")
+            out.append(self.rows(spec, records, time.perf_counter() - t0, trainable(self.base, s), diverged))
         return out
 
-    def rows(self, spec: dict, records: list[dict], wall: float, trainable_params: int) -> tuple[dict, list[dict]]:
-        return run_rows(self.cfg, self.commit, self.device.type, spec, records, wall, trainable_params)
+    def rows(self, spec: dict, records: list[dict], wall: float, trainable_params: int,
+             diverged_round: int | None = None) -> tuple[dict, list[dict]]:
+        return run_rows(self.cfg, self.commit, self.device.type, spec, records, wall, trainable_params,
+                        diverged_round)
 
 
 def run_rows(cfg, commit: str, dev: str, spec: dict, records: list[dict], wall: float,
-             trainable_params: int) -> tuple[dict, list[dict]]:
+             trainable_params: int, diverged_round: int | None = None) -> tuple[dict, list[dict]]:
     """One run's fed_runs.csv row and fed_curves.csv rows from its round records (fed.simulate.run_federated's,
-    or the Flower server's, which also carry the numbers its messages held: sent_up_numbers, sent_down_numbers)."""
+    or the Flower server's, which also carry the numbers its messages held: sent_up_numbers, sent_down_numbers).
+    ``diverged_round``: the round whose loss was not finite (status DIVERGED; ``records`` are the rounds before
+    it, and the results the run never reached are empty)."""
     key = run_hash(cfg, dev, **spec)
     total, curve = 0.0, []
     for r in records:  # every participating client's upload and download, cumulated over the rounds
@@ -94,17 +105,21 @@ def run_rows(cfg, commit: str, dev: str, spec: dict, records: list[dict], wall: 
         curve.append(dict(config_hash=key, **spec, **{k: r[k] for k in r if k in CURVE_COLUMNS or k in FLOWER_COLUMNS},
                           communicated_mb=total))
     reached = next((c for c in curve if c["test_acc_b"] >= cfg.target_accuracy), None)
-    last = records[-1]
-    row = dict(**spec, status="finished", clients=cfg.clients, partition=cfg.partition,
-               dirichlet_alpha=cfg.dirichlet_alpha, participation=cfg.participation, rounds=cfg.rounds,
+    done = diverged_round is None
+    last = records[-1] if done else {}
+    row = dict(**spec, status="finished" if done else DIVERGED, diverged_round=diverged_round, clients=cfg.clients,
+               partition=cfg.partition, dirichlet_alpha=cfg.dirichlet_alpha, participation=cfg.participation, rounds=cfg.rounds,
                local_epochs=cfg.local_epochs, lr=cfg.lr, model=cfg.model,
                target_modules=" ".join(cfg.target_modules), trainable_params=trainable_params,
-               up_numbers=records[0]["up_numbers"], down_numbers=records[0]["down_numbers"],
-               final_test_acc_b=last["test_acc_b"], final_test_acc_a=last["test_acc_a"],
-               best_test_acc_b=max(r["test_acc_b"] for r in records), target_accuracy=cfg.target_accuracy,
-               rounds_to_target=reached["round"] if reached else None,
-               mb_to_target=reached["communicated_mb"] if reached else None, total_mb=total,
-               max_aggregation_error=max(r["aggregation_error"] for r in records), wall_s=round(wall, 3),
+               up_numbers=records[0]["up_numbers"] if records else None,
+               down_numbers=records[0]["down_numbers"] if records else None,
+               final_test_acc_b=last.get("test_acc_b"), final_test_acc_a=last.get("test_acc_a"),
+               best_test_acc_b=max(r["test_acc_b"] for r in records) if done else None,
+               target_accuracy=cfg.target_accuracy,
+               rounds_to_target=reached["round"] if reached and done else None,
+               mb_to_target=reached["communicated_mb"] if reached and done else None, total_mb=total,
+               max_aggregation_error=max(r["aggregation_error"] for r in records) if done else None,
+               wall_s=round(wall, 3),
                config_hash=key, settings_hash=fed_settings_hash(cfg, dev, spec["method"]),
                git_commit=commit, device=dev,
                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

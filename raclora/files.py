@@ -3,14 +3,19 @@ through ``atomic_path``, and a command checks its output folders (``prepare_outp
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from raclora.errors import ConfigError, OutputError
 
+# the errors of a write that the disk refuses: full, over quota, file too large, read-only
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 _TMP = re.compile(r"^.+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <name>.<pid of the writer>.<random>.tmp
 
 
@@ -34,6 +39,8 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
+        if e.errno not in NO_ROOM:  # not the disk's answer to a write (a source file that cannot be read, ...)
+            raise
         raise write_error(path, e, _size(tmp), at_least=True) from None
     finally:
         if os.path.exists(tmp):
@@ -54,6 +61,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
                 os.fsync(f.fileno())  # a full disk shows here at the latest, not after the rename
         except OSError as e:
             raise write_error(path, e, len(data)) from None
+
+
+def atomic_write_via(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """atomic_write of what ``write(file)`` writes into an in-memory binary file: a writer that takes a file
+    object (``torch.save(obj, f)``, ``fig.savefig(f, format="png")``, json) without meeting the disk."""
+    buffer = io.BytesIO()
+    write(buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def write_error(path: str | os.PathLike, e: OSError, needed: int | None, at_least: bool = False) -> OutputError:

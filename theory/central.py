@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.results import write_rows
 from lora import LoRALinear
-from raclora.files import atomic_path
+from raclora.files import atomic_write_via
 from raclora.methods import Method, METHODS
 
 DTYPE = torch.float64  # theory work: tight tolerances
@@ -337,9 +337,8 @@ def write_csv(records: list[dict], path: str, seed: int, commit: str) -> None:
 
 
 def save_figure(fig, path: str) -> None:
-    """Save a matplotlib Figure as PNG atomically (results.atomic_path)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    """Save a matplotlib Figure as PNG atomically (raclora.files.atomic_write_via: a full disk is one line)."""
+    atomic_write_via(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_counterexample(records: list[dict], path: str) -> None:
