@@ -36,7 +36,7 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from raclora.errors import ConfigError
+from raclora.errors import ConfigError, Diverged
 from data import load_tasks, Split, Task
 from engine.build import config_model
 from engine.provenance import code_fingerprint, provenance
@@ -216,6 +216,9 @@ class FederatedRound(FedAvg):
             raise RuntimeError(f"round {server_round}: {len(replies) - len(failed)} of {len(chosen)} clients "
                                f"replied ({reasons or 'timed out'})")
         by_client = {int(r.content["metrics"]["partition-id"]): r.content for r in replies}
+        diverged = [m for m in (by_client[c]["metrics"] for c in chosen) if "diverged-step" in m]
+        if diverged:  # a client's loss was not finite: the run ends here, as in process (fed.simulate.run_federated)
+            raise Diverged(int(diverged[0]["diverged-step"]), float(diverged[0]["train-loss"]))
         states, losses, weights, sent_up = [], [], [], []
         for c, start in zip(chosen, self.round["starts"]):
             content = by_client[c]
@@ -263,18 +266,24 @@ def server_main(grid, context) -> None:
     s = settings(cfg, spec)
     server = Server(base, s, cfg.clients)
     strategy = FederatedRound(server, tasks, timeout=opts["timeout"])
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds)
+    diverged = None
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds)
+    except Diverged as e:  # recorded as diverged with the rounds before it, as federated.py records one
+        diverged = len(strategy.records) + 1
+        print(f"Flower run diverged in round {diverged} ({e}); recorded as diverged")
     records = strategy.records
     wall = time.perf_counter() - t0
-    row, curve = run_rows(cfg, commit, device.type, spec, records, wall, trainable(base, s))
+    row, curve = run_rows(cfg, commit, device.type, spec, records, wall, trainable(base, s), diverged)
     row["code_fingerprint"] = code_fingerprint(__name__)
     row.update(provenance(row["device"]))
     upsert_runs(cfg.results_dir, [row], curve, prefix=PREFIX, run_columns=RUN_COLUMNS,
                 curve_columns={**CURVE_COLUMNS, **FLOWER_COLUMNS})
     if opts["records"]:
         atomic_write(opts["records"], json.dumps(records))
-    print(f"Flower run finished: {spec}, final accuracy on digits 5-9 {100 * records[-1]['test_acc_b']:.2f} %, "
-          f"{wall:.1f} s")
+    if diverged is None:
+        print(f"Flower run finished: {spec}, final accuracy on digits 5-9 {100 * records[-1]['test_acc_b']:.2f} %, "
+              f"{wall:.1f} s")
 
 
 # --- the client --------------------------------------------------------------------------------------------
@@ -332,9 +341,14 @@ def client_train(msg, context):
         apply_down(server, {k: v.to(device) for k, v in came.items()}, int(conf["last-seed"]))
     context.state["global"] = ArrayRecord(global_state(server))
     context.state["sync"] = ConfigRecord({"round": t})
-    _, state, loss = client_round(server, pid, t, round_seed, tasks["B"], shard)
+    metrics = {"partition-id": pid, "num-examples": int(shard.numel())}
+    try:
+        _, state, loss = client_round(server, pid, t, round_seed, tasks["B"], shard)
+    except Diverged as e:  # the server ends the run and records it as diverged
+        metrics.update({"train-loss": e.loss, "diverged-step": e.step})
+        return Message(content=RecordDict({"arrays": ArrayRecord({}), "metrics": MetricRecord(metrics)}), reply_to=msg)
     up = {k: state[k].detach().cpu() for k in sent_keys(server)}
-    metrics = MetricRecord({"partition-id": pid, "num-examples": int(shard.numel()), "train-loss": float(loss)})
+    metrics = MetricRecord({**metrics, "train-loss": float(loss)})
     return Message(content=RecordDict({"arrays": ArrayRecord(up), "metrics": metrics}), reply_to=msg)
 
 
