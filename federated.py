@@ -48,7 +48,7 @@ def summary(rows: list[dict]) -> str:
                       pct(*mean_std([r["final_test_acc_b"] for r in rs])),
                       pct(*mean_std([r["final_test_acc_a"] for r in rs])), cell(reached, "{:.1f}"),
                       cell(mb, "{:.2f}"), str(first["trainable_params"]),
-                      f"{first['up_numbers']} / {first['down_numbers']}",
+                      "-" if first["up_numbers"] is None else f"{first['up_numbers']} / {first['down_numbers']}",
                       f"{max(r['max_aggregation_error'] for r in rs):.1e}" if rs else "-"])
     return format_table(header, lines)
 
