@@ -12,11 +12,20 @@ Model and data come from the Hub when the machine has network (``--model roberta
 nyu-mll/glue through the `datasets` package), or from local folders: ``--model /path`` (a folder written
 by save_pretrained, with its tokenizer) and ``--data_dir /path`` in GLUE's own file layout
 (<data_dir>/SST-2/train.tsv, dev.tsv, ...).
+
+Nothing trains on bad input (check_sources, one line, exit 2): the model must build from its config (on the
+meta device), its weights files open, its tokenizer have a vocabulary, every task's data read and check, and
+max_length, target_modules and rank fit the model. A run whose training loss becomes nan or inf stops there
+and is recorded as diverged (its completed epochs, no result), counted apart in the table.
 """
 from __future__ import annotations
 
+import codecs
+import copy
 import csv
+import io
 import json
+import logging
 import math
 import sys
 import tempfile
@@ -25,21 +34,22 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import ClassVar
 from engine.settings import StudyConfig, arg, from_argv, override, settings_hash, stable_hash
 from engine.cli import run_command
-from engine.results import RECORD_COLUMNS, format_table, git_commit, group, mean_std
+from engine.results import RECORD_COLUMNS, Index, format_table, git_commit, group, mean_std, seeds_cell, split_diverged
 from engine.runner import report, resolve_device, run_study as run, Study
 from plots import draw_glue
-from raclora.errors import ConfigError
+from raclora.errors import DIVERGED, ConfigError, Diverged, check_loss
 from raclora.factors import RANDOM_INITS, ROLES
 from raclora.methods import METHODS
-from raclora.peft_chain import ChainCallback, ChainController, lora_methods
+from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_layers, lora_methods
 
 RUN_COLUMNS = {"task": str, "method": str, "seed": int, "status": str, "metric": str, "final_dev": float,
-               "best_dev": float, "best_epoch": int, "epochs": int, "merges": int, "trainable_params": int,
-               "train_examples": int, "dev_examples": int, **RECORD_COLUMNS}
-CURVE_COLUMNS = {"config_hash": str, "task": str, "method": str, "seed": int, "epoch": int, "train_loss": float,
-                 "dev_loss": float, "dev_metric": float, "merged": bool}
+               "best_dev": float, "best_epoch": int, "epochs": int, "merges": int, "diverged_step": int,
+               "trainable_params": int, "train_examples": int, "dev_examples": int, **RECORD_COLUMNS}
+CURVE_COLUMNS = {"config_hash": str, "task": str, "method": str, "seed": int, "epoch": Index("epochs"),
+                 "train_loss": float, "dev_loss": float, "dev_metric": float, "merged": bool}
 PREFIX = "glue_"
 
 
@@ -127,6 +137,8 @@ class GlueConfig(StudyConfig):
     stack_size = 1
     RUN_KEYS = {"kind": "adapter", "method": None}  # a run is full fine-tuning or a LoRA method's
     HASHED_CONTEXT = ("method",)
+    # {task: load_task(...)}: every task's data as check_setup read it, which the trainer reuses ({} until then)
+    tasks_read: ClassVar[dict] = {}
 
     def check(self) -> None:
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -142,8 +154,13 @@ class GlueConfig(StudyConfig):
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
     def check_setup(self) -> None:
-        """The model's config and the data must be there (check_sources): one line if not."""
-        check_sources(self)
+        """Everything a run reads must be there and fit the settings (check_sources): one line if not. The
+        tasks' data read for it is kept in ``tasks_read``."""
+        self.tasks_read = check_sources(self)
+
+    def uses_adapters(self) -> bool:
+        """Whether a LoRA method is selected (full fine-tuning ignores rank and target_modules)."""
+        return any(m != "fpft" for m in self.selected_methods())
 
     def sizes(self) -> tuple[int, int, int]:
         """(parameters, activation floats of one step, 0) of the model (model_sizes, on the meta device)."""
@@ -175,27 +192,42 @@ def read_tsv(path: Path, task: GlueTask) -> tuple[list[tuple[str, ...]], list]:
         raise GlueError(f"{path} is missing; --data_dir must hold GLUE's layout (<data_dir>/{task.folder}/train.tsv, "
                         f"{task.dev})")
     texts, labels = [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # (GLUE's MRPC files start with a byte-order mark)
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        wanted = (*task.text, task.label)
-        if task.header:
-            header = next(rows, [])
-            missing = [c for c in wanted if c not in header]
-            if missing:
-                raise GlueError(f"{path}: the header lacks the column(s) {', '.join(map(str, missing))}")
-            cols = [header.index(c) for c in wanted]
-        else:
-            cols = list(wanted)
-        for n, row in enumerate(rows, start=2 if task.header else 1):
-            try:
-                *text, label = (row[c] for c in cols)
-            except IndexError:
-                raise GlueError(f"{path}, line {n}: {len(row)} columns, needs {max(cols) + 1}") from None
-            texts.append(tuple(text))
-            labels.append(_label(label, task, f"{path}, line {n}"))
+    rows = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    wanted = (*task.text, task.label)
+    if task.header:
+        header = next(rows, [])
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise GlueError(f"{path}: the header lacks the column(s) {', '.join(map(str, missing))}")
+        cols = [header.index(c) for c in wanted]
+    else:
+        cols = list(wanted)
+    for n, row in enumerate(rows, start=2 if task.header else 1):
+        try:
+            *text, label = (row[c] for c in cols)
+        except IndexError:
+            raise GlueError(f"{path}, line {n}: {len(row)} columns, needs {max(cols) + 1}") from None
+        texts.append(tuple(text))
+        labels.append(_label(label, task, f"{path}, line {n}"))
     if not texts:
         raise GlueError(f"{path} has no examples")
     return texts, labels
+
+
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file, a leading byte-order mark skipped (GLUE's MRPC files have one); GlueError (one
+    line) for a file that cannot be read or is not UTF-8, naming the line and byte offset of the first bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GlueError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        at = e.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data.count(b"\n", 0, at) + 1
+        raise GlueError(f"{path}, line {line}: byte {data[at]:#04x} at offset {at} is not "
+                        f"UTF-8 ({e.reason}); GLUE's files are UTF-8: re-save it as UTF-8") from None
 
 
 def _label(value, task: GlueTask, where: str):
@@ -236,8 +268,8 @@ def _load_hub(name: str, task: GlueTask) -> dict:
     try:
         ds = datasets.load_dataset("nyu-mll/glue", name)
     except Exception as e:  # noqa: BLE001 (no network, or the Hub's answer: one line either way)
-        raise GlueError(f"GLUE task {name} could not be read from the Hub ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); give --data_dir") from None
+        raise GlueError(f"GLUE task {name} could not be read from the Hub ({_why(e)}); give --data_dir in "
+                        f"GLUE's own layout") from None
     return {split: ([tuple(r[c] for c in task.hub_text) for r in ds[key]], [r["label"] for r in ds[key]])
             for split, key in (("train", "train"), ("dev", task.hub_dev))}
 
@@ -278,52 +310,178 @@ def metric(name: str, predictions, labels) -> float:
 
 
 # --- checks before any compute ---------------------------------------------------------------------------
-def check_sources(cfg) -> None:
-    """The model's config, its tokenizer and every task's data must be readable: ConfigError (one line)."""
+def check_sources(cfg) -> dict[str, dict]:
+    """Everything a run reads, checked before any compute, then the settings against the model: its config (it
+    must build a classifier, on the meta device), its weight files, its tokenizer and every task's data, read
+    here (not with --plots_only); then max_length against its positions, and target_modules and rank against
+    its Linear layers (LoRA methods only). ConfigError (one line); returns {task: load_task(cfg, task)}."""
     try:
-        _auto_config(cfg)
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(cfg.model)
+        config = _auto_config(cfg)
+        model = meta_model(cfg, config)
+        check_weights(cfg.model)
+        check_tokenizer(cfg.model)
+        data = {} if cfg.plots_only else {name: load_task(cfg, name) for name in cfg.tasks}
+        check_max_length(cfg, config, model)
+        if cfg.uses_adapters():
+            check_targets(cfg, config)
+        return data
     except GlueError as e:
         raise ConfigError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, ... for a bad model)
-        raise ConfigError(f"model {cfg.model!r}: no tokenizer could be loaded ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]})") from None
-    if cfg.data_dir:
-        for name in cfg.tasks:
-            for split in ("train.tsv", TASKS[name].dev):
-                path = Path(cfg.data_dir) / TASKS[name].folder / split
-                if not path.is_file():
-                    raise ConfigError(f"{path} is missing; --data_dir must hold GLUE's layout "
-                                      f"(<data_dir>/{TASKS[name].folder}/train.tsv, {TASKS[name].dev})")
+
+
+def _why(e: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _quiet_libraries() -> None:
+    """A failed load is our one line, not the libraries' warnings too; and not bitsandbytes' note (peft imports
+    it) that its 4-bit CPU kernels are missing, which nothing here uses."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hub_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _auto_config(cfg):
-    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
-    hub_logging.set_verbosity_error()  # a failed download is our one line, not the libraries' warnings too
-    hf_logging.set_verbosity_error()
+    _quiet_libraries()
     try:
         return AutoConfig.from_pretrained(cfg.model)
     except Exception as e:  # noqa: BLE001
         where = "a folder with config.json" if Path(cfg.model).exists() or "/" in cfg.model else "a Hub model name"
-        raise GlueError(f"model {cfg.model!r} could not be loaded as {where} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+        raise GlueError(f"model {cfg.model!r} could not be loaded as {where} ({_why(e)})") from None
+
+
+def meta_model(cfg, config, num_labels: int | None = None):
+    """The sequence classifier that ``config`` describes (with ``num_labels`` outputs, if given), built on the
+    meta device: no memory, no weights read. GlueError (one line) when the config cannot build one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if num_labels is not None:
+        config = copy.deepcopy(config)
+        config.num_labels = num_labels
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+    except Exception as e:  # noqa: BLE001 (RuntimeError: a negative size; ValueError: heads that do not divide)
+        raise GlueError(f"model {cfg.model!r}: its config cannot build a sequence classifier ({_why(e)}); "
+                        f"fix its config.json") from None
+
+
+def check_weights(model: str) -> None:
+    """A local model folder must hold its weights, and each safetensors file must open: safetensors reads its
+    header and checks that the tensors' byte ranges cover the file exactly (a truncated or damaged file fails).
+    GlueError (one line) naming the file. A Hub model's files are checked as they download."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if not any((folder / n).is_file() for n in names):
+        raise GlueError(f"model {model!r} has no weights: the folder needs one of {', '.join(names)} "
+                        f"(save_pretrained writes them)")
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt", device="cpu"):
+                pass
+        except Exception as e:  # noqa: BLE001 (SafetensorError for a bad header, OSError for an unreadable file)
+            raise GlueError(f"model {model!r}: its weights file {path} is damaged ({_why(e)}); "
+                            f"save the model again (save_pretrained)") from None
+
+
+def check_tokenizer(model: str) -> None:
+    """The model's tokenizer must load and have a vocabulary beyond its special tokens: from a folder without
+    the tokenizer's files transformers still makes one, of the special tokens alone, which encodes every
+    sentence to the same ids. GlueError (one line)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, ... for a bad model)
+        raise GlueError(f"model {model!r}: no tokenizer could be loaded ({_why(e)})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise GlueError(f"model {model!r}: its tokenizer has only its {len(tokenizer)} special tokens "
+                        f"({' '.join(tokenizer.all_special_tokens)}) and no vocabulary (the tokenizer's files are "
+                        f"missing); save the model's tokenizer with it (tokenizer.save_pretrained)")
+
+
+def max_positions(config, model) -> tuple[int, int] | None:
+    """(the longest input the model's position embeddings take, the offset taken off max_position_embeddings):
+    the RoBERTa family's position ids start after the padding index (embeddings with
+    create_position_ids_from_input_ids), so they take max_position_embeddings - pad_token_id - 1 tokens; other
+    models max_position_embeddings. None when the config has no max_position_embeddings."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    for m in model.modules():
+        if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
+            return n - m.padding_idx - 1, m.padding_idx + 1
+    return n, 0
+
+
+def check_max_length(cfg, config, model) -> None:
+    """max_length must fit the model's position embeddings (max_positions). GlueError (one line)."""
+    limit = max_positions(config, model)
+    if limit is not None and cfg.max_length > limit[0]:
+        top, offset = limit
+        rule = (f"max_position_embeddings {top + offset} less pad_token_id + 1 = {offset}, where its position ids "
+                f"start" if offset else "its max_position_embeddings")
+        raise GlueError(f"max_length {cfg.max_length} is more than model {cfg.model!r} takes ({rule}); "
+                        f"allowed: --max_length from 2 to {top}")
+
+
+def lora_config(cfg):
+    """The PEFT LoraConfig of every LoRA run (the controller draws the factors: init_lora_weights=False)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
+                      lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS", init_lora_weights=False)
+
+
+def check_targets(cfg, config) -> None:
+    """target_modules must select Linear layers that the controller drives, as PEFT matches them, and rank
+    must not exceed the smallest min(in_features, out_features) among them: PEFT wraps the classifier built on
+    the meta device (for each head size the tasks need) as a run does. GlueError (one line)."""
+    from peft import get_peft_model
+    from torch import nn
+
+    for num_labels in sorted({1 if TASKS[t].labels is None else len(TASKS[t].labels) for t in cfg.tasks}):
+        model = meta_model(cfg, config, num_labels)
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        try:
+            with warnings.catch_warnings():  # a dry build: the run's own build shows PEFT's warnings
+                warnings.simplefilter("ignore")
+                layers = lora_layers(get_peft_model(model, lora_config(cfg)), "default")
+        except ChainError as e:
+            raise GlueError(str(e)) from None
+        except Exception:  # noqa: BLE001 (PEFT: NoMatchingPeftModuleError, ValueError for a layer it cannot wrap)
+            layers = []
+        if not layers:
+            raise GlueError(f"target_modules {' '.join(cfg.target_modules)} select no Linear layer of model "
+                            f"{cfg.model!r}; allowed: names of its Linear layers: {', '.join(linears)}")
+        name, layer = min(layers, key=lambda nl: min(nl[1].in_features, nl[1].out_features))
+        top = min(layer.in_features, layer.out_features)
+        if cfg.rank > top:
+            raise GlueError(f"rank {cfg.rank} is more than min(in, out) = {top} of the targeted layer "
+                            f"{name.removeprefix('base_model.model.')} ({layer.in_features} -> "
+                            f"{layer.out_features}); allowed: --rank from 1 to {top}")
 
 
 def model_sizes(cfg) -> tuple[int, int, int]:
     """(parameters, activation floats of one training step, 0): the model built on the meta device."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
     try:
         config = _auto_config(cfg)
+        model = meta_model(cfg, config)
     except GlueError:
         return 0, 0, 0  # check_sources says why
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     hidden = getattr(config, "hidden_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
@@ -359,13 +517,14 @@ class GlueTrainer:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT on transformers 5
 
     def task_data(self, name: str) -> tuple[Encoded, Encoded]:
-        """Task ``name``'s (train, dev) sets, read and tokenized on first use, the same for every run."""
+        """Task ``name``'s (train, dev) sets, tokenized on first use, the same for every run: the data that
+        check_setup read (taken out of cfg.tasks_read, so that it is not held twice), else read now."""
         if name not in self.encoded:
             from transformers import AutoTokenizer
 
             if self.tokenizer is None:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model)
-            data = load_task(self.cfg, name)
+            data = self.cfg.tasks_read.pop(name, None) or load_task(self.cfg, name)
             self.encoded[name] = tuple(Encoded(self.tokenizer, *data[split], self.cfg.max_length)
                                        for split in ("train", "dev"))
         return self.encoded[name]
@@ -373,29 +532,35 @@ class GlueTrainer:
     def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         return [self.one(spec) for spec in specs]
 
-    def one(self, spec: dict) -> tuple[dict, list[dict]]:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, PrinterCallback,
-                                  Trainer, TrainingArguments, set_seed)
+    def build(self, spec: dict):
+        """(model, chain controller or None, Trainer's optimizers, callbacks) of run ``spec``, its weights
+        loaded; the classifier head drawn from the run's seed (set before)."""
+        from peft import get_peft_model
+        from transformers import AutoModelForSequenceClassification
 
+        task, method = TASKS[spec["task"]], spec["method"]
+        num_labels = 1 if task.labels is None else len(task.labels)
+        model = AutoModelForSequenceClassification.from_pretrained(self.cfg.model, num_labels=num_labels)
+        if method == "fpft":
+            return model, None, (None, None), []
+        model = get_peft_model(model, lora_config(self.cfg))
+        chain = ChainController(model, method, self.cfg.sketch, self.cfg.random_init, seed=spec["seed"])
+        optimizers = (chain.optimizer(self.cfg.lr, self.cfg.weight_decay, self.cfg.loraplus_ratio), None)
+        callbacks = [ChainCallback(chain, merge_every_epochs=self.cfg.epochs_per_chain)] if chain.method.merges else []
+        return model, chain, optimizers, callbacks
+
+    def one(self, spec: dict) -> tuple[dict, list[dict]]:
+        """Train run ``spec``: (its runs row, its curve rows). A run whose training loss becomes nan or inf
+        stops at that step, before the step is taken (Diverged), and is recorded as DIVERGED: the curve rows of
+        the epochs it completed, its diverged_step, and no result (final_dev, best_dev, best_epoch empty)."""
+        import torch
+        from transformers import DataCollatorWithPadding, PrinterCallback, TrainingArguments, set_seed
 
         cfg, task, method, seed = self.cfg, TASKS[spec["task"]], spec["method"], spec["seed"]
         train, dev = self.task_data(spec["task"])
         t0 = time.perf_counter()
         set_seed(seed)  # the classifier head's init, Trainer's batch order, dropout
-        num_labels = 1 if task.labels is None else len(task.labels)
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=num_labels)
-        callbacks, optimizers, chain = [], (None, None), None
-        if method != "fpft":
-            model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha,
-                                                     target_modules=list(cfg.target_modules),
-                                                     lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS",
-                                                     init_lora_weights=False))
-            chain = ChainController(model, method, cfg.sketch, cfg.random_init, seed=seed)
-            optimizers = (chain.optimizer(cfg.lr, cfg.weight_decay, cfg.loraplus_ratio), None)
-            if chain.method.merges:
-                callbacks.append(ChainCallback(chain, merge_every_epochs=cfg.epochs_per_chain))
+        model, chain, optimizers, callbacks = self.build(spec)
 
         def compute(p):
             logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -409,24 +574,26 @@ class GlueTrainer:
                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.schedule,
                 eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to=[], seed=seed,
                 data_seed=seed, use_cpu=self.device.type == "cpu", disable_tqdm=not (cfg.progress and self.show_epochs))
-            trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
-                              data_collator=DataCollatorWithPadding(self.tokenizer), compute_metrics=compute,
-                              optimizers=optimizers, callbacks=callbacks)
+            trainer = checked_trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
+                                      data_collator=DataCollatorWithPadding(self.tokenizer), compute_metrics=compute,
+                                      optimizers=optimizers, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)  # the table and the CSVs say it; progress bars stay
-            trainer.train()
+            try:
+                trainer.train()
+                diverged_step = None
+            except Diverged as e:  # (only its step is kept: its traceback would hold the run's tensors)
+                diverged_step = e.step
+                print(f"{spec['task']} {method} seed {seed}: diverged ({e}); recorded as diverged")
         wall = time.perf_counter() - t0
-        merge_epochs = {round(e) for e in (callbacks[0].merge_epochs if callbacks else [])}
-        losses = {round(h["epoch"]): h["loss"] for h in trainer.state.log_history if "loss" in h}
-        evals = [h for h in trainer.state.log_history if "eval_dev_metric" in h]
         key = run_hash(cfg, self.device.type, **spec)
-        curve = [dict(config_hash=key, **spec, epoch=round(h["epoch"]), train_loss=losses.get(round(h["epoch"])),
-                      dev_loss=h["eval_loss"], dev_metric=h["eval_dev_metric"],
-                      merged=round(h["epoch"]) in merge_epochs) for h in evals]
-        best = max(curve, key=lambda c: c["dev_metric"])
+        curve = curve_rows(trainer.state.log_history, callbacks[0].merge_epochs if callbacks else [], key, spec)
+        finished = diverged_step is None  # a diverged run has no result: counted, left out of the means
+        best = max(curve, key=lambda c: c["dev_metric"]) if finished else {}
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        row = dict(**spec, status="finished", metric=task.metric, final_dev=curve[-1]["dev_metric"],
-                   best_dev=best["dev_metric"], best_epoch=best["epoch"], epochs=len(curve),
-                   merges=chain.merges if chain else 0, trainable_params=trainable, train_examples=len(train),
+        row = dict(**spec, status="finished" if finished else DIVERGED, metric=task.metric,
+                   final_dev=curve[-1]["dev_metric"] if finished else None, best_dev=best.get("dev_metric"),
+                   best_epoch=best.get("epoch"), epochs=len(curve), merges=chain.merges if chain else 0,
+                   diverged_step=diverged_step, trainable_params=trainable, train_examples=len(train),
                    dev_examples=len(dev), wall_s=round(wall, 3), config_hash=key,
                    settings_hash=glue_settings_hash(cfg, self.device.type, method), git_commit=self.commit,
                    device=self.device.type, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -435,6 +602,37 @@ class GlueTrainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return row, curve
+
+
+def checked_trainer(**kwargs):
+    """A transformers Trainer that raises Diverged (raclora.errors.check_loss) when a step's training loss or
+    its gradient norm is nan or inf: after the step's backward pass, before its optimizer step (step counted
+    from 1). The gradient too: Trainer clips the norm to max_grad_norm, and an inf norm clips every gradient to
+    zero (``--lora_alpha 1e30``: the loss stays at ln 2 and the run would be recorded as finished, unlearned)."""
+    import torch
+    from transformers import Trainer
+
+    class CheckedTrainer(Trainer):
+        def training_step(self, model, *args, **kw):
+            loss = super().training_step(model, *args, **kw)
+            step = self.state.global_step + 1
+            check_loss(loss, step)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                check_loss(torch.nn.utils.get_total_norm(grads), step, "gradient norm")
+            return loss
+
+    return CheckedTrainer(**kwargs)
+
+
+def curve_rows(log_history: list[dict], merge_epochs, key: str, spec: dict) -> list[dict]:
+    """One curve row per evaluated (completed) epoch of a Trainer's log_history: its training loss, dev loss
+    and metric, and whether a merge closed it."""
+    merged = {round(e) for e in merge_epochs}
+    losses = {round(h["epoch"]): h["loss"] for h in log_history if "loss" in h}
+    return [dict(config_hash=key, **spec, epoch=round(h["epoch"]), train_loss=losses.get(round(h["epoch"])),
+                 dev_loss=h["eval_loss"], dev_metric=h["eval_dev_metric"], merged=round(h["epoch"]) in merged)
+            for h in log_history if "eval_dev_metric" in h]
 
 
 def run_study(cfg, commit: str) -> list[dict]:
@@ -456,7 +654,8 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> str:
-    """One line per method: each task's dev metric (x100, the last epoch's) as mean ± std over seeds."""
+    """One line per method: each task's dev metric (x100, the last epoch's) as mean ± std over the seeds that
+    finished, and how many seeds ("(3)"; diverged runs are counted apart and left out: "(2 +1 diverged)")."""
     tasks = sorted({r["task"] for r in rows}, key=lambda t: list(TASKS).index(t))
     order = ["fpft", "lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus"]
     by = group(rows, ("method", "task"))
@@ -469,9 +668,12 @@ def summary(rows: list[dict]) -> str:
             if not rs:
                 cells.append("-")
                 continue
-            m, s = mean_std([100 * r["final_dev"] for r in rs])
-            cells.append(f"{m:.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}") + f" ({len(rs)})")
-        any_row = next(r for r in rows if r["method"] == method)
+            ok, diverged = split_diverged(rs)
+            m, s = mean_std([100 * r["final_dev"] for r in ok])
+            value = "-" if math.isnan(m) else f"{m:.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}")
+            cells.append(f"{value} ({seeds_cell(ok, diverged)})")
+        mine = [r for r in rows if r["method"] == method]
+        any_row = (split_diverged(mine)[0] or mine)[0]  # a diverged run may have stopped before its merges
         lines.append([method, *cells, str(any_row["trainable_params"]), str(any_row["merges"])])
     return format_table(header, lines)
 
@@ -494,7 +696,13 @@ def study(cfg) -> None:
         raise ConfigError(str(e)) from None
     device = resolve_device(cfg.device).type
     wanted = {glue_settings_hash(cfg, device, m) for m in GLUE_METHODS}
-    report(cfg, rows, wanted, summary, draw_glue, RUN_COLUMNS, CURVE_COLUMNS, PREFIX)
+    report(cfg, rows, wanted, summary, draw, RUN_COLUMNS, CURVE_COLUMNS, PREFIX)
+
+
+def draw(runs: list[dict], curves: list[dict], plots_dir) -> list:
+    """draw_glue of the runs that finished: a diverged run has no result (the summary table counts it)."""
+    finished = split_diverged(runs)[0]
+    return draw_glue(finished, curves, plots_dir) if finished else []
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from raclora.methods import METHODS, display_order
-from raclora.files import atomic_path
+from raclora.files import atomic_write_via
 from engine.results import group, mean_std, split_diverged  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
@@ -55,7 +55,17 @@ def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike)
 
 
 def _configs(runs: list[dict]) -> list[dict]:
-    return [json.loads(r["config"]) for r in runs if r.get("config")]
+    return [_config(r) for r in runs if r.get("config")]
+
+
+def _config(row: dict) -> dict:
+    """A runs row's settings (its config cell); {} when it has none, or one that is not a JSON object (the store
+    never gives such a row: its config would have been cut or edited)."""
+    try:
+        config = json.loads(row.get("config") or "{}")
+    except (TypeError, ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _target_sets(runs: list[dict]) -> list[list[str]]:
@@ -170,7 +180,9 @@ def _method_order(item):
 
 
 def _adapter_rows(runs):
-    return [r for r in runs if r["method"] not in ("base", "fpft")]
+    """The adapter runs: neither the base model nor FPFT, and with a rank (a row edited into another method
+    without one is none)."""
+    return [r for r in runs if r["method"] not in ("base", "fpft") and r.get("rank") is not None]
 
 
 TASK_A_LABEL = "test accuracy on digits 0-4 (%)"
@@ -348,7 +360,7 @@ def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathL
     for (dataset,), rows in sorted(group(runs, ("dataset",)).items()):
         opts = sorted({r["optimizer"] for r in rows if r["form"] != "galore"}) or ["adamw"]
         stem = f"scratch_{dataset}_{'+'.join(opts)}"
-        heads = json.loads(rows[0]["config"]).get("lte_heads", "N")
+        heads = _config(rows[0]).get("lte_heads", "N")
         for form in ("lowrank", "lowrank_ae", "lte", "lora", "galore"):
             if any(r["form"] == form for r in rows):
                 written.append(_scratch_epochs(rows, by_run, [form], heads, dataset,
@@ -433,12 +445,12 @@ def _scratch_final(rows, heads, dataset: str, path: Path) -> Path | None:
 
 
 def _save(fig, path: Path) -> Path:
-    """Save as PNG atomically: a half-written file never replaces a good one."""
+    """Save as PNG atomically: a half-written file never replaces a good one, and a disk that refuses it is one
+    line (raclora.files.atomic_write_via)."""
     try:
         if not fig.get_layout_engine() and not fig.legends:
             fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        atomic_write_via(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
         for figures in _kept:
             figures[Path(path)] = fig
     finally:
@@ -461,6 +473,7 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
     dirichlet), fed_accuracy_vs_round.png etc. when they mix schemes or do not say."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
+    runs = split_diverged(runs)[0]  # a diverged run's rounds stop short: counted in the summary, not drawn
     keep = {r["config_hash"] for r in runs}
     by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
     order = list(FED_COLORS)
@@ -522,7 +535,7 @@ def fed_stem(runs: list[dict]) -> str:
 def _partition(row: dict) -> str | None:
     if row.get("partition"):
         return row["partition"]
-    return json.loads(row["config"]).get("partition") if row.get("config") else None
+    return _config(row).get("partition")
 
 
 def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import models
 from data import DATASETS, check_val_size, load_ten_classes
 from engine.cli import run_command
-from engine.results import RECORD_COLUMNS, format_table, git_commit, group, mean_std, pct, seeds_cell, split_diverged
+from engine.results import (RECORD_COLUMNS, Index, format_table, git_commit, group, mean_std, pct, seeds_cell,
+                            split_diverged)
 from engine.runner import report, resolve_device, run_study as run, Study
 from engine.stack import train_stack
 from galore import GaLoreAdamW, state_numel
@@ -119,8 +120,8 @@ RUN_COLUMNS = {"form": str, "rank": int, "seed": int, "status": str, "dataset": 
                "final_test_acc": float, "best_epoch": int, "best_test_acc": float, "best_val_loss": float,
                "epochs": int, "merges": int, "diverged_step": int, **RECORD_COLUMNS}
 CURVE_COLUMNS = {"config_hash": str, "form": str, "rank": int, "seed": int, "dataset": str, "optimizer": str,
-                 "epoch": int, "train_loss": float, "val_loss": float, "val_acc": float, "test_acc": float,
-                 "merged": bool}
+                 "epoch": Index("epochs"), "train_loss": float, "val_loss": float, "val_acc": float,
+                 "test_acc": float, "merged": bool}
 PREFIX = "scratch_"  # results/scratch_runs.csv, results/scratch_curves.csv
 
 

@@ -28,7 +28,7 @@ from models import count_trainable, meta_model, model_settings, set_generator, t
 from raclora.errors import DIVERGED
 from raclora.files import atomic_write_via
 from engine.provenance import code_fingerprint
-from engine.results import RECORD_COLUMNS
+from engine.results import RECORD_COLUMNS, Index
 from engine.runner import Study, record_results, recorded_runs, resolve_device, run_study
 from engine.stack import evaluate_stack, train_stack
 from train import Record, evaluate, train
@@ -41,8 +41,9 @@ RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status":
                "lora_alpha": float, "random_init": str, "merge_every": int, "reset_optimizer_on_merge": bool,
                "lr": float, "weight_decay": float, "batch_size": int, "max_epochs": int, "patience": int,
                **RECORD_COLUMNS}
-CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int, "epoch": int,
-                 "train_loss": float, "val_loss": float, "val_acc": float, "test_acc_b": float, "merged": bool}
+CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int,
+                 "epoch": Index("epochs"), "train_loss": float, "val_loss": float, "val_acc": float, "test_acc_b": float,
+                 "merged": bool}
 
 LAYER_DIMS_NOTE = "note: rank {r} exceeds min(in, out) = {m} of the {i}->{o} layer; its update there has rank at most {m}"
 
@@ -78,7 +79,7 @@ class Sweep:
         self.results_dir = Path(cfg.results_dir)
         self.tasks = load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed, self.device)
         self.fingerprint = code_fingerprint(__name__)
-        self.done = recorded_runs(cfg, "", self.fingerprint, RUN_COLUMNS)
+        self.done = recorded_runs(cfg, "", self.fingerprint, RUN_COLUMNS, CURVE_COLUMNS)
         self.rows: list[dict] = []
 
     # --- the base model, trained once per setting and cached as a checkpoint ---

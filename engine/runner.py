@@ -50,7 +50,7 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     Uses cfg.results_dir, stack_size, workers, resume, resume_any_code and progress."""
     results_dir = Path(cfg.results_dir)
     fingerprint = code_fingerprint(study.code)
-    done = recorded_runs(cfg, study.prefix, fingerprint, study.run_columns)
+    done = recorded_runs(cfg, study.prefix, fingerprint, study.run_columns, study.curve_columns)
     rows, todo = [], []
     for spec in study.plan:
         key = study.run_hash(spec)
@@ -126,10 +126,13 @@ def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callab
     print(f"results in {runs_csv} and {Path(cfg.results_dir) / f'{prefix}curves.csv'}")
 
 
-def recorded_runs(cfg, prefix: str, fingerprint: str, run_columns: Columns) -> dict[str, dict]:
+def recorded_runs(cfg, prefix: str, fingerprint: str, run_columns: Columns,
+                  curve_columns: Columns | None = None) -> dict[str, dict]:
     """{config_hash: row} of the runs that resume may skip: landed in <prefix>runs.csv and made by the
-    code of ``fingerprint`` (any code with ``cfg.resume_any_code``); {} without ``cfg.resume``."""
-    recorded = read_runs(Path(cfg.results_dir) / f"{prefix}runs.csv", run_columns) if cfg.resume else []
+    code of ``fingerprint`` (any code with ``cfg.resume_any_code``), with all their curve rows (given
+    ``curve_columns``: results.read_runs); {} without ``cfg.resume``."""
+    recorded = (read_runs(Path(cfg.results_dir) / f"{prefix}runs.csv", run_columns, curve_columns)
+                if cfg.resume else [])
     return {r["config_hash"]: r for r in recorded if same_code(r, fingerprint, cfg.resume_any_code)}
 
 

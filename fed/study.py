@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from data import load_tasks
 from engine.build import config_model
-from engine.results import RECORD_COLUMNS
+from engine.results import RECORD_COLUMNS, Index
 from engine.runner import resolve_device, run_study as run, Study
 from engine.settings import stable_hash
 from fed.config import fed_settings_hash
@@ -31,7 +31,8 @@ RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status":
                "down_numbers": int, "final_test_acc_b": float, "final_test_acc_a": float, "best_test_acc_b": float,
                "target_accuracy": float, "rounds_to_target": int, "mb_to_target": float, "total_mb": float,
                "max_aggregation_error": float, **RECORD_COLUMNS}
-CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int, "round": int,
+CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int,
+                 "round": Index("rounds", diverged_at="diverged_round"),
                  "participants": int, "train_loss": float, "test_acc_b": float, "test_acc_a": float,
                  "up_numbers": int, "down_numbers": int, "communicated_mb": float, "aggregation_error": float}
 # the Flower engine's curve rows also carry the numbers its messages held, per participating client (fed/flower.py)

@@ -47,19 +47,20 @@ class Diverged(Exception):
     """A run's training loss became nan or inf at optimizer step ``step`` (counted from 1), before that step
     was taken: every study's loop raises it through ``check_loss`` and records the run as DIVERGED."""
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"the training loss was {loss} at step {step}")
+    def __init__(self, step: int, loss: float, what: str = "training loss"):
+        super().__init__(f"the {what} was {loss} at step {step}")
         self.step, self.loss = step, loss
 
 
-def check_loss(loss, step: int) -> None:
+def check_loss(loss, step: int, what: str = "training loss") -> None:
     """Raise Diverged when ``loss`` (a number, or a tensor of any shape: every element) is not finite at
     ``step``; the one test of divergence that every training loop of the suite makes (train.py, engine/stack.py,
-    fed/local.py, glue.py's Trainer)."""
+    fed/local.py, glue.py's Trainer, which also tests the gradient norm, ``what``: its clipping turns an inf
+    norm into zero gradients, a run that silently stops learning)."""
     values = loss.detach().flatten().tolist() if hasattr(loss, "detach") else [float(loss)]
     bad = next((v for v in values if not math.isfinite(v)), None)
     if bad is not None:
-        raise Diverged(step, bad)
+        raise Diverged(step, bad, what)
 
 
 # the expected failures of a command: reported in one line, never as a traceback
