@@ -332,3 +332,33 @@ def test_runs_rows_have_a_diverged_step_after_merges():
 
     names = list(RUN_COLUMNS)
     assert names[names.index("merges") + 1] == "diverged_step" and RUN_COLUMNS["diverged_step"] is int
+
+
+def test_fuzz_glue_setup_checks_give_a_config_or_one_clean_error(sources):
+    """Hypothesis over glue.py's command line on the tiny sources, through the checks that read the model folder
+    and the data (check_setup): a config, or one ConfigError line; never another exception (issue 20)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from engine.settings import from_argv
+    from glue import GlueConfig
+    from raclora.errors import ConfigError
+    from tests.test_fuzz import NASTY
+
+    model, data = sources
+    fields = ["--rank", "--max_length", "--target_modules", "--lora_alpha", "--tasks", "--method", "--lr",
+              "--max_train_examples", "--sketch", "--batch_size"]
+    values = st.one_of(st.sampled_from(NASTY), st.sampled_from(["query", "value", "dense", "sst2", "rte", "stsb",
+                                                                "mrpc", "26", "27", "32", "33", "1e30"]))
+    pairs = st.lists(st.tuples(st.sampled_from(fields), values), max_size=4, unique_by=lambda p: p[0])
+
+    @settings(max_examples=40, deadline=None)
+    @given(pairs)
+    def check(given_pairs):
+        argv = ["--model", str(model), "--data_dir", str(data)] + [t for p in given_pairs for t in p]
+        try:
+            cfg = from_argv(argv, GlueConfig, prog="glue.py")
+            cfg.check_setup()
+        except ConfigError as e:
+            assert len(str(e).splitlines()) == 1 and str(e)
+    check()
