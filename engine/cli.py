@@ -18,8 +18,8 @@ class Terminated(KeyboardInterrupt):
 def run_command(parse: Callable[[], object], body: Callable[[object], None], runs_csv: Callable[[object], Path]) -> int:
     """``cfg = parse()``, then ``body(cfg)``; returns the exit status.
 
-    A bad setting, missing or corrupt data, an unreadable checkpoint or results file: "error: ..."
-    on one line, exit 2. Ctrl-C: say where the finished runs are kept, exit 130 (SIGTERM: 143). The
+    A bad setting, missing or corrupt data, an unreadable checkpoint or results file, a file the disk
+    refuses: "error: ..." on one line, exit 2. Ctrl-C: say where the finished runs are kept, exit 130 (SIGTERM: 143). The
     heavy modules are imported only after parsing, so that --help and bad options answer at once.
     """
     try:
@@ -27,7 +27,7 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
         cfg.check_setup()  # the checks that need the data's and the model's sizes
         prepare_outputs(cfg)
         check_memory(cfg)
-    except ConfigError as e:
+    except EXPECTED as e:
         return fail(e)
 
 
