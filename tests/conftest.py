@@ -90,3 +90,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if needs_loopback(item) and "loopback" not in item.fixturenames:
             item.fixturenames.insert(0, "loopback")
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory):
+    """One tiny main.py sweep (1 epoch), its folders, and its arguments: made once, copied by the tests that
+    change it (test_robustness.py, test_disk_full.py)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("robust")
+    args = ["--method", "lora", "--ranks", "1", "--seeds", "0", "1", "--max_epochs", "1", "--workers", "1",
+            "--results_dir", out / "results", "--plots_dir", out / "plots", "--progress", "false"]
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out, args

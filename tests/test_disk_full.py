@@ -17,7 +17,6 @@ from sweep import CURVE_COLUMNS, RUN_COLUMNS
 from raclora.files import atomic_write, atomic_write_via
 from tests.conftest import ROOT
 from tests.test_cli import assert_one_line_error
-from tests.test_robustness import small_sweep  # noqa: F401 (the fixture)
 
 
 @pytest.fixture

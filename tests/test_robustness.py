@@ -140,17 +140,6 @@ def _one_line_error(proc, needle):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def small_sweep(tmp_path_factory):
-    """One tiny main.py sweep (1 epoch), its folders, and its arguments."""
-    out = tmp_path_factory.mktemp("robust")
-    args = ["--method", "lora", "--ranks", "1", "--seeds", "0", "1", "--max_epochs", "1", "--workers", "1",
-            "--results_dir", out / "results", "--plots_dir", out / "plots", "--progress", "false"]
-    proc = _run("main.py", *args)
-    assert proc.returncode == 0, proc.stderr
-    return out, args
-
-
 @pytest.mark.slow
 def test_plots_only_survives_a_spreadsheet_save_and_a_nan_row(small_sweep, tmp_path):
     out, args = small_sweep
