@@ -91,11 +91,16 @@ def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
 
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter not in getattr(module, "lora_A", {}):
+        # every LoRA layer type keeps its rank per adapter in ``r`` (an Embedding's factors are not in lora_A)
+        if not isinstance(module, LoraLayer) or adapter not in getattr(module, "r", {}):
             continue
         if type(module) is not LoraLinear:
             raise ChainError(f"LoRA layer {name} is a {type(module).__name__}; the controller handles PEFT's "
-                             "lora.Linear (nn.Linear and Conv1D layers): leave it out of target_modules")
+                             "lora.Linear (nn.Linear and Conv1D layers), not embeddings or convolutions: leave it "
+                             "out of target_modules")
+        if getattr(module, "merged", False):
+            raise ChainError(f"LoRA layer {name} is merged by PEFT (merge_adapter): a chain merge would add its "
+                             "delta a second time; call model.unmerge_adapter() first")
         if module.use_dora.get(adapter, False):
             raise ChainError(f"LoRA layer {name} uses DoRA, whose magnitude vector a merge would have to "
                              "recompute; make the LoraConfig with use_dora=False")
@@ -125,7 +130,12 @@ class ChainController:
             raise ChainError(f"unknown random_init {random_init!r}; allowed: {', '.join(RANDOM_INITS)}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise ChainError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        adapter = adapter or _active_adapter(model)
+        active = _active_adapter(model)
+        if adapter is not None and adapter != active:
+            raise ChainError(f"adapter {adapter!r} is not the active one ({active!r}): its factors would get no "
+                             f"gradient while {active!r} trains; call model.set_adapter({adapter!r}) first")
+        adapter = active
+        _check_init(model, adapter)
         layers = lora_layers(model, adapter)
         if not layers:
             raise ChainError(f"the model has no PEFT LoRA layers (adapter {adapter!r}); wrap it first with "
@@ -172,9 +182,14 @@ class ChainController:
     def merge(self, optimizer: torch.optim.Optimizer | None = None, clear_optimizer: bool = False) -> bool:
         """Merge every layer's delta into its base weight, re-zero the zero factor and re-draw the random one,
         if the method merges (returns whether it did); then clear ``optimizer``'s state if the method
-        (ReLoRA) or ``clear_optimizer`` says so."""
+        (ReLoRA) or ``clear_optimizer`` says so. A merge with every zero factor still zero (nothing trained
+        since the last merge, e.g. ``merge()`` twice in a row) is a no-op: it adds nothing, re-draws nothing,
+        is not counted and returns False. ChainError if PEFT merged a layer itself (merge_adapter)."""
         if not self.method.merges:
             return False
+        if all(not f.zero_factor.any() for f in self.factors):  # nothing trained since the last merge: a no-op
+            return False
+        lora_layers(self.model, self.adapter)  # a layer PEFT merged meanwhile (merge_adapter) is refused
         merge_and_reset(self.factors, self.generator)
         self.merges += 1
         if optimizer is not None and (clear_optimizer or self.resets_optimizer):
@@ -195,6 +210,23 @@ class ChainController:
         copy.deepcopy(self.model).unload().save_pretrained(paths["base"])
         self.model.save_pretrained(paths["adapter"])  # adapter_model.safetensors + adapter_config.json
         return paths
+
+
+# PEFT initialisations that the controller's own draw makes moot: it re-draws every factor (and PiSSA-style ones
+# would have changed the base weights, which a chain must start from unchanged)
+FREE_INITS = (True, False, "gaussian", "orthogonal")
+
+
+def _check_init(model: nn.Module, adapter: str) -> None:
+    """ChainError for a LoraConfig whose init_lora_weights moves part of the base weight into the factors (pissa,
+    olora, corda, eva) or quantises it (loftq): the controller re-draws the factors and the chain's merges add
+    to the base weight as it was, so the model would no longer start from the base model."""
+    config = getattr(model, "peft_config", {}).get(adapter)
+    init = getattr(config, "init_lora_weights", False)
+    if init not in FREE_INITS:
+        raise ChainError(f"init_lora_weights={init!r} changes the base weights (the residual of the factors it "
+                         f"starts from), which the controller's chain cannot keep; make the LoraConfig with "
+                         f"init_lora_weights=False (the controller draws the factors)")
 
 
 def _active_adapter(model: nn.Module) -> str:

@@ -317,3 +317,70 @@ def test_a_bad_schedule_is_one_line():
         with pytest.raises(ChainError) as e:
             ChainCallback(chain, **kw)
         assert "\n" not in str(e.value)
+
+
+# --- what the controller cannot do, refused in one line (issue 21) ----------------------------------------
+def _one_line(e) -> str:
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_initialisations_that_change_the_base_are_refused(init):
+    model = get_peft_model(_mlp(torch.float32), LoraConfig(r=2, target_modules=MLP_TARGETS, init_lora_weights=init))
+    with pytest.raises(ChainError) as e:
+        ChainController(model, "rac_lora", "left")
+    assert f"init_lora_weights={init!r} changes the base weights" in _one_line(e)
+
+
+def test_lora_on_embeddings_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["wte", "c_attn"], fan_in_fan_out=True,
+                                             init_lora_weights=False))
+    with pytest.raises(ChainError) as e:
+        ChainController(model, "rac_lora", "left")
+    assert "is a Embedding" in _one_line(e) and "not embeddings or convolutions" in str(e.value)
+
+
+def test_an_adapter_that_is_not_the_active_one_is_refused():
+    model = _mlp_peft()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=MLP_TARGETS, init_lora_weights=False))
+    with pytest.raises(ChainError) as e:
+        ChainController(model, "rac_lora", "left", adapter="other")
+    assert "adapter 'other' is not the active one ('default')" in _one_line(e)
+    model.set_adapter("other")
+    assert ChainController(model, "rac_lora", "left", adapter="other").adapter == "other"
+
+
+def test_layers_merged_by_peft_are_refused_before_a_chain_merge():
+    model = _mlp_peft()
+    model.merge_adapter()
+    with pytest.raises(ChainError) as e:
+        ChainController(model, "rac_lora", "left")
+    assert "merged by PEFT (merge_adapter)" in _one_line(e)
+    model.unmerge_adapter()
+    chain = ChainController(model, "rac_lora", "left")
+    with torch.no_grad():
+        for f in chain.factors:
+            f.zero_factor.normal_(generator=torch.Generator().manual_seed(0))
+    model.merge_adapter()  # W + delta in the base layer, then a chain merge would make it W + 2 delta
+    with pytest.raises(ChainError) as e:
+        chain.merge()
+    assert "call model.unmerge_adapter() first" in _one_line(e) and chain.merges == 0
+
+
+def test_a_second_merge_with_nothing_trained_is_a_no_op_that_does_not_count():
+    model = _mlp_peft()
+    chain = ChainController(model, "rac_lora", "left")
+    with torch.no_grad():
+        for f in chain.factors:
+            f.zero_factor.normal_(generator=torch.Generator().manual_seed(0))
+    assert chain.merge() and chain.merges == 1
+    state = copy.deepcopy(model.state_dict())
+    generator_state = chain.generator.get_state()
+    assert chain.merge() is False and chain.merges == 1  # nothing trained since: nothing added, nothing re-drawn
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(chain.generator.get_state(), generator_state)
