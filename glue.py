@@ -155,8 +155,10 @@ class GlueConfig(StudyConfig):
 
     def check_setup(self) -> None:
         """Everything a run reads must be there and fit the settings (check_sources): one line if not. The
-        tasks' data read for it is kept in ``tasks_read``."""
-        self.tasks_read = check_sources(self)
+        tasks' data read for it is kept in ``tasks_read``. With --plots_only nothing but the results folder is
+        read: not the model (which may be a Hub name: no network) nor the data."""
+        if not self.plots_only:
+            self.tasks_read = check_sources(self)
 
     def uses_adapters(self) -> bool:
         """Whether a LoRA method is selected (full fine-tuning ignores rank and target_modules)."""
@@ -313,14 +315,14 @@ def metric(name: str, predictions, labels) -> float:
 def check_sources(cfg) -> dict[str, dict]:
     """Everything a run reads, checked before any compute, then the settings against the model: its config (it
     must build a classifier, on the meta device), its weight files, its tokenizer and every task's data, read
-    here (not with --plots_only); then max_length against its positions, and target_modules and rank against
+    here; then max_length against its positions, and target_modules and rank against
     its Linear layers (LoRA methods only). ConfigError (one line); returns {task: load_task(cfg, task)}."""
     try:
         config = _auto_config(cfg)
         model = meta_model(cfg, config)
         check_weights(cfg.model)
         check_tokenizer(cfg.model)
-        data = {} if cfg.plots_only else {name: load_task(cfg, name) for name in cfg.tasks}
+        data = {name: load_task(cfg, name) for name in cfg.tasks}
         check_max_length(cfg, config, model)
         if cfg.uses_adapters():
             check_targets(cfg, config)

@@ -362,3 +362,23 @@ def test_fuzz_glue_setup_checks_give_a_config_or_one_clean_error(sources):
         except ConfigError as e:
             assert len(str(e).splitlines()) == 1 and str(e)
     check()
+
+
+def test_plots_only_reads_only_the_results_folder(sources, tmp_path, capsys):
+    """Issue 21: `--plots_only` went to the Hub (it loaded the model's config). Train one run from a copy of the
+    model folder, delete the copy: --plots_only still draws from the CSVs, and with no results says so in one line."""
+    import shutil
+
+    import glue
+
+    model, data = sources
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    assert glue.main(glue_args(copy, data, tmp_path)) == 0
+    shutil.rmtree(copy)
+    capsys.readouterr()
+    assert glue.main(glue_args(copy, data, tmp_path, "--plots_only")) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert glue.main(glue_args("roberta-base", tmp_path / "no-data", tmp_path / "empty", "--plots_only")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no runs in") and len(err.strip().splitlines()) == 1, err
