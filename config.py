@@ -16,7 +16,7 @@ from data import DIGITS, check_val_size
 from engine.settings import StudyConfig, arg, check_ranks, check_workers, from_argv as parse
 from raclora.errors import ConfigError
 from raclora.factors import RANDOM_INITS, ROLES, SCALINGS
-from raclora.methods import METHODS
+from raclora.methods import METHODS, methods_reading
 
 SKETCHES = tuple(ROLES)  # left: B random, A zero and trained; right: A random, B trained
 SKETCH_CHOICES = SKETCHES + ("both",)
@@ -25,11 +25,6 @@ MAX_WIDTH = 2 ** 20  # a hidden width above this is a typo: one such layer alone
 
 def method_choices() -> tuple[str, ...]:
     return (*METHODS, "all")
-
-
-def methods_reading(field_name: str) -> tuple[str, ...]:
-    """The registry's methods that read ``field_name`` (a Method's ``settings``): only their runs hash it."""
-    return tuple(m.name for m in METHODS.values() if field_name in m.settings)
 
 
 def models_reading(field_name: str) -> dict:

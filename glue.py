@@ -42,7 +42,7 @@ from engine.runner import report, resolve_device, run_study as run, Study
 from plots import draw_glue
 from raclora.errors import DIVERGED, ConfigError, Diverged, check_loss
 from raclora.factors import RANDOM_INITS, ROLES
-from raclora.methods import METHODS
+from raclora.methods import display_order, methods_reading
 from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_layers, lora_methods
 
 RUN_COLUMNS = {"task": str, "method": str, "seed": int, "status": str, "metric": str, "final_dev": float,
@@ -83,7 +83,7 @@ TASKS = {
 
 
 # full fine-tuning and the registry's methods on LoRA's two factors that merge by epochs (a chain of links)
-GLUE_METHODS = ("fpft", *(m for m in lora_methods() if not METHODS[m].step_merges))
+GLUE_METHODS = ("fpft", *lora_methods())  # relora merges by steps (ChainCallback(merge_every_steps=...))
 GLUE_TABLE2 = ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora")  # --method all: the paper's Table 2
 GLUE_SCHEDULES = ("linear", "constant", "cosine")
 ADAPTER = {"kind": ("adapter",)}  # what only the LoRA methods read: full fine-tuning ignores it
@@ -98,8 +98,8 @@ class GlueConfig(StudyConfig):
     """Settings of ``python glue.py``: a Hugging Face sequence classifier (RoBERTa-base by default) on GLUE
     tasks, full fine-tuning against the LoRA methods through PEFT and peft_chain, as the paper's Table 2."""
     # --- what to run ---
-    method: str = arg("all", "fpft | lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | all (Table "
-                      "2's five)", choices=glue_method_choices, hash=False)
+    method: str = arg("all", "fpft | lora | cola | asymmetric_lora | rac_lora | lora_plus | cola_plus | relora | all "
+                      "(Table 2's five)", choices=glue_method_choices, hash=False)
     tasks: list[str] = arg(["mrpc", "rte", "stsb", "cola", "sst2", "qnli"], "GLUE tasks", choices=tuple(TASKS),
                            item="task", hash=False)
     # --- the protocol: merging methods train `chains` links of `epochs_per_chain` epochs; the others as many epochs in one piece ---
@@ -125,8 +125,12 @@ class GlueConfig(StudyConfig):
     lr: float = override(StudyConfig, "lr", 4e-4, help="learning rate of the LoRA methods", only=ADAPTER)
     fpft_lr: float = arg(2e-5, "learning rate of full fine-tuning", positive=True, only={"kind": ("fpft",)})
     loraplus_ratio: float = arg(16.0, "lora_plus, cola_plus: lora_B learns at this x lr", positive=True,
-                                only={"method": tuple(m.name for m in METHODS.values()
-                                                      if "loraplus_ratio" in m.settings)})
+                                only={"method": methods_reading("loraplus_ratio")})
+    relora_every: int = arg(200, "relora: optimizer steps between merges (each also resets AdamW's moments)",
+                            range=(1, 10 ** 9), only={"method": methods_reading("relora_every")})
+    relora_warmup: int = arg(20, "relora: steps of linear learning-rate warm-up at the start and after each merge "
+                             "(its schedule replaces --schedule and --warmup_ratio)", range=(1, 10 ** 9),
+                             only={"method": methods_reading("relora_warmup")})
     batch_size: int = override(StudyConfig, "batch_size", 16)
     weight_decay: float = override(StudyConfig, "weight_decay", 0.0)
     warmup_ratio: float = arg(0.06, "fraction of the steps with a linear warm-up (Trainer's warmup_steps as a ratio)")
@@ -534,9 +538,10 @@ class GlueTrainer:
     def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         return [self.one(spec) for spec in specs]
 
-    def build(self, spec: dict):
+    def build(self, spec: dict, train_examples: int):
         """(model, chain controller or None, Trainer's optimizers, callbacks) of run ``spec``, its weights
-        loaded; the classifier head drawn from the run's seed (set before)."""
+        loaded; the classifier head drawn from the run's seed (set before). ReLoRA merges every relora_every
+        optimizer steps, under its own jagged schedule over the run's steps (``train_examples`` per epoch)."""
         from peft import get_peft_model
         from transformers import AutoModelForSequenceClassification
 
@@ -547,9 +552,14 @@ class GlueTrainer:
             return model, None, (None, None), []
         model = get_peft_model(model, lora_config(self.cfg))
         chain = ChainController(model, method, self.cfg.sketch, self.cfg.random_init, seed=spec["seed"])
-        optimizers = (chain.optimizer(self.cfg.lr, self.cfg.weight_decay, self.cfg.loraplus_ratio), None)
-        callbacks = [ChainCallback(chain, merge_every_epochs=self.cfg.epochs_per_chain)] if chain.method.merges else []
-        return model, chain, optimizers, callbacks
+        cfg = self.cfg
+        optimizer = chain.optimizer(cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+        if chain.method.step_merges:
+            steps = math.ceil(train_examples / cfg.batch_size) * cfg.epochs()
+            schedule = chain.scheduler(optimizer, steps, cfg.relora_every, cfg.relora_warmup)
+            return model, chain, (optimizer, schedule), [ChainCallback(chain, merge_every_steps=cfg.relora_every)]
+        callbacks = [ChainCallback(chain, merge_every_epochs=cfg.epochs_per_chain)] if chain.method.merges else []
+        return model, chain, (optimizer, None), callbacks
 
     def one(self, spec: dict) -> tuple[dict, list[dict]]:
         """Train run ``spec``: (its runs row, its curve rows). A run whose training loss becomes nan or inf
@@ -562,7 +572,7 @@ class GlueTrainer:
         train, dev = self.task_data(spec["task"])
         t0 = time.perf_counter()
         set_seed(seed)  # the classifier head's init, Trainer's batch order, dropout
-        model, chain, optimizers, callbacks = self.build(spec)
+        model, chain, optimizers, callbacks = self.build(spec, len(train))
 
         def compute(p):
             logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
@@ -659,11 +669,10 @@ def summary(rows: list[dict]) -> str:
     """One line per method: each task's dev metric (x100, the last epoch's) as mean ± std over the seeds that
     finished, and how many seeds ("(3)"; diverged runs are counted apart and left out: "(2 +1 diverged)")."""
     tasks = sorted({r["task"] for r in rows}, key=lambda t: list(TASKS).index(t))
-    order = ["fpft", "lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus"]
     by = group(rows, ("method", "task"))
     header = ["method", *[f"{t} ({TASKS[t].metric})" for t in tasks], "trainable", "merges"]
     lines = []
-    for method in sorted({r["method"] for r in rows}, key=order.index):
+    for method in sorted({r["method"] for r in rows}, key=lambda m: (display_order(m), m)):
         cells = []
         for t in tasks:
             rs = by.get((method, t), [])

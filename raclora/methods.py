@@ -166,6 +166,12 @@ METHODS: dict[str, Method] = {
 }
 
 
+def methods_reading(field_name: str) -> tuple[str, ...]:
+    """The registry's methods that read the config field ``field_name`` (a Method's ``settings``): only their runs
+    hash it (each study's ``arg(..., only={"method": methods_reading(...)})``)."""
+    return tuple(m.name for m in METHODS.values() if field_name in m.settings)
+
+
 def display_order(method: str) -> int:
     """Where a method goes in tables and plots: base, fpft, then registry order, then anything else."""
     order = ["base", "fpft", *METHODS]

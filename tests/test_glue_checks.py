@@ -382,3 +382,17 @@ def test_plots_only_reads_only_the_results_folder(sources, tmp_path, capsys):
     assert glue.main(glue_args("roberta-base", tmp_path / "no-data", tmp_path / "empty", "--plots_only")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no runs in") and len(err.strip().splitlines()) == 1, err
+
+
+def test_relora_runs_in_glue_with_its_step_merges(sources, tmp_path, capsys):
+    """Issue 21: relora was refused although the controller supports it. 64 SST-2 examples, batch 16: 4 steps an
+    epoch, 2 epochs, a merge every 3 steps: merges after steps 3 and 6."""
+    import glue
+
+    model, data = sources
+    assert glue.main(glue_args(model, data, tmp_path, "--method", "relora", "--epochs_per_chain", "2",
+                               "--relora_every", "3", "--relora_warmup", "1")) == 0
+    (row,), curves = _recorded(tmp_path)
+    assert (row["method"], row["status"], row["merges"], row["epochs"]) == ("relora", "finished", 2, 2)
+    assert [c["merged"] for c in curves] == [True, True]  # a merge inside each epoch (steps 3 and 6)
+    assert "relora" in capsys.readouterr().out
