@@ -318,14 +318,15 @@ def metric(name: str, predictions, labels) -> float:
 # --- checks before any compute ---------------------------------------------------------------------------
 def check_sources(cfg) -> dict[str, dict]:
     """Everything a run reads, checked before any compute, then the settings against the model: its config (it
-    must build a classifier, on the meta device), its weight files, its tokenizer and every task's data, read
-    here; then max_length against its positions, and target_modules and rank against
+    must build a classifier, on the meta device), its weight files (a saved head must fit every task's labels),
+    its tokenizer (its vocabulary must fit the model's) and every task's data, read here; then max_length against its positions, and target_modules and rank against
     its Linear layers (LoRA methods only). ConfigError (one line); returns {task: load_task(cfg, task)}."""
     try:
         config = _auto_config(cfg)
         model = meta_model(cfg, config)
         check_weights(cfg.model)
-        check_tokenizer(cfg.model)
+        check_heads(cfg, config)
+        check_tokenizer(cfg.model, config)
         data = {name: load_task(cfg, name) for name in cfg.tasks}
         check_max_length(cfg, config, model)
         if cfg.uses_adapters():
@@ -403,10 +404,35 @@ def check_weights(model: str) -> None:
                             f"save the model again (save_pretrained)") from None
 
 
-def check_tokenizer(model: str) -> None:
+def check_heads(cfg, config) -> None:
+    """Every tensor a local model folder saved must have the shape the classifier of each task needs: a head
+    saved for a task with another number of labels (2 for SST-2, then STS-B's 1) is a GlueError in one line,
+    before any run (from_pretrained would raise a size mismatch in the middle of the sweep)."""
+    folder = Path(cfg.model)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return
+    from safetensors import safe_open
+
+    saved = {}
+    for path in files:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            saved.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+    for name in cfg.tasks:
+        labels = TASKS[name].labels
+        num_labels = 1 if labels is None else len(labels)
+        for key, p in meta_model(cfg, config, num_labels).state_dict().items():
+            if key in saved and saved[key] != list(p.shape):
+                raise GlueError(f"model {cfg.model!r}: its saved {key} has shape {saved[key]}, and task {name} "
+                                f"({num_labels} label{'s' if num_labels > 1 else ''}) needs {list(p.shape)} (a head "
+                                f"saved for another task); give the model without its head, or one for this task")
+
+
+def check_tokenizer(model: str, config=None) -> None:
     """The model's tokenizer must load and have a vocabulary beyond its special tokens: from a folder without
     the tokenizer's files transformers still makes one, of the special tokens alone, which encodes every
-    sentence to the same ids. GlueError (one line)."""
+    sentence to the same ids; and no more tokens than the model's embedding has rows (``config.vocab_size``):
+    a larger id indexes past it. GlueError (one line)."""
     from transformers import AutoTokenizer
 
     try:
@@ -417,6 +443,11 @@ def check_tokenizer(model: str) -> None:
         raise GlueError(f"model {model!r}: its tokenizer has only its {len(tokenizer)} special tokens "
                         f"({' '.join(tokenizer.all_special_tokens)}) and no vocabulary (the tokenizer's files are "
                         f"missing); save the model's tokenizer with it (tokenizer.save_pretrained)")
+    rows = getattr(config, "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise GlueError(f"model {model!r}: its tokenizer has {len(tokenizer)} tokens and its embedding {rows} rows "
+                        f"(vocab_size): ids past {rows - 1} have no embedding; give the tokenizer the model was "
+                        f"trained with")
 
 
 def max_positions(config, model) -> tuple[int, int] | None:

@@ -396,3 +396,36 @@ def test_relora_runs_in_glue_with_its_step_merges(sources, tmp_path, capsys):
     assert (row["method"], row["status"], row["merges"], row["epochs"]) == ("relora", "finished", 2, 2)
     assert [c["merged"] for c in curves] == [True, True]  # a merge inside each epoch (steps 3 and 6)
     assert "relora" in capsys.readouterr().out
+
+
+def test_a_saved_head_that_does_not_fit_the_task_is_one_line(sources, tmp_path, capsys):
+    """Issue 21: a model saved with a 2-label head, on STS-B (1 output), was a size-mismatch traceback mid-sweep."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    model, data = sources
+    headed = tmp_path / "headed"
+    shutil.copytree(model, headed)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(model, num_labels=2)).save_pretrained(
+        headed)
+    capsys.readouterr()  # (save_pretrained's own progress bar)
+    assert_refused(capsys, tmp_path, glue_args(headed, data, tmp_path, "--tasks", "sst2", "stsb"),
+                   "its saved classifier.out_proj.weight has shape [2, 32], and task stsb (1 label) needs [1, 32] "
+                   "(a head saved for another task)")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_one_line(sources, tmp_path, capsys):
+    import json
+    import shutil
+
+    model, data = sources
+    small = tmp_path / "small"
+    shutil.copytree(model, small)
+    config = json.loads((small / "config.json").read_text())
+    config["vocab_size"] = 10
+    (small / "config.json").write_text(json.dumps(config))
+    assert_refused(capsys, tmp_path, glue_args(small, data, tmp_path),
+                   "tokens and its embedding 10 rows (vocab_size): ids past 9 have no embedding")
