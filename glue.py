@@ -42,6 +42,7 @@ from engine.runner import report, resolve_device, run_study as run, Study
 from plots import draw_glue
 from raclora.errors import DIVERGED, ConfigError, Diverged, check_loss
 from raclora.factors import RANDOM_INITS, ROLES
+from raclora.files import prepare_output_dir
 from raclora.methods import display_order, methods_reading
 from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_layers, lora_methods
 
@@ -136,11 +137,19 @@ class GlueConfig(StudyConfig):
     warmup_ratio: float = arg(0.06, "fraction of the steps with a linear warm-up (Trainer's warmup_steps as a ratio)")
     schedule: str = arg("linear", "learning-rate schedule after the warm-up: linear | constant | cosine",
                         choices=GLUE_SCHEDULES)
+    gradient_accumulation_steps: int = arg(1, "batches whose gradients add up to one optimizer step (Trainer's); "
+                                           "the step's batch is batch_size x this", range=(1, 65536))
+    bf16: bool = arg(False, "train in bfloat16 mixed precision (Trainer's bf16; CPU or GPU)")
+    fp16: bool = arg(False, "train in float16 mixed precision (Trainer's fp16; needs a CUDA GPU)")
+    output_dir: str = arg("", "keep each run's final model here: <output_dir>/<task>-<method>-seed<seed>-<hash>/ "
+                          "with merged/ (every link merged: AutoModelFor...from_pretrained) and, for the LoRA "
+                          "methods, base/ + adapter/ (PeftModel.from_pretrained); empty: not kept", hash=False)
 
     workers = 1  # not settings: one run at a time (a transformer uses every core, or the GPU)
     stack_size = 1
     RUN_KEYS = {"kind": "adapter", "method": None}  # a run is full fine-tuning or a LoRA method's
     HASHED_CONTEXT = ("method",)
+    ADDED_LATER = {"gradient_accumulation_steps": 1, "bf16": False, "fp16": False}  # (StudyConfig.ADDED_LATER)
     # {task: load_task(...)}: every task's data as check_setup read it, which the trainer reuses ({} until then)
     tasks_read: ClassVar[dict] = {}
 
@@ -156,6 +165,10 @@ class GlueConfig(StudyConfig):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both true; give at most one mixed precision")
+        if self.fp16 and not self.plots_only and resolve_device(self.device).type != "cuda":
+            raise ConfigError("fp16 needs a CUDA GPU (Trainer's float16 mixed precision); on this device use --bf16")
 
     def check_setup(self) -> None:
         """Everything a run reads must be there and fit the settings (check_sources): one line if not. The
@@ -163,6 +176,8 @@ class GlueConfig(StudyConfig):
         read: not the model (which may be a Hub name: no network) nor the data."""
         if not self.plots_only:
             self.tasks_read = check_sources(self)
+            if self.output_dir:
+                prepare_output_dir("output_dir", self.output_dir)
 
     def uses_adapters(self) -> bool:
         """Whether a LoRA method is selected (full fine-tuning ignores rank and target_modules)."""
@@ -586,7 +601,8 @@ class GlueTrainer:
         cfg = self.cfg
         optimizer = chain.optimizer(cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
         if chain.method.step_merges:
-            steps = math.ceil(train_examples / cfg.batch_size) * cfg.epochs()
+            steps = math.ceil(math.ceil(train_examples / cfg.batch_size) / cfg.gradient_accumulation_steps) \
+                * cfg.epochs()  # optimizer steps, as Trainer counts them
             schedule = chain.scheduler(optimizer, steps, cfg.relora_every, cfg.relora_warmup)
             return model, chain, (optimizer, schedule), [ChainCallback(chain, merge_every_steps=cfg.relora_every)]
         callbacks = [ChainCallback(chain, merge_every_epochs=cfg.epochs_per_chain)] if chain.method.merges else []
@@ -615,6 +631,7 @@ class GlueTrainer:
                 output_dir=out, num_train_epochs=cfg.epochs(), per_device_train_batch_size=cfg.batch_size,
                 per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.fpft_lr if method == "fpft" else cfg.lr,
                 weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.schedule,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, bf16=cfg.bf16, fp16=cfg.fp16,
                 eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to=[], seed=seed,
                 data_seed=seed, use_cpu=self.device.type == "cpu", disable_tqdm=not (cfg.progress and self.show_epochs))
             trainer = checked_trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
@@ -629,6 +646,9 @@ class GlueTrainer:
                 print(f"{spec['task']} {method} seed {seed}: diverged ({e}); recorded as diverged")
         wall = time.perf_counter() - t0
         key = run_hash(cfg, self.device.type, **spec)
+        if cfg.output_dir and diverged_step is None:
+            keep_model(Path(cfg.output_dir) / f"{spec['task']}-{method}-seed{seed}-{key}", trainer, chain,
+                       self.tokenizer)
         curve = curve_rows(trainer.state.log_history, callbacks[0].merge_epochs if callbacks else [], key, spec)
         finished = diverged_step is None  # a diverged run has no result: counted, left out of the means
         best = max(curve, key=lambda c: c["dev_metric"]) if finished else {}
@@ -645,6 +665,18 @@ class GlueTrainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return row, curve
+
+
+def keep_model(folder: Path, trainer, chain, tokenizer) -> None:
+    """A finished run's final model in ``folder``: for a LoRA method chain.save's forms (merged/: every link
+    merged; base/ + adapter/: the base with the earlier links merged and the last link's adapter), for full
+    fine-tuning merged/ alone (Trainer.save_model); the tokenizer beside each model."""
+    if chain is not None:
+        chain.save(folder)
+    else:
+        trainer.save_model(str(folder / "merged"))
+    for sub in ("merged", "base") if chain is not None else ("merged",):
+        tokenizer.save_pretrained(folder / sub)
 
 
 def checked_trainer(**kwargs):

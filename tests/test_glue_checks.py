@@ -429,3 +429,34 @@ def test_a_tokenizer_larger_than_the_embedding_is_one_line(sources, tmp_path, ca
     (small / "config.json").write_text(json.dumps(config))
     assert_refused(capsys, tmp_path, glue_args(small, data, tmp_path),
                    "tokens and its embedding 10 rows (vocab_size): ids past 9 have no embedding")
+
+
+def test_output_dir_keeps_models_that_reload_to_the_same_outputs(sources, tmp_path):
+    """Issue 21: the trained models were thrown away. --output_dir keeps, per run, the merged model and the base
+    plus last link's adapter; both reload (AutoModelForSequenceClassification, PeftModel) to the same logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import glue
+
+    model, data = sources
+    out = tmp_path / "models"
+    assert glue.main(glue_args(model, data, tmp_path, "--method", "rac_lora", "--epochs_per_chain", "2",
+                               "--gradient_accumulation_steps", "2", "--output_dir", out)) == 0
+    (row,), _ = _recorded(tmp_path)
+    (folder,) = out.iterdir()
+    assert folder.name == f"sst2-rac_lora-seed0-{row['config_hash']}" and row["merges"] == 1
+    tok = AutoTokenizer.from_pretrained(folder / "merged")
+    batch = tok(["good film", "bad film today"], padding=True, return_tensors="pt")
+    merged = AutoModelForSequenceClassification.from_pretrained(folder / "merged").eval()
+    linked = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(folder / "base"),
+                                       folder / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(linked(**batch).logits, merged(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_fp16_without_a_gpu_is_one_line(sources, tmp_path, capsys):
+    model, data = sources
+    assert_refused(capsys, tmp_path, glue_args(model, data, tmp_path, "--fp16", "--device", "cpu"),
+                   "fp16 needs a CUDA GPU")
