@@ -66,6 +66,11 @@ class GlueTask:
     hub_dev: str = "validation"
     header: bool = True
 
+    @property
+    def num_labels(self) -> int:
+        """The classifier's outputs: one per label, or one score for a regression task (STS-B)."""
+        return 1 if self.labels is None else len(self.labels)
+
 
 TASKS = {
     "cola": GlueTask("CoLA", (3,), 1, ("0", "1"), "matthews", ("sentence",), header=False),
@@ -339,8 +344,7 @@ def check_sources(cfg) -> dict[str, dict]:
     try:
         config = _auto_config(cfg)
         model = meta_model(cfg, config)
-        check_weights(cfg.model)
-        check_heads(cfg, config)
+        check_heads(cfg, config, check_weights(cfg.model))
         check_tokenizer(cfg.model, config)
         data = {name: load_task(cfg, name) for name in cfg.tasks}
         check_max_length(cfg, config, model)
@@ -395,47 +399,42 @@ def meta_model(cfg, config, num_labels: int | None = None):
                         f"fix its config.json") from None
 
 
-def check_weights(model: str) -> None:
+def check_weights(model: str) -> dict[str, list[int]]:
     """A local model folder must hold its weights, and each safetensors file must open: safetensors reads its
     header and checks that the tensors' byte ranges cover the file exactly (a truncated or damaged file fails).
-    GlueError (one line) naming the file. A Hub model's files are checked as they download."""
+    GlueError (one line) naming the file. Returns {tensor name: shape} of its safetensors files ({} for a Hub
+    model, whose files are checked as they download)."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
     folder = Path(model)
     if not folder.is_dir():
-        return
+        return {}
     names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
     if not any((folder / n).is_file() for n in names):
         raise GlueError(f"model {model!r} has no weights: the folder needs one of {', '.join(names)} "
                         f"(save_pretrained writes them)")
     from safetensors import safe_open
 
+    shapes = {}
     for path in sorted(folder.glob("*.safetensors")):
         try:
-            with safe_open(str(path), "pt", device="cpu"):
-                pass
+            with safe_open(str(path), "pt", device="cpu") as f:
+                shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
         except Exception as e:  # noqa: BLE001 (SafetensorError for a bad header, OSError for an unreadable file)
             raise GlueError(f"model {model!r}: its weights file {path} is damaged ({_why(e)}); "
                             f"save the model again (save_pretrained)") from None
+    return shapes
 
 
-def check_heads(cfg, config) -> None:
-    """Every tensor a local model folder saved must have the shape the classifier of each task needs: a head
-    saved for a task with another number of labels (2 for SST-2, then STS-B's 1) is a GlueError in one line,
-    before any run (from_pretrained would raise a size mismatch in the middle of the sweep)."""
-    folder = Path(cfg.model)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
+def check_heads(cfg, config, saved: dict[str, list[int]]) -> None:
+    """Every tensor a local model folder saved (``saved``: check_weights's shapes) must have the shape the
+    classifier of each task needs: a head saved for a task with another number of labels (2 for SST-2, then
+    STS-B's 1) is a GlueError in one line, before any run (from_pretrained would raise a size mismatch in the
+    middle of the sweep)."""
+    if not saved:
         return
-    from safetensors import safe_open
-
-    saved = {}
-    for path in files:
-        with safe_open(str(path), "pt", device="cpu") as f:
-            saved.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
     for name in cfg.tasks:
-        labels = TASKS[name].labels
-        num_labels = 1 if labels is None else len(labels)
+        num_labels = TASKS[name].num_labels
         for key, p in meta_model(cfg, config, num_labels).state_dict().items():
             if key in saved and saved[key] != list(p.shape):
                 raise GlueError(f"model {cfg.model!r}: its saved {key} has shape {saved[key]}, and task {name} "
@@ -505,7 +504,7 @@ def check_targets(cfg, config) -> None:
     from peft import get_peft_model
     from torch import nn
 
-    for num_labels in sorted({1 if TASKS[t].labels is None else len(TASKS[t].labels) for t in cfg.tasks}):
+    for num_labels in sorted({TASKS[t].num_labels for t in cfg.tasks}):
         model = meta_model(cfg, config, num_labels)
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         try:
@@ -592,8 +591,7 @@ class GlueTrainer:
         from transformers import AutoModelForSequenceClassification
 
         task, method = TASKS[spec["task"]], spec["method"]
-        num_labels = 1 if task.labels is None else len(task.labels)
-        model = AutoModelForSequenceClassification.from_pretrained(self.cfg.model, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(self.cfg.model, num_labels=task.num_labels)
         if method == "fpft":
             return model, None, (None, None), []
         model = get_peft_model(model, lora_config(self.cfg))

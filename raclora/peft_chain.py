@@ -83,6 +83,12 @@ class PeftFactors(FactorRoles):
             init_factor_(self.random_factor, self.random_init, generator)
 
 
+def _refuse_merged(name: str, module: nn.Module) -> None:
+    if getattr(module, "merged", False):
+        raise ChainError(f"LoRA layer {name} is merged by PEFT (merge_adapter): a chain merge would add its "
+                         "delta a second time; call model.unmerge_adapter() first")
+
+
 def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
     """The PEFT LoRA layers of ``model`` that hold ``adapter``, in module order; ChainError for a layer type
     the controller does not handle (it handles PEFT's lora.Linear: nn.Linear and transformers' Conv1D)."""
@@ -98,9 +104,7 @@ def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
             raise ChainError(f"LoRA layer {name} is a {type(module).__name__}; the controller handles PEFT's "
                              "lora.Linear (nn.Linear and Conv1D layers), not embeddings or convolutions: leave it "
                              "out of target_modules")
-        if getattr(module, "merged", False):
-            raise ChainError(f"LoRA layer {name} is merged by PEFT (merge_adapter): a chain merge would add its "
-                             "delta a second time; call model.unmerge_adapter() first")
+        _refuse_merged(name, module)
         if module.use_dora.get(adapter, False):
             raise ChainError(f"LoRA layer {name} uses DoRA, whose magnitude vector a merge would have to "
                              "recompute; make the LoraConfig with use_dora=False")
@@ -189,7 +193,8 @@ class ChainController:
             return False
         if all(not f.zero_factor.any() for f in self.factors):  # nothing trained since the last merge: a no-op
             return False
-        lora_layers(self.model, self.adapter)  # a layer PEFT merged meanwhile (merge_adapter) is refused
+        for f in self.factors:  # a layer PEFT merged meanwhile (merge_adapter) is refused
+            _refuse_merged(f.name, f.layer)
         merge_and_reset(self.factors, self.generator)
         self.merges += 1
         if optimizer is not None and (clear_optimizer or self.resets_optimizer):
