@@ -311,27 +311,32 @@ class _Store:
                   lambda o, r: f"line {o.line} has its config_hash {r.key} with other cells (two results for one run)")
         done = [r for r in self.runs.whole() if _done(r.cells)]
         if curves is not None and index is not None:
-            name, idx = index
-            for c in self.curves.rows:
-                if c.cells is not None and c.cells.get(name) is None:
-                    c.cells, c.why = None, f"its {name} cell is empty"
-            clashes = _same_key(self.curves.rows, lambda c: (c.key, c.cells[name]), None)
-            seen: dict[str, list[int]] = {}
-            for c in self.curves.rows:
-                if c.cells is not None and c.repeats is None:
-                    seen.setdefault(c.key, []).append(c.cells[name])
-            for r in done:
-                if r.key in clashes:
-                    (_, i), a, b = clashes[r.key]
-                    r.why = f"its curves in {curves_path} have two different rows for {name} {i} (lines {a}, {b})"
-                    continue
-                got, (n, why) = sorted(seen.get(r.key, [])), _expected(r.cells, idx)
-                if got != list(range(1, (len(got) if n is None else n) + 1)):
-                    want = f"{name} 1-{len(got)} with no gap" if n is None else \
-                        f"{f'{name} 1-{n}' if n else 'none'} ({why})"
-                    r.why = (f"its curve rows in {curves_path} are {name} {_spans(got)}" if got else
-                             f"it has no curve rows in {curves_path}") + f", not {want}; rows cut, dropped or added?"
+            self._judge_curves(done, *index)
         self.landed = [r for r in done if r.why is None]
+
+    def _judge_curves(self, done: list[_Row], name: str, idx: Index) -> None:
+        """Refuse each run of ``done`` whose curve rows are not exactly what its Index column says (``name``:
+        the curves' index column): two different rows for one index, a gap, too few or too many."""
+        curves_path = self.curves_path
+        for c in self.curves.rows:
+            if c.cells is not None and c.cells.get(name) is None:
+                c.cells, c.why = None, f"its {name} cell is empty"
+        clashes = _same_key(self.curves.rows, lambda c: (c.key, c.cells[name]), None)
+        seen: dict[str, list[int]] = {}
+        for c in self.curves.rows:
+            if c.cells is not None and c.repeats is None:
+                seen.setdefault(c.key, []).append(c.cells[name])
+        for r in done:
+            if r.key in clashes:
+                (_, i), a, b = clashes[r.key]
+                r.why = f"its curves in {curves_path} have two different rows for {name} {i} (lines {a}, {b})"
+                continue
+            got, (n, why) = sorted(seen.get(r.key, [])), _expected(r.cells, idx)
+            if got != list(range(1, (len(got) if n is None else n) + 1)):
+                want = f"{name} 1-{len(got)} with no gap" if n is None else \
+                    f"{f'{name} 1-{n}' if n else 'none'} ({why})"
+                r.why = (f"its curve rows in {curves_path} are {name} {_spans(got)}" if got else
+                         f"it has no curve rows in {curves_path}") + f", not {want}; rows cut, dropped or added?"
 
     @classmethod
     def read(cls, results_dir, prefix: str, run_columns: Columns, curve_columns: Columns) -> _Store:
