@@ -148,7 +148,8 @@ class GlueConfig(StudyConfig):
     fp16: bool = arg(False, "train in float16 mixed precision (Trainer's fp16; needs a CUDA GPU)")
     output_dir: str = arg("", "keep each run's final model here: <output_dir>/<task>-<method>-seed<seed>-<hash>/ "
                           "with merged/ (every link merged: AutoModelFor...from_pretrained) and, for the LoRA "
-                          "methods, base/ + adapter/ (PeftModel.from_pretrained); empty: not kept", hash=False)
+                          "methods, adapter/ (the chain's save: AutoPeftModelFor...from_pretrained, or "
+                          "PeftModel.from_pretrained on --model); empty: not kept", hash=False)
 
     workers = 1  # not settings: one run at a time (a transformer uses every core, or the GPU)
     stack_size = 1
@@ -667,14 +668,15 @@ class GlueTrainer:
 
 def keep_model(folder: Path, trainer, chain, tokenizer) -> None:
     """A finished run's final model in ``folder``: for a LoRA method chain.save's forms (merged/: every link
-    merged; base/ + adapter/: the base with the earlier links merged and the last link's adapter), for full
+    merged; adapter/: the chain's own save, whose adapter_config.json names the base it loads onto), for full
     fine-tuning merged/ alone (Trainer.save_model); the tokenizer beside each model."""
     if chain is not None:
-        chain.save(folder)
+        paths = chain.save(folder)
     else:
         trainer.save_model(str(folder / "merged"))
-    for sub in ("merged", "base") if chain is not None else ("merged",):
-        tokenizer.save_pretrained(folder / sub)
+        paths = {"merged": folder / "merged"}
+    for path in paths.values():
+        tokenizer.save_pretrained(path)
 
 
 def checked_trainer(**kwargs):

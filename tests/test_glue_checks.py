@@ -432,10 +432,11 @@ def test_a_tokenizer_larger_than_the_embedding_is_one_line(sources, tmp_path, ca
 
 
 def test_output_dir_keeps_models_that_reload_to_the_same_outputs(sources, tmp_path):
-    """Issue 21: the trained models were thrown away. --output_dir keeps, per run, the merged model and the base
-    plus last link's adapter; both reload (AutoModelForSequenceClassification, PeftModel) to the same logits."""
+    """Issue 21: the trained models were thrown away. --output_dir keeps, per run, the merged model and the
+    chain's adapter (with the earlier links' base weights); they reload (AutoModelForSequenceClassification;
+    AutoPeftModelForSequenceClassification and PeftModel onto --model) to the same logits."""
     import torch
-    from peft import PeftModel
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import glue
@@ -450,10 +451,13 @@ def test_output_dir_keeps_models_that_reload_to_the_same_outputs(sources, tmp_pa
     tok = AutoTokenizer.from_pretrained(folder / "merged")
     batch = tok(["good film", "bad film today"], padding=True, return_tensors="pt")
     merged = AutoModelForSequenceClassification.from_pretrained(folder / "merged").eval()
-    linked = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(folder / "base"),
+    assert not (folder / "base").exists() and (folder / "adapter" / "tokenizer_config.json").exists()
+    linked = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(model),
                                        folder / "adapter").eval()
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(folder / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(linked(**batch).logits, merged(**batch).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(auto(**batch).logits, merged(**batch).logits, rtol=0, atol=1e-5)
 
 
 def test_fp16_without_a_gpu_is_one_line(sources, tmp_path, capsys):
