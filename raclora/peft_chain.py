@@ -167,7 +167,12 @@ class PeftFactors(FactorRoles):
     def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None:
         init_factor_(self.zero_factor, "zero", None)
         if resample_random:
-            init_factor_(self.random_factor, self.random_init, generator)
+            t = self.random_factor
+            if generator is None or generator.device == t.device:
+                init_factor_(t, self.random_init, generator)
+            else:  # drawn where the generator is (the CPU), then copied to the factor's device
+                t.copy_(init_factor_(torch.empty(t.shape, dtype=t.dtype, device=generator.device),
+                                     self.random_init, generator))
 
 
 def _refuse_merged(name: str, module: nn.Module) -> None:
@@ -204,8 +209,8 @@ class ChainController:
     default the active one). On construction: the factors are drawn (zero factor zeroed, random factor from
     the generator, layer by layer in module order: the draws our own lora.wrap_linears makes) and only the
     method's factors require gradients. ``merge()`` merges and resets when the method merges; ``merges``
-    counts them. ``generator`` (else a generator on the layers' device seeded with ``seed``) supplies every
-    re-draw. ``config`` (a ChainConfig) may replace method, sketch, random_init and seed.
+    counts them. ``generator`` (else a CPU generator seeded with ``seed``, whatever device the model is on)
+    supplies every re-draw. ``config`` (a ChainConfig) may replace method, sketch, random_init and seed.
 
     Every save of the model keeps the whole chain. The controller takes over the model's ``save_pretrained``
     and ``load_adapter`` (the routes of ``Trainer``'s checkpoints, ``trainer.save_model()``, resume and
@@ -244,9 +249,9 @@ class ChainController:
                              "peft.get_peft_model(model, LoraConfig(...))")
         self.model, self.config, self.adapter = model, config, adapter
         self.method = get_method(config.method)
-        device = layers[0][1].lora_A[adapter].weight.device
-        self.generator = (generator if generator is not None
-                          else torch.Generator(device=device).manual_seed(config.seed))
+        # a CPU generator: the same draws on every device and in every process (Trainer moves the model to its GPU
+        # after the controller is built; a GPU's generator would also differ between GPU models)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
         self.factors = [PeftFactors(name, layer, adapter, config.sketch, config.random_init)
                         for name, layer in layers]
         ours = {id(p) for f in self.factors for p in f.adapter_parameters()}
