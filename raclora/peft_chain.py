@@ -107,7 +107,7 @@ class ChainConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ChainConfig":
+    def from_pretrained(cls, folder: str | os.PathLike) -> ChainConfig:
         """The config saved in ``folder``; ChainError (one line) for a missing, unreadable or invalid file."""
         data = _read_json(Path(folder) / CONFIG_NAME, "the chain's configuration")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -265,7 +265,7 @@ class ChainController:
         self._take_save_routes()
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike) -> "ChainController":
+    def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike) -> ChainController:
         """The controller of a chain saved in ``folder``, on ``model`` already loaded from it
         (``PeftModel.from_pretrained(base, folder, is_trainable=True)``): the config and state are read back,
         the factors are kept as loaded (not re-drawn), and training continues the chain."""

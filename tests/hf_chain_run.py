@@ -11,7 +11,6 @@ process, so that a resume shares nothing with the run it continues but the check
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raclora.peft_chain import ChainCallback, ChainController  # noqa: E402
+from raclora.peft_chain import ChainCallback, ChainController
 
 EXAMPLES, BATCH, EPOCHS = 32, 8, 3  # 4 optimizer steps an epoch (batch 4 x 2 with accumulation)
 STEPS = EXAMPLES // BATCH * EPOCHS

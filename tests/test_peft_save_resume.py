@@ -21,15 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hf_chain_run as run  # noqa: E402
+import hf_chain_run as run
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from peft import AutoPeftModelForSequenceClassification, PeftModel  # noqa: E402
+from peft import AutoPeftModelForSequenceClassification, PeftModel
 
-from raclora.peft_chain import (ChainCallback, ChainConfig, ChainController,  # noqa: E402
-                                ChainError)
+from raclora.peft_chain import ChainCallback, ChainConfig, ChainController, ChainError
 
 CASES = [(m, s, a) for m in ("rac_lora", "cola", "asymmetric_lora", "relora")
          for s, a in (("steps", 1), ("epochs", 2))]
@@ -192,7 +191,7 @@ def _one_line(e) -> str:
 
 def test_a_chain_of_another_method_is_refused_on_resume(base, tmp_path):
     folder = _saved(base, tmp_path)
-    model, chain = _fresh(base, "cola")
+    model, _chain = _fresh(base, "cola")
     with pytest.raises(ChainError) as e:
         model.load_adapter(str(folder), "default", is_trainable=True)
     assert "holds another chain: method='rac_lora' (this chain: 'cola')" in _one_line(e)
@@ -209,7 +208,7 @@ def test_a_chain_of_another_method_is_refused_on_resume(base, tmp_path):
 def test_a_missing_or_damaged_chain_file_is_one_line(base, tmp_path, damage, needle):
     folder = _saved(base, tmp_path)
     damage(folder)
-    model, chain = _fresh(base)
+    model, _chain = _fresh(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ChainError) as e:
         model.load_adapter(str(folder), "default", is_trainable=True)
@@ -224,7 +223,7 @@ def test_a_plain_peft_adapter_without_the_base_weights_is_refused(base, tmp_path
     folder = _saved(base, tmp_path)
     tensors = {k: v for k, v in load_file(folder / "adapter_model.safetensors").items() if "base_layer" not in k}
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    model, chain = _fresh(base)
+    model, _chain = _fresh(base)
     with pytest.raises(ChainError) as e:
         model.load_adapter(str(folder), "default", is_trainable=True)
     assert "has no base weight for" in _one_line(e) and "earlier links are lost" in str(e.value)
@@ -234,7 +233,7 @@ def test_a_cut_weights_file_is_one_line(base, tmp_path):
     folder = _saved(base, tmp_path)
     path = folder / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    model, chain = _fresh(base)
+    model, _chain = _fresh(base)
     with pytest.raises(ChainError) as e:
         model.load_adapter(str(folder), "default", is_trainable=True)
     assert "weights file cannot be read" in _one_line(e)
