@@ -259,3 +259,30 @@ def test_the_callback_takes_its_schedule_from_the_config_and_writes_it_back(base
     assert chain.config.merge_every_steps == 3 and chain.config.merge_every_epochs is None
     with pytest.raises(ChainError):
         ChainCallback(ChainController(run.peft_model(base), "cola"))  # no schedule anywhere
+
+
+@pytest.mark.parametrize("route", ["bin", "named adapter"])
+def test_the_other_save_forms_keep_the_chain(base, tmp_path, route):
+    """PEFT's .bin form (safe_serialization=False) and an adapter of another name (saved in its own subfolder)
+    carry the earlier links too."""
+    from peft import LoraConfig, get_peft_model
+
+    name = "default" if route == "bin" else "mine"
+    model = get_peft_model(run.base_model(base), LoraConfig(r=2, target_modules=["query", "value"],
+                                                            init_lora_weights=False, task_type="SEQ_CLS"),
+                           adapter_name=name)
+    chain = ChainController(model, seed=7)
+    with torch.no_grad():
+        for f in chain.factors:
+            f.zero_factor.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        chain.merge()
+        for f in chain.factors:
+            f.zero_factor.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    ids = _inputs()
+    want = _logits(model, ids)
+    model.save_pretrained(tmp_path / "saved", safe_serialization=route != "bin")
+    folder = tmp_path / "saved" / ("" if name == "default" else name)
+    assert (folder / ("adapter_model.bin" if route == "bin" else "adapter_model.safetensors")).exists()
+    assert (folder / "chain_state.json").exists()
+    loaded = PeftModel.from_pretrained(run.base_model(base), folder, adapter_name=name)
+    torch.testing.assert_close(_logits(loaded, ids), want, rtol=0, atol=1e-10)
