@@ -115,7 +115,8 @@ class Sweep:
 
     def record(self, results: list[tuple[dict, list[dict]]]) -> None:
         """Write finished runs (runs.csv row, curves.csv rows) to the results files, atomically."""
-        self.rows.extend(record_results(self.results_dir, results, self.fingerprint, "", RUN_COLUMNS, CURVE_COLUMNS))
+        self.rows.extend(record_results(self.results_dir, results, self.fingerprint, "", RUN_COLUMNS, CURVE_COLUMNS,
+                                        self.cfg.report_to))
 
 
 # --- checkpoints: a checkpoint proves itself before it is used ----------------------------------------

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 from engine.runner import cpu_count, resolve_device
+from engine.tracking import require
 from raclora.errors import ConfigError, EXPECTED, one_line
 from raclora.files import clean_stale_tmp, prepare_output_dir
 
@@ -27,6 +28,7 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
         cfg.check_setup()  # the checks that need the data's and the model's sizes
         prepare_outputs(cfg)
         check_memory(cfg)
+        require(cfg.report_to)  # the tracker's package is installed
     except EXPECTED as e:
         return fail(e)
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from raclora.errors import ConfigError, DataError
 from engine.provenance import code_fingerprint, provenance
 from engine.results import Columns, mixed_code_note, read_results, read_runs, same_code, upsert_runs
+from engine.tracking import catch_up, track
 
 
 @dataclass
@@ -47,10 +48,15 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     """Train every run of ``study.plan`` not yet recorded (``cfg.resume``) and return the runs rows of
     the whole plan: those already recorded, in plan order, then the new ones as they finish. A recorded
     run counts only if the same code made it (its code_fingerprint), unless ``cfg.resume_any_code``.
-    Uses cfg.results_dir, stack_size, workers, resume, resume_any_code and progress."""
+    Every run recorded is tracked as ``cfg.report_to`` asks (engine.tracking), those recorded before too.
+    Uses cfg.results_dir, stack_size, workers, resume, resume_any_code, progress and report_to."""
     results_dir = Path(cfg.results_dir)
     fingerprint = code_fingerprint(study.code)
     done = recorded_runs(cfg, study.prefix, fingerprint, study.run_columns, study.curve_columns)
+    tracked = catch_up(results_dir, study.prefix, study.run_columns, study.curve_columns, cfg.report_to)
+    if tracked:
+        tqdm.write(f"{cfg.report_to}: {tracked} recorded run{'s' if tracked != 1 else ''} tracked in "
+                   f"{results_dir / 'tensorboard'}")
     rows, todo = [], []
     for spec in study.plan:
         key = study.run_hash(spec)
@@ -74,7 +80,7 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
 
     def record(results: list[tuple[dict, list[dict]]]) -> None:
         rows.extend(record_results(results_dir, results, fingerprint, study.prefix, study.run_columns,
-                                   study.curve_columns))
+                                   study.curve_columns, cfg.report_to))
 
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
     with bar:
@@ -137,15 +143,17 @@ def recorded_runs(cfg, prefix: str, fingerprint: str, run_columns: Columns,
 
 
 def record_results(results_dir, results: list[tuple[dict, list[dict]]], fingerprint: str, prefix: str,
-                   run_columns: Columns, curve_columns: Columns) -> list[dict]:
+                   run_columns: Columns, curve_columns: Columns, report_to: str = "none") -> list[dict]:
     """Stamp finished runs with ``fingerprint`` (and the machine, if not yet) and write them (runs row, curve rows) to the results
-    store (results.upsert_runs); returns their runs rows."""
+    store (results.upsert_runs), then track them as ``report_to`` asks (engine.tracking: one TensorBoard run each);
+    returns their runs rows."""
     for row, _ in results:
         row["code_fingerprint"] = fingerprint
         for k, v in provenance(row["device"]).items():  # rows trained in this process (runner.train stamps the rest)
             row.setdefault(k, v)
     upsert_runs(results_dir, [r for r, _ in results], [c for _, cs in results for c in cs], prefix=prefix,
                 run_columns=run_columns, curve_columns=curve_columns)
+    track(results_dir, prefix, results, run_columns, curve_columns, report_to)
     return [r for r, _ in results]
 
 

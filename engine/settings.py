@@ -27,6 +27,7 @@ from raclora.errors import ConfigError
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; seeds are 0..2^63-1
 MAX_WORKERS = 256
 DEVICES = ("auto", "cpu", "cuda", "mps")
+REPORT_TO = ("none", "tensorboard")  # experiment trackers of every recorded run (engine/tracking.py)
 _NOTHING = object()
 
 
@@ -73,6 +74,9 @@ class StudyConfig:
                                        "(said in one line)", hash=False)
     plots_only: bool = arg(False, "redraw the plots from the CSVs and exit, training nothing", hash=False)
     progress: bool = arg(True, "show progress bars", hash=False)
+    report_to: str = arg("none", "tensorboard: also write each recorded run (curves, final metrics, settings) as a "
+                                 "TensorBoard run in <results_dir>/tensorboard/<study>/<config_hash>/",
+                         choices=REPORT_TO, hash=False)
 
     # what varies from run to run within one config (a sweep's method, kind of run, form), with the value a
     # hash takes when it is not given: the context that fields' ``only`` reads (settings_hash)

@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,7 +108,8 @@ def _bytes(n: int) -> str:
 
 def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in ``folder``:
-    those whose writer process no longer exists, and untagged ones (older versions' names). Returns them."""
+    those whose writer process no longer exists, and untagged ones (older versions' names). Returns them. A
+    temporary folder named the same way (a TensorBoard run being written, engine/tracking.py) goes whole."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
@@ -117,7 +119,10 @@ def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
         if m and _alive(int(m.group(1))):
             continue
         try:
-            f.unlink()
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
             removed.append(f)
         except FileNotFoundError:  # its writer finished and renamed it meanwhile
             pass

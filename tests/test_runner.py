@@ -55,7 +55,7 @@ def toy_study(plan, trainer=None):
 
 def cfg(tmp_path, **kw):
     return SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=1,
-                                     stack_size=3, progress=False), **kw})
+                                     stack_size=3, progress=False, report_to="none"), **kw})
 
 
 PLAN = [dict(name=n, seed=s) for n in ("a", "b") for s in range(5)]
