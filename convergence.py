@@ -19,7 +19,8 @@
    --rounds rounds: does Fed-RAC-LoRA reach FedAvg's optimum, and where do the others stop?
 
 Outputs: results/convergence.csv (one row per run, with its seed and settings),
-plots/convergence_counterexample.png, plots/convergence_rates.png, plots/convergence_federated.png, and
+plots/convergence_counterexample.png, plots/convergence_rates.png, plots/convergence_federated.png (with a
+--results_dir named other than "results", say r2: plots/convergence_r2_*.png, so that two never overwrite), and
 three tables on stdout, each file
 written whole (atomically) once everything is computed. --steps <= 1,000,000 and --links <= 500,000
 keep a run under an hour (see MAX_STEPS); Ctrl-C or SIGTERM ends it with one line (exit 130 or 143).
@@ -40,13 +41,14 @@ from typing import Callable
 import torch
 
 from engine.cli import Terminated
-from engine.results import git_commit
+from engine.results import figure_prefix, git_commit
 from raclora.errors import ConfigError, one_line
 from raclora.files import clean_stale_tmp, prepare_output_dir
 from theory.central import (COUNTEREXAMPLE_RUNS, RATE_RANKS, STEP_FRACTIONS, counterexample_runs, format_tables,
                             plot_counterexample, plot_rates, rate_runs, write_csv)
 from theory.federated import federated_runs, format_table, plot_federated
 
+PREFIX = "convergence_"  # plots/convergence_*.png (engine.results.figure_prefix: after it, a results folder's name)
 MAX_SEED = 2 ** 63 - 1  # a signed 64-bit integer: torch.Generator.manual_seed overflows at 2**64, and
 # the CSV's seed column then reads back as an int64 anywhere
 # --steps and --links are bounded so that a run ends within the hour. Measured on a 2-core CPU (one
@@ -127,7 +129,9 @@ def _parser() -> _Parser:
                    default=400, action=_Once,
                    help=f"server rounds per federated run (fed/theory.py), 1..{MAX_ROUNDS:,}")
     p.add_argument("--results_dir", default="results", action=_Once, help="where convergence.csv goes")
-    p.add_argument("--plots_dir", default="plots", action=_Once, help="where the convergence_*.png figures go")
+    p.add_argument("--plots_dir", default="plots", action=_Once,
+                   help="where the convergence_*.png figures go (convergence_<results folder's name>_*.png for a "
+                        "--results_dir not named results)")
     return p
 
 
@@ -196,19 +200,19 @@ def run(args: argparse.Namespace, written: list[str]) -> None:
     problem, cx = counterexample_runs(args.seed, args.steps)
     rates = rate_runs(args.seed, args.links)
     fed = federated_runs(args.seed, args.rounds)
+    figure = os.path.join(args.plots_dir, figure_prefix(args.results_dir, PREFIX))  # + the figure's name
     outputs = [(os.path.join(args.results_dir, "convergence.csv"),
                 lambda path: write_csv(cx + rates + fed, path, args.seed, git_commit())),
-               (os.path.join(args.plots_dir, "convergence_counterexample.png"),
-                lambda path: plot_counterexample(cx, path)),
-               (os.path.join(args.plots_dir, "convergence_rates.png"), lambda path: plot_rates(rates, path)),
-               (os.path.join(args.plots_dir, "convergence_federated.png"), lambda path: plot_federated(fed, path))]
+               (f"{figure}counterexample.png", lambda path: plot_counterexample(cx, path)),
+               (f"{figure}rates.png", lambda path: plot_rates(rates, path)),
+               (f"{figure}federated.png", lambda path: plot_federated(fed, path))]
     for path, write in outputs:
         write(path)
         written.append(path)
     print(format_tables(problem, cx, rates))
     print()
     print(format_table(fed))
-    print(f"seed {args.seed}; wrote {args.results_dir}/convergence.csv and {args.plots_dir}/convergence_*.png "
+    print(f"seed {args.seed}; wrote {args.results_dir}/convergence.csv and {figure}*.png "
           f"in {time.perf_counter() - start:.1f} s")
 
 

@@ -5,7 +5,8 @@ Asymmetric LoRA and RAC-LoRA (and LoRA+, COLA+), the LoRA methods through PEFT's
 peft_chain's controller and Trainer callback. The merging methods train ``chains`` links of
 ``epochs_per_chain`` epochs with a merge after each; the others the same number of epochs in one piece.
 Tasks x methods x seeds through the shared runner (engine/runner.py): resume, results/glue_runs.csv and
-glue_curves.csv (every epoch's dev metrics), plots/glue_*.png, a summary table (dev metric, mean ± std over
+glue_curves.csv (every epoch's dev metrics: Table 2's, and F1 for MRPC and QQP, Spearman for STS-B, as GLUE
+reports them; scikit-learn's and scipy's), plots/glue_*.png, a summary table (each dev metric, mean ± std over
 seeds).
 
 Model and data come from the Hub when the machine has network (``--model roberta-base``, the Hub's
@@ -46,25 +47,18 @@ from raclora.files import prepare_output_dir
 from raclora.methods import display_order, methods_reading
 from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_layers, lora_methods
 
-RUN_COLUMNS = {"task": str, "method": str, "seed": int, "status": str, "metric": str, "final_dev": float,
-               "best_dev": float, "best_epoch": int, "epochs": int, "merges": int, "diverged_step": int,
-               "trainable_params": int, "train_examples": int, "dev_examples": int, **RECORD_COLUMNS}
-CURVE_COLUMNS = {"config_hash": str, "task": str, "method": str, "seed": int, "epoch": Index("epochs"),
-                 "train_loss": float, "dev_loss": float, "dev_metric": float, "merged": bool}
-PREFIX = "glue_"
-
-
 @dataclass(frozen=True)
 class GlueTask:
     folder: str  # GLUE's own folder name
     text: tuple  # the text column(s): header names, or column numbers for a file without a header (CoLA)
     label: str | int  # the label column
     labels: tuple | None  # the label values in the Hub's order (index = class id); None: a regression score
-    metric: str  # the paper's (and GLUE's usual) dev metric: accuracy, matthews or pearson
+    metric: str  # the paper's Table 2 dev metric (METRICS): accuracy, matthews (CoLA) or pearson (STS-B)
     hub_text: tuple  # the Hub's (nyu-mll/glue) text fields
     dev: str = "dev.tsv"
     hub_dev: str = "validation"
     header: bool = True
+    extra: tuple = ()  # the further dev metrics GLUE reports beside it: f1 (MRPC, QQP), spearman (STS-B)
 
     @property
     def num_labels(self) -> int:
@@ -75,10 +69,12 @@ class GlueTask:
 TASKS = {
     "cola": GlueTask("CoLA", (3,), 1, ("0", "1"), "matthews", ("sentence",), header=False),
     "sst2": GlueTask("SST-2", ("sentence",), "label", ("0", "1"), "accuracy", ("sentence",)),
-    "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "accuracy", ("sentence1", "sentence2")),
+    "mrpc": GlueTask("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), "accuracy", ("sentence1", "sentence2"),
+                     extra=("f1",)),
     "qqp": GlueTask("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), "accuracy",
-                    ("question1", "question2")),
-    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), "score", None, "pearson", ("sentence1", "sentence2")),
+                    ("question1", "question2"), extra=("f1",)),
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), "score", None, "pearson", ("sentence1", "sentence2"),
+                     extra=("spearman",)),
     "mnli": GlueTask("MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
                      "accuracy", ("premise", "hypothesis"), dev="dev_matched.tsv", hub_dev="validation_matched"),
     "qnli": GlueTask("QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), "accuracy",
@@ -86,6 +82,17 @@ TASKS = {
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"), "accuracy",
                     ("sentence1", "sentence2")),
 }
+# the extra metrics' columns, derived from the tasks: dev_<m> in the curves (every epoch's), final_<m> in the runs
+# (the last epoch's); empty for a task that does not report m, and missing from rows recorded before they existed
+EXTRA_METRICS = tuple(dict.fromkeys(m for t in TASKS.values() for m in t.extra))  # ("f1", "spearman")
+RUN_COLUMNS = {"task": str, "method": str, "seed": int, "status": str, "metric": str, "final_dev": float,
+               "best_dev": float, "best_epoch": int, "epochs": int, "merges": int, "diverged_step": int,
+               "trainable_params": int, "train_examples": int, "dev_examples": int,
+               **{f"final_{m}": float for m in EXTRA_METRICS}, **RECORD_COLUMNS}
+CURVE_COLUMNS = {"config_hash": str, "task": str, "method": str, "seed": int, "epoch": Index("epochs"),
+                 "train_loss": float, "dev_loss": float, "dev_metric": float, "merged": bool,
+                 **{f"dev_{m}": float for m in EXTRA_METRICS}}
+PREFIX = "glue_"
 
 
 # full fine-tuning and the registry's methods on LoRA's two factors that merge by epochs (a chain of links)
@@ -316,24 +323,47 @@ class Encoded:
         return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
 
 
-# --- metrics ---------------------------------------------------------------------------------------------
+# --- metrics: scikit-learn's and scipy's, as GLUE reports them -------------------------------------------
+# (imported on first use: scikit-learn and scipy.stats take a second to import, which --help, --plots_only and the
+# setup checks do not need)
+def _sklearn(name: str, **kwargs):
+    """sklearn.metrics.<name> of (labels, predictions)."""
+    def score(labels, predictions) -> float:
+        import sklearn.metrics
+
+        return getattr(sklearn.metrics, name)(labels, predictions, **kwargs)
+    return score
+
+
+def _correlation(name: str):
+    """scipy.stats.<name> correlation of (labels, predictions); 0.0 when either is constant (a regressor that
+    collapsed to one value correlates with nothing; scipy says nan, which the store would take for a run that
+    never finished)."""
+    def score(labels, predictions) -> float:
+        import numpy as np
+        import scipy.stats
+
+        if np.ptp(labels) == 0 or np.ptp(predictions) == 0:
+            return 0.0
+        return getattr(scipy.stats, name)(predictions, labels).statistic
+    return score
+
+
+# name -> the function of (labels, predictions): the tasks' metric and extra names (GlueTask) are these
+METRICS = {"accuracy": _sklearn("accuracy_score"),
+           "f1": _sklearn("f1_score", zero_division=0.0),  # of class 1: MRPC's paraphrase, QQP's duplicate
+           "matthews": _sklearn("matthews_corrcoef"),  # CoLA; 0.0 when undefined (one class predicted)
+           "pearson": _correlation("pearsonr"),  # STS-B
+           "spearman": _correlation("spearmanr")}  # STS-B: Pearson of the ranks (ties: their mean rank)
+
+
 def metric(name: str, predictions, labels) -> float:
-    """accuracy; Matthews correlation (CoLA); Pearson correlation (STS-B)."""
+    """The dev metric ``name`` (METRICS) of ``predictions`` (class ids, or STS-B's scores) against ``labels``."""
     import numpy as np
 
-    p, y = np.asarray(predictions, dtype=float), np.asarray(labels, dtype=float)
-    if name == "accuracy":
-        return float((p == y).mean())
-    if name == "pearson":
-        if p.std() == 0 or y.std() == 0:
-            return 0.0
-        return float(np.corrcoef(p, y)[0, 1])
-    if name == "matthews":
-        tp, tn = float(((p == 1) & (y == 1)).sum()), float(((p == 0) & (y == 0)).sum())
-        fp, fn = float(((p == 1) & (y == 0)).sum()), float(((p == 0) & (y == 1)).sum())
-        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        return (tp * tn - fp * fn) / den if den > 0 else 0.0
-    raise ValueError(f"unknown metric {name!r}; allowed: accuracy, matthews, pearson")
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; allowed: {', '.join(METRICS)}")
+    return float(METRICS[name](np.asarray(labels), np.asarray(predictions)))
 
 
 # --- checks before any compute ---------------------------------------------------------------------------
@@ -623,7 +653,8 @@ class GlueTrainer:
         def compute(p):
             logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
             preds = logits[:, 0] if task.labels is None else logits.argmax(-1)
-            return {"dev_metric": metric(task.metric, preds, p.label_ids)}
+            return {"dev_metric": metric(task.metric, preds, p.label_ids),
+                    **{f"dev_{m}": metric(m, preds, p.label_ids) for m in task.extra}}
 
         with tempfile.TemporaryDirectory() as out:
             args = TrainingArguments(
@@ -654,6 +685,7 @@ class GlueTrainer:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         row = dict(**spec, status="finished" if finished else DIVERGED, metric=task.metric,
                    final_dev=curve[-1]["dev_metric"] if finished else None, best_dev=best.get("dev_metric"),
+                   **{f"final_{m}": curve[-1][f"dev_{m}"] if finished else None for m in EXTRA_METRICS},
                    best_epoch=best.get("epoch"), epochs=len(curve), merges=chain.merges if chain else 0,
                    diverged_step=diverged_step, trainable_params=trainable, train_examples=len(train),
                    dev_examples=len(dev), wall_s=round(wall, 3), config_hash=key,
@@ -702,11 +734,12 @@ def checked_trainer(**kwargs):
 
 def curve_rows(log_history: list[dict], merge_epochs, key: str, spec: dict) -> list[dict]:
     """One curve row per evaluated (completed) epoch of a Trainer's log_history: its training loss, dev loss
-    and metric, and whether a merge closed it."""
+    and metric, whether a merge closed it, and the task's extra metrics (None for those it does not report)."""
     merged = {round(e) for e in merge_epochs}
     losses = {round(h["epoch"]): h["loss"] for h in log_history if "loss" in h}
     return [dict(config_hash=key, **spec, epoch=round(h["epoch"]), train_loss=losses.get(round(h["epoch"])),
-                 dev_loss=h["eval_loss"], dev_metric=h["eval_dev_metric"], merged=round(h["epoch"]) in merged)
+                 dev_loss=h["eval_loss"], dev_metric=h["eval_dev_metric"], merged=round(h["epoch"]) in merged,
+                 **{f"dev_{m}": h.get(f"eval_dev_{m}") for m in EXTRA_METRICS})
             for h in log_history if "eval_dev_metric" in h]
 
 
@@ -729,23 +762,27 @@ def run_study(cfg, commit: str) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> str:
-    """One line per method: each task's dev metric (x100, the last epoch's) as mean ± std over the seeds that
-    finished, and how many seeds ("(3)"; diverged runs are counted apart and left out: "(2 +1 diverged)")."""
+    """One line per method: each task's dev metric and then its extra metrics (x100, the last epoch's) as mean ±
+    std over the seeds that finished and recorded it, and how many seeds ("(3)"; diverged runs are counted apart and
+    left out: "(2 +1 diverged)"; rows recorded before a metric existed lack it: "-")."""
     tasks = sorted({r["task"] for r in rows}, key=lambda t: list(TASKS).index(t))
+    columns = [(t, name, column) for t in tasks for name, column in
+               ((TASKS[t].metric, "final_dev"), *((m, f"final_{m}") for m in TASKS[t].extra))]
     by = group(rows, ("method", "task"))
-    header = ["method", *[f"{t} ({TASKS[t].metric})" for t in tasks], "trainable", "merges"]
+    header = ["method", *[f"{t} ({name})" for t, name, _ in columns], "trainable", "merges"]
     lines = []
     for method in sorted({r["method"] for r in rows}, key=lambda m: (display_order(m), m)):
         cells = []
-        for t in tasks:
+        for t, _, column in columns:
             rs = by.get((method, t), [])
             if not rs:
                 cells.append("-")
                 continue
             ok, diverged = split_diverged(rs)
-            m, s = mean_std([100 * r["final_dev"] for r in ok])
+            ok = [r for r in ok if r.get(column) is not None]
+            m, s = mean_std([100 * r[column] for r in ok])
             value = "-" if math.isnan(m) else f"{m:.2f}" + ("" if math.isnan(s) else f" ± {s:.2f}")
-            cells.append(f"{value} ({seeds_cell(ok, diverged)})")
+            cells.append(f"{value} ({seeds_cell(ok, diverged)})" if ok or diverged else value)
         mine = [r for r in rows if r["method"] == method]
         any_row = (split_diverged(mine)[0] or mine)[0]  # a diverged run may have stopped before its merges
         lines.append([method, *cells, str(any_row["trainable_params"]), str(any_row["merges"])])
@@ -773,10 +810,11 @@ def study(cfg) -> None:
     report(cfg, rows, wanted, summary, draw, RUN_COLUMNS, CURVE_COLUMNS, PREFIX)
 
 
-def draw(runs: list[dict], curves: list[dict], plots_dir) -> list:
-    """draw_glue of the runs that finished: a diverged run has no result (the summary table counts it)."""
+def draw(runs: list[dict], curves: list[dict], plots_dir, prefix: str) -> list:
+    """draw_glue of the runs that finished, named ``prefix``...: a diverged run has no result (the summary table
+    counts it)."""
     finished = split_diverged(runs)[0]
-    return draw_glue(finished, curves, plots_dir) if finished else []
+    return draw_glue(finished, curves, plots_dir, prefix) if finished else []
 
 
 if __name__ == "__main__":

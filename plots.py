@@ -3,8 +3,11 @@
 
 Error bars are the sample standard deviation over seeds; a point from a single seed has none.
 Diverged runs have no result: they are left out (the summary table counts them).
-File names carry what the runs are (``mlp_...``, ``vit_attention_...``, ``fed_dirichlet_...``), so that
-studies of different models or partitions drawn into one plots folder never overwrite each other's figures.
+File names start with the ``prefix`` the caller gives (engine.runner.report: the study's own prefix and the
+results folder's name, engine.results.figure_prefix: ``fed_``, ``glue_``, ``table3_``, ...), then say what the
+runs are (``mlp_...``, ``vit_attention_...``, ``fed_dirichlet_...``), so that two studies, one study's results
+folders, and studies of different models or partitions drawn into one plots folder never overwrite each other's
+figures.
 A figure with nothing to draw is not written (a line says so); a curve of a single point gets a marker.
 """
 from __future__ import annotations
@@ -13,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from raclora.methods import METHODS, display_order
 from raclora.files import atomic_write_via
-from engine.results import group, mean_std, split_diverged  # noqa: E402
+from engine.results import group, mean_std, safe_name, split_diverged  # noqa: E402
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
 SKETCH_STYLE = {"left": "-", "right": "--"}
@@ -40,14 +42,15 @@ def label(method: str, sketch: str | None) -> str:
     return f"{name} {SKETCH_LABEL[sketch]}" if sketch in SKETCH_LABEL else name  # RandLoRA has no sketch
 
 
-def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Write every figure the rows allow into ``plots_dir``; return the paths written.
 
-    Named by model and target set (``model_stem``): mlp_rank_vs_accuracy.png, vit_attention_methods_rank1.png."""
+    Named ``prefix``, then by model and target set (``model_stem``): mlp_rank_vs_accuracy.png,
+    vit_attention_methods_rank1.png (table3_mlp_rank_vs_accuracy.png with prefix "table3_")."""
     runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    tag, stem = model_tag(runs), model_stem(runs)
+    tag, stem = model_tag(runs), prefix + model_stem(runs)
     written = [rank_vs_accuracy(runs, plots_dir / f"{stem}_rank_vs_accuracy.png", tag),
                accuracy_vs_epoch(runs, curves, plots_dir / f"{stem}_accuracy_vs_epoch.png", tag),
                methods_rank1(runs, plots_dir / f"{stem}_methods_rank1.png", tag)]
@@ -93,12 +96,7 @@ def model_stem(runs: list[dict]) -> str:
     models = sorted({c.get("model", "mlp") for c in _configs(runs)}) or ["mlp"]
     targets = ["-".join(t) for t in _target_sets(runs)]
     parts = ["+".join(models)] + (["+".join(targets)] if targets and targets != ["all"] else [])
-    return _safe_name("_".join(parts))
-
-
-def _safe_name(text: str) -> str:
-    """Only letters, digits and . _ + - in a file name."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "runs"
+    return safe_name("_".join(parts))
 
 
 def _plural(n: int, word: str) -> str:
@@ -348,9 +346,10 @@ FORM_LABEL = {"full": "full rank", "lowrank": "low-rank, U(±1/√r) init", "low
 FORM_STYLE = {"lowrank": "-", "lowrank_ae": ":", "lte": "-", "lora": "--", "galore": "-."}
 
 
-def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Per dataset and optimizer: test accuracy per epoch for each form (one line per rank, the full-rank
-    model for reference), the two low-rank forms and the full model together, and final accuracy by rank."""
+    model for reference), the two low-rank forms and the full model together, and final accuracy by rank.
+    Named <prefix><dataset>_<optimizers>_<form>.png (scratch.py: scratch_mnist_sgd_lowrank.png)."""
     runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +358,7 @@ def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathL
     written = []
     for (dataset,), rows in sorted(group(runs, ("dataset",)).items()):
         opts = sorted({r["optimizer"] for r in rows if r["form"] != "galore"}) or ["adamw"]
-        stem = f"scratch_{dataset}_{'+'.join(opts)}"
+        stem = f"{prefix}{dataset}_{'+'.join(opts)}"
         heads = _config(rows[0]).get("lte_heads", "N")
         for form in ("lowrank", "lowrank_ae", "lte", "lora", "galore"):
             if any(r["form"] == form for r in rows):
@@ -465,12 +464,13 @@ FED_LABELS = {"fedavg": "FedAvg (full)", "fedit": "FedIT", "ffa_lora": "FFA-LoRA
               "fed_rac_lora": "Fed-RAC-LoRA"}
 
 
-def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Accuracy by round, accuracy by communicated megabytes, aggregation error by round: a line per method,
     sketch and rank, mean over seeds with ± std (bands; a single round: a marker with an error bar).
 
-    Named fed_<partition>_accuracy_vs_round.png etc. when the runs come from one partition scheme (iid,
-    dirichlet), fed_accuracy_vs_round.png etc. when they mix schemes or do not say."""
+    Named <prefix><partition>_accuracy_vs_round.png etc. when the runs come from one partition scheme (iid,
+    dirichlet; federated.py: fed_dirichlet_accuracy_vs_round.png), <prefix>accuracy_vs_round.png etc. when they
+    mix schemes or do not say."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     runs = split_diverged(runs)[0]  # a diverged run's rounds stop short: counted in the summary, not drawn
@@ -479,7 +479,7 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
     order = list(FED_COLORS)
     series = sorted(group(runs, ("method", "sketch", "rank")).items(),
                     key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9, str(kv[0][1]), kv[0][2] or 0))
-    stem = fed_stem(runs)
+    stem = prefix + fed_stem(runs)
     written = []
     for name, x_key, y_key, ylabel, title, log_y in (
             ("accuracy_vs_round", "round", "test_acc_b", TASK_B_LABEL, "Server model's accuracy by round", False),
@@ -487,7 +487,7 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
              "Accuracy by megabytes communicated (all clients, up + down, float32)", False),
             ("aggregation_error", "round", "aggregation_error",
              "||mean client update - applied update|| / ||mean client update||", "Aggregation error by round", True)):
-        path = plots_dir / f"{stem}_{name}.png"
+        path = plots_dir / f"{stem}{name}.png"
         fig, ax = plt.subplots(figsize=(10, 5.5))
         drawn, n_seeds = False, []
         for (method, sketch, rank), rs in series:
@@ -527,9 +527,9 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
 
 
 def fed_stem(runs: list[dict]) -> str:
-    """"fed_dirichlet" / "fed_iid" when every run says the same partition scheme, else "fed"."""
+    """"dirichlet_" / "iid_" when every run says the same partition scheme, else ""."""
     schemes = {_partition(r) for r in runs}
-    return f"fed_{_safe_name(str(schemes.pop()))}" if len(schemes) == 1 and None not in schemes else "fed"
+    return f"{safe_name(str(schemes.pop()))}_" if len(schemes) == 1 and None not in schemes else ""
 
 
 def _partition(row: dict) -> str | None:
@@ -538,9 +538,10 @@ def _partition(row: dict) -> str | None:
     return _config(row).get("partition")
 
 
-def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike) -> list[Path]:
+def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """glue.py's figures: the dev metric of every task and method (bars: mean over seeds, error bars: ± std,
-    the dots: each seed), and the dev metric by epoch per task (a line per method, ± std band, merges marked)."""
+    the dots: each seed), and the dev metric by epoch per task (a line per method, ± std band, merges marked):
+    <prefix>dev_metric.png and <prefix>dev_by_epoch.png (glue.py: glue_dev_metric.png, glue_dev_by_epoch.png)."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     tasks = sorted({r["task"] for r in runs})
@@ -575,10 +576,10 @@ def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike
         ax.set_title(f"GLUE dev metrics (mean ± std over {_counted(n_seeds, 'seed')})")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        written.append(_save(fig, plots_dir / "glue_dev_metric.png"))
+        written.append(_save(fig, plots_dir / f"{prefix}dev_metric.png"))
     else:
         plt.close(fig)
-        _skip(plots_dir / "glue_dev_metric.png", "no run has a dev metric")
+        _skip(plots_dir / f"{prefix}dev_metric.png", "no run has a dev metric")
 
     keep = {r["config_hash"] for r in runs}
     by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
@@ -607,7 +608,7 @@ def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike
         ax.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
-        _skip(plots_dir / "glue_dev_by_epoch.png", "the curves file has no dev metric per epoch for these runs")
+        _skip(plots_dir / f"{prefix}dev_by_epoch.png", "the curves file has no dev metric per epoch for these runs")
         return written
     legend = {}
     for ax in axes[0]:
@@ -615,5 +616,5 @@ def draw_glue(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike
             legend.setdefault(lbl, h)
     axes[0][-1].legend(list(legend.values()), list(legend), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("GLUE dev metric by epoch (mean ± std over seeds)")
-    written.append(_save(fig, plots_dir / "glue_dev_by_epoch.png"))
+    written.append(_save(fig, plots_dir / f"{prefix}dev_by_epoch.png"))
     return written

@@ -46,6 +46,7 @@ from statistics import mean, stdev
 from tqdm.auto import tqdm
 
 from engine.provenance import PROVENANCE_COLUMNS
+from engine.settings import StudyConfig
 from raclora.methods import display_order
 from raclora.files import atomic_write
 from raclora.errors import DIVERGED, ResultsError, one_line
@@ -560,6 +561,23 @@ def format_table(header: list[str], lines: list[list[str]]) -> str:
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*l) for l in lines]
     return "\n".join(out)
+
+
+def figure_prefix(results_dir: str | os.PathLike, prefix: str) -> str:
+    """The start of the names of the figures drawn from a study's results in ``results_dir``: the study's prefix
+    (that of its results files, ``<prefix>runs.csv``: "fed_", "scratch_", "glue_"; main.py's is ""), then the
+    results folder's name unless it is the default's ("results"): ``--results_dir results/table3`` draws
+    table3_mlp_rank_vs_accuracy.png, ``scratch.py --results_dir e100`` scratch_e100_mnist_sgd_final.png. Studies that
+    share a results folder have distinct prefixes (or their files would clash), so no two studies write one
+    figure; nor do two results folders of one study, unless they have the same name."""
+    name = Path(results_dir).resolve().name
+    default = Path(StudyConfig.__dataclass_fields__["results_dir"].default).name
+    return prefix + ("" if name == default else f"{safe_name(name)}_")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as part of a file name: only letters, digits and . _ + - (other runs of characters: one -)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "runs"
 
 
 def _done(row: dict) -> bool:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from raclora.errors import ConfigError, DataError
 from engine.provenance import code_fingerprint, provenance
-from engine.results import Columns, mixed_code_note, read_results, read_runs, same_code, upsert_runs
+from engine.results import Columns, figure_prefix, mixed_code_note, read_results, read_runs, same_code, upsert_runs
 from engine.tracking import catch_up, track
 
 
@@ -109,13 +109,15 @@ def train(trainer, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
 
 
 def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callable[[list[dict]], str],
-           draw: Callable[[list[dict], list[dict], str], list], run_columns: Columns, curve_columns: Columns,
+           draw: Callable[[list[dict], list[dict], str, str], list], run_columns: Columns, curve_columns: Columns,
            prefix: str = "") -> None:
     """The end of every study: the summary table, one line if the rows mix code versions, the figures, and
     where the results are. The table shows ``study_rows`` (this invocation's runs; None with --plots-only:
     every run recorded under the current settings); the figures show every run recorded under the current
     settings (``wanted``: their settings hashes), so comparisons built up over several invocations appear
-    together. DataError when no recorded run was made with these settings."""
+    together; their names start with results.figure_prefix (the study's prefix, the results folder's name), which
+    ``draw(runs, curves, plots_dir, name_prefix)`` puts first. DataError when no recorded run was made with these
+    settings."""
     runs_csv = Path(cfg.results_dir) / f"{prefix}runs.csv"
     runs, curves = read_results(cfg.results_dir, prefix, run_columns, curve_columns)
     plot_rows = [r for r in runs if r["settings_hash"] in wanted]
@@ -127,7 +129,7 @@ def report(cfg, study_rows: list[dict] | None, wanted: set[str], summary: Callab
     note = mixed_code_note(plot_rows)
     if note:
         print(note)
-    for path in draw(plot_rows, curves, cfg.plots_dir):
+    for path in draw(plot_rows, curves, cfg.plots_dir, figure_prefix(cfg.results_dir, prefix)):
         print(f"wrote {path}")
     print(f"results in {runs_csv} and {Path(cfg.results_dir) / f'{prefix}curves.csv'}")
 

@@ -240,8 +240,8 @@ def test_cli_writes_csv_and_plots(tmp_path):
                   "--plots_dir", str(plots))
     assert out.returncode == 0, out.stderr
     assert "RAC-LoRA, sketch step" in out.stdout and "RAC-LoRA r=8" in out.stdout and "fed_rac_lora" in out.stdout
-    for name in ("convergence_counterexample.png", "convergence_rates.png", "convergence_federated.png"):
-        assert (plots / name).stat().st_size > 10_000
+    for name in ("counterexample", "rates", "federated"):  # res_: the results folder's name (figure_prefix)
+        assert (plots / f"convergence_res_{name}.png").stat().st_size > 10_000
     rows = list(csv.DictReader(open(res / "convergence.csv")))
     assert len(rows) == len(cv.STEP_FRACTIONS) * len(cv.COUNTEREXAMPLE_RUNS) + 2 * (1 + len(cv.RATE_RANKS)) + 16
     assert {r["steps"] for r in rows if r["experiment"] == "federated"} == {"5"}
@@ -329,8 +329,8 @@ def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, 
     res, plots = tmp_path / "res", tmp_path / "figs"
     plots.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = plots / f"convergence_rates.png.{int(dead.stdout)}.x1y2.tmp"  # its writer has exited
-    live = plots / f"convergence_rates.png.{os.getpid()}.x3y4.tmp"  # this process: alive
+    stale = plots / f"convergence_res_rates.png.{int(dead.stdout)}.x1y2.tmp"  # its writer has exited
+    live = plots / f"convergence_res_rates.png.{os.getpid()}.x3y4.tmp"  # this process: alive
     stale.write_bytes(b"half"), live.write_bytes(b"half")
 
     def ctrl_c(*args):
@@ -343,10 +343,10 @@ def test_cli_interrupted_while_plotting_says_what_was_written(tmp_path, capsys, 
         pytest.fail("Ctrl-C escaped main()")
     err = capsys.readouterr().err
     assert code == 130 and len(err.strip().splitlines()) == 1 and err.strip().startswith("interrupted: wrote"), err
-    assert "convergence.csv" in err and "convergence_counterexample.png" in err and "not the rest" in err
-    assert (res / "convergence.csv").exists() and (plots / "convergence_counterexample.png").exists()
+    assert "convergence.csv" in err and "convergence_res_counterexample.png" in err and "not the rest" in err
+    assert (res / "convergence.csv").exists() and (plots / "convergence_res_counterexample.png").exists()
     assert not stale.exists() and live.exists()
-    assert not (plots / "convergence_rates.png").exists()
+    assert not (plots / "convergence_res_rates.png").exists()
 
 
 # --- the federated case (theory/federated.py) ----------------------------------------------------------------

@@ -38,9 +38,9 @@ def test_federated_end_to_end_then_resume(tmp_path):
         assert (int(r["up_numbers"]), int(r["down_numbers"])) == want, r["method"]
         exact = r["method"] != "fedit"
         assert (float(r["max_aggregation_error"]) < 1e-5) == exact, (r["method"], r["max_aggregation_error"])
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["fed_dirichlet_accuracy_vs_mb.png",
-                                                                  "fed_dirichlet_accuracy_vs_round.png",
-                                                                  "fed_dirichlet_aggregation_error.png"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [  # r_: the results folder's name (figure_prefix)
+        "fed_r_dirichlet_accuracy_vs_mb.png", "fed_r_dirichlet_accuracy_vs_round.png",
+        "fed_r_dirichlet_aggregation_error.png"]
     assert "fed_rac_lora  left" in out.stdout and "max agg. error" in out.stdout
     again = _run(*args)
     assert again.returncode == 0 and "0 runs to train, 9 already recorded" in again.stdout + again.stderr

@@ -2,10 +2,13 @@
 tmp_path; the tests read the written files and the figures' axes (plots.keep_figures)."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.container
 import matplotlib.ticker
@@ -15,7 +18,7 @@ import pytest
 import plots
 import scratch
 import sweep
-from engine.results import mean_std, read_rows
+from engine.results import figure_prefix, mean_std, read_rows, upsert_runs
 from fed import study as fed_study
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -138,14 +141,91 @@ def test_model_stem_names_the_model_and_the_target_set():
 def test_federated_figures_are_named_by_partition(tmp_path, capsys):
     iid, iid_curves = fed("fed_iid")
     dirichlet, dirichlet_curves = fed("fed_dirichlet")
-    a, _ = draw(plots.draw_federated, iid, iid_curves, tmp_path)
-    b, _ = draw(plots.draw_federated, dirichlet, dirichlet_curves, tmp_path)
+    a, _ = draw(plots.draw_federated, iid, iid_curves, tmp_path, fed_study.PREFIX)
+    b, _ = draw(plots.draw_federated, dirichlet, dirichlet_curves, tmp_path, fed_study.PREFIX)
     kinds = ["accuracy_vs_round.png", "accuracy_vs_mb.png", "aggregation_error.png"]
     assert [p.name for p in a] == [f"fed_iid_{k}" for k in kinds]
     assert [p.name for p in b] == [f"fed_dirichlet_{k}" for k in kinds]
     assert len(list(tmp_path.iterdir())) == 6
-    mixed, _ = draw(plots.draw_federated, iid + dirichlet, iid_curves + dirichlet_curves, tmp_path / "m")
+    mixed, _ = draw(plots.draw_federated, iid + dirichlet, iid_curves + dirichlet_curves, tmp_path / "m",
+                    fed_study.PREFIX)
     assert [p.name for p in mixed] == [f"fed_{k}" for k in kinds]  # two schemes together: no scheme in the name
+
+
+# --- 1b. figures named by study and results folder (issue 21) -------------------------------------------------
+def results_folder(folder: Path, prefix: str, name: str) -> Path:
+    """docs/results/<name>_runs.csv and _curves.csv, byte for byte, in ``folder`` as the study of ``prefix``
+    writes them (<prefix>runs.csv, <prefix>curves.csv): results recorded before the figures were named by study."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in ("runs", "curves"):
+        shutil.copy(DOCS / f"{name}_{kind}.csv", folder / f"{prefix}{kind}.csv")
+    return folder
+
+
+def test_every_studys_figures_land_side_by_side_in_one_plots_folder(tmp_path, capsys):
+    """One plots folder for all: main.py --plots_only on the default sweep (results/) and on Table 3's sweep in
+    another results folder (table3/), both recorded before this naming (they used to write the same three
+    mlp_*.png); the federated and from-scratch studies' figures from the shared results/ folder; glue.py's from
+    results/ and from rank16/ (they used to write the same glue_*.png). Every figure keeps a file of its own: each
+    study adds exactly its names (its prefix, then the results folder's name unless it is "results"), and no file
+    written before changes by a byte."""
+    import glue
+    import main
+    from engine.runner import report
+
+    plots_dir, written = tmp_path / "plots", {}
+
+    def landed(names):
+        files = {p.name: p.read_bytes() for p in plots_dir.iterdir()}
+        assert {n: files.get(n) for n in written} == written  # nothing drawn before was written over
+        assert set(files) - set(written) == set(names)
+        written.update({n: files[n] for n in names})
+
+    def plots_only(folder, prefix, run_columns, curve_columns, draw, summary=lambda rows: ""):
+        """runner.report, as each study's --plots_only calls it, on every run of the folder."""
+        runs = read_rows(folder / f"{prefix}runs.csv", run_columns)
+        report(SimpleNamespace(results_dir=str(folder), plots_dir=str(plots_dir)), None,
+               {r["settings_hash"] for r in runs}, summary, draw, run_columns, curve_columns, prefix)
+
+    mlp = ("rank_vs_accuracy.png", "accuracy_vs_epoch.png", "methods_rank1.png")
+    for folder, name, args in (("results", "default", []),
+                               ("table3", "table3", ["--method", "all", "--sketch", "both", "--ranks", "1"])):
+        results = results_folder(tmp_path / folder, "", name)
+        assert main.main(["--plots_only", *args, "--device", "cpu", "--results_dir", str(results),
+                          "--plots_dir", str(plots_dir)]) == 0
+        landed({("" if folder == "results" else f"{folder}_") + f"mlp_{k}" for k in mlp})
+    shared = tmp_path / "results"  # one results folder for every study, as by default
+    plots_only(results_folder(shared, fed_study.PREFIX, "fed_dirichlet"), fed_study.PREFIX, fed_study.RUN_COLUMNS,
+               fed_study.CURVE_COLUMNS, plots.draw_federated)
+    landed({f"fed_dirichlet_{k}.png" for k in ("accuracy_vs_round", "accuracy_vs_mb", "aggregation_error")})
+    plots_only(results_folder(shared, scratch.PREFIX, "scratch_fashion_mnist_sgd_e100"), scratch.PREFIX,
+               scratch.RUN_COLUMNS, scratch.CURVE_COLUMNS, plots.draw_scratch)
+    landed({f"scratch_fashion_mnist_sgd_{k}.png" for k in ("lowrank", "lowrank_ae", "all", "final")})
+    runs, curves = glue_rows([0, 1], 2)
+    for folder in ("results", "rank16"):
+        rows = [dict(r, settings_hash="s", epochs=2) for r in runs]
+        upsert_runs(tmp_path / folder, rows, curves, glue.PREFIX, glue.RUN_COLUMNS, glue.CURVE_COLUMNS)
+        plots_only(tmp_path / folder, glue.PREFIX, glue.RUN_COLUMNS, glue.CURVE_COLUMNS, glue.draw, glue.summary)
+        landed({f"glue_{'' if folder == 'results' else folder + '_'}{k}.png" for k in ("dev_metric", "dev_by_epoch")})
+    assert len(written) == 2 * 3 + 3 + 4 + 2 * 2
+    out = capsys.readouterr().out
+    assert out.count("wrote ") == len(written) and "rte (accuracy)" in out
+
+
+def test_figure_names_start_with_the_studys_prefix_then_the_results_folders_name(tmp_path):
+    """engine.results.figure_prefix, and the studies' prefixes it starts from: every lab module's PREFIX
+    (read from the source: no list kept here) is distinct, as the results files they name must be."""
+    assert figure_prefix("results", "") == figure_prefix(tmp_path / "results", "") == ""
+    assert figure_prefix("./results", "fed_") == "fed_" and figure_prefix("results/table3", "") == "table3_"
+    assert figure_prefix(tmp_path / "e100", "scratch_") == "scratch_e100_"
+    assert figure_prefix(tmp_path / "my runs (2)", "glue_") == "glue_my-runs-2_"  # only safe characters
+    from engine.provenance import lab_modules
+
+    prefixes = {name: ast.literal_eval(node.value) for name, path in lab_modules().items()
+                for node in ast.parse(path.read_text()).body
+                if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PREFIX"]}
+    assert {"fed.study", "scratch", "glue", "convergence"} <= set(prefixes)
+    assert len(set(prefixes.values())) == len(prefixes) and "" not in prefixes.values(), prefixes
 
 
 # --- 2. a one-epoch (one-round) run: markers, never an empty figure -------------------------------------------
@@ -178,7 +258,7 @@ def test_a_figure_with_nothing_to_draw_is_skipped_with_a_note(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_methods_rank1.png", "mlp_rank_vs_accuracy.png"]
     assert "no mlp_accuracy_vs_epoch.png: " in capsys.readouterr().out
     fed_runs, _ = fed("fed_iid")
-    assert draw(plots.draw_federated, fed_runs, [], tmp_path / "f")[0] == []
+    assert draw(plots.draw_federated, fed_runs, [], tmp_path / "f", fed_study.PREFIX)[0] == []
     assert not list((tmp_path / "f").iterdir())
     assert capsys.readouterr().out.count("no fed_iid_") == 3
 
@@ -272,7 +352,7 @@ def glue_rows(seeds, epochs):
 
 def test_glue_bars_start_near_the_data_and_one_epoch_curves_have_markers(tmp_path):
     runs, curves = glue_rows([0, 1, 2], 1)
-    paths, figures = draw(plots.draw_glue, runs, curves, tmp_path)
+    paths, figures = draw(plots.draw_glue, runs, curves, tmp_path, "glue_")
     assert [p.name for p in paths] == ["glue_dev_metric.png", "glue_dev_by_epoch.png"]
     ax = panels(by_name(figures, "glue_dev_metric.png"))[0]
     lo = min(min(ln.get_ydata()) for ln in ax.get_lines())  # every seed's dot is shown
@@ -291,7 +371,8 @@ def test_glue_bars_start_near_the_data_and_one_epoch_curves_have_markers(tmp_pat
 @pytest.mark.parametrize("last_round", [2, 3, 5])
 def test_round_axes_have_integer_ticks(tmp_path, last_round):
     runs, curves = fed("fed_dirichlet")
-    _, figures = draw(plots.draw_federated, runs, [c for c in curves if c["round"] <= last_round], tmp_path)
+    _, figures = draw(plots.draw_federated, runs, [c for c in curves if c["round"] <= last_round], tmp_path,
+                      fed_study.PREFIX)
     for name in ("fed_dirichlet_accuracy_vs_round.png", "fed_dirichlet_aggregation_error.png"):
         ax = panels(by_name(figures, name))[0]
         assert ax.get_xlabel() == "round"
