@@ -335,7 +335,9 @@ class ChainController:
                 "generator": {"device": self.generator.device.type,
                               "state": base64.b64encode(g.numpy().tobytes()).decode("ascii")}}
 
-    def _restore(self, state: dict) -> None:
+    def _check_state(self, state: dict) -> torch.Tensor:
+        """ChainError (one line) unless ``state`` (_read_state's) is one this chain can continue; returns the
+        generator state it holds. Nothing is changed."""
         layers = [f.name for f in self.factors]
         if state["layers"] != layers:
             raise ChainError(f"the saved chain adapts other layers ({len(state['layers'])}: "
@@ -345,13 +347,16 @@ class ChainController:
         if device != self.generator.device.type:
             raise ChainError(f"the saved chain's generator is on {device} and this one on "
                              f"{self.generator.device.type}: resume on the same kind of device")
-        raw = state["generator"]["state"]
-        generator_state = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        try:
-            self.generator.set_state(generator_state)
+        generator_state = torch.frombuffer(bytearray(state["generator"]["state"]), dtype=torch.uint8)
+        try:  # on a scratch generator of the same kind: the chain's own is set only once all is checked
+            torch.Generator(device=self.generator.device).set_state(generator_state)
         except RuntimeError as e:
             raise ChainError(f"the saved generator state cannot be set ({str(e).splitlines()[0]}): "
                              f"chain_state.json is damaged; use another checkpoint") from None
+        return generator_state
+
+    def _restore(self, state: dict) -> None:
+        self.generator.set_state(self._check_state(state))
         self.merge_log = [tuple(m) for m in state["merge_log"]]
 
     def _take_save_routes(self) -> None:
@@ -415,6 +420,7 @@ class ChainController:
             diff = ", ".join(f"{k}={theirs[k]!r} (this chain: {mine[k]!r})" for k in mine if mine[k] != theirs[k])
             raise ChainError(f"{folder} holds another chain: {diff}; build the controller with its config")
         state = _read_state(folder / STATE_NAME)
+        self._check_state(state)
         missing = sorted(set(self.base_weights()) - _weight_keys(folder))
         if missing:
             raise ChainError(f"{folder}: the weights file has no base weight for {missing[0]} (and "

@@ -286,3 +286,19 @@ def test_the_other_save_forms_keep_the_chain(base, tmp_path, route):
     assert (folder / "chain_state.json").exists()
     loaded = PeftModel.from_pretrained(run.base_model(base), folder, adapter_name=name)
     torch.testing.assert_close(_logits(loaded, ids), want, rtol=0, atol=1e-10)
+
+
+def test_a_chain_of_other_layers_or_a_damaged_generator_is_refused_before_loading(base, tmp_path):
+    folder = _saved(base, tmp_path)
+    path = folder / "chain_state.json"
+    state = json.loads(path.read_text())
+    model, _chain = _fresh(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for change, needle in [({"layers": state["layers"][:1]}, "the saved chain adapts other layers (1:"),
+                           ({"generator": {"device": "cpu", "state": "AAAA"}}, "the saved generator state cannot be set")]:
+        path.write_text(json.dumps({**state, **change}))
+        with pytest.raises(ChainError) as e:
+            model.load_adapter(str(folder), "default", is_trainable=True)
+        assert needle in _one_line(e)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
