@@ -61,7 +61,26 @@ class Classification(Objective):
         return (logits.argmax(-1) == targets).float()
 
 
+class NextToken(Objective):
+    """Next-token prediction over sequences: logits (..., N, T, V) for N sequences of T positions over a
+    vocabulary of V tokens, targets (..., N, T) the token after each position. The loss is the cross-entropy in
+    nats averaged over every position (an example's loss: the mean over its T positions; bits per token are
+    nats / ln 2); the metric is the share of positions whose most likely next token is the right one."""
+    name, metric = "next_token", "next-token accuracy"
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+        return flat.view(targets.shape).mean(-1)
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (logits.argmax(-1) == targets).float().mean(-1)
+
+
 CLASSIFICATION = Classification()
+NEXT_TOKEN = NextToken()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Tasks are modality-agnostic: a task declares its input shape (channels included), its targets and its
 objective (loss and metric), and the engines train it without an edit — a 3-channel image task on the MLP and
-the ViT, stacked equal to alone in float64, and a sequence task with an objective of its own on the plain loop.
+the ViT, stacked equal to alone in float64, and a sequence task (next-token prediction, data.NEXT_TOKEN) on the plain loop.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import CLASSIFICATION, DIGITS, Objective, Split, Task, TaskSpec
+from data import CLASSIFICATION, DIGITS, NEXT_TOKEN, Split, Task, TaskSpec
 from engine.build import build_run
 from models import build_model
 from train import evaluate, train
@@ -56,21 +56,6 @@ def test_a_three_channel_image_task_trains_stacked_as_alone(name, settings):
         assert record.curve[-1]["test_acc"] == records[i].curve[-1]["test_acc"]
 
 
-class PositionsRight(Objective):
-    """A sequence task's objective, defined outside the engines: logits (..., N, T, V) for targets (..., N, T),
-    each example's loss the mean cross-entropy over its T positions, its metric the share of positions right."""
-    name, metric = "next token", "token accuracy"
-
-    def loss(self, logits, targets):
-        return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
-
-    def losses(self, logits, targets):
-        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape).mean(-1)
-
-    def correct(self, logits, targets):
-        return (logits.argmax(-1) == targets).float().mean(-1)
-
-
 class Positions(nn.Module):
     """A toy sequence model: (N, T) inputs -> (N, T, V) logits, position by position."""
 
@@ -85,7 +70,7 @@ class Positions(nn.Module):
 
 def test_a_sequence_task_with_its_own_objective_trains_on_the_plain_loop():
     length, vocab = 6, 5
-    spec = TaskSpec(shape=(length,), classes=vocab, objective=PositionsRight())
+    spec = TaskSpec(shape=(length,), classes=vocab, objective=NEXT_TOKEN)
     g = torch.Generator().manual_seed(3)
 
     def split(m):  # the target at each position: the input's token there, shifted by one (learnable)
@@ -99,3 +84,14 @@ def test_a_sequence_task_with_its_own_objective_trains_on_the_plain_loop():
     after = evaluate(model, task.val, spec.objective)
     assert record.epochs == 30 and after[0] < 0.5 * before[0]  # the loss the objective defines went down
     assert 0.0 <= after[1] <= 1.0 and after[1] > before[1]  # and its metric up
+
+
+def test_next_token_losses_are_each_sequences_mean_over_its_positions():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 3, 4, 5, generator=g, dtype=DT), torch.randint(0, 5, (2, 3, 4), generator=g)
+    by_hand = torch.stack([torch.stack([F.cross_entropy(logits[r, n], targets[r, n]) for n in range(3)])
+                           for r in range(2)])  # (R, N): each sequence's mean over its 4 positions
+    torch.testing.assert_close(NEXT_TOKEN.losses(logits, targets), by_hand, rtol=0, atol=1e-12)
+    torch.testing.assert_close(NEXT_TOKEN.loss(logits[0], targets[0]), by_hand[0].mean(), rtol=0, atol=1e-12)
+    right = (logits.argmax(-1) == targets).to(torch.float32).mean(-1)
+    torch.testing.assert_close(NEXT_TOKEN.correct(logits, targets), right)
