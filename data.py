@@ -2,6 +2,9 @@
 
 No DataLoader and no per-sample transforms: each split is one (N, 784) float tensor, normalised
 once, and batches are slices of a seeded permutation (see ``batches``).
+
+Also the two texts of the character-level language models (TEXTS: Tiny Shakespeare and Pride and Prejudice,
+one vocabulary, 90 / 5 / 5 splits, next-character windows: ``text_task``) and Shakespeare's speaking roles.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import hashlib
 import math
 import os
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +123,7 @@ def check_val_size(val_size: int) -> None:
 
 @dataclass
 class Split:
-    x: torch.Tensor  # (N, features) float32, normalised: MNIST's (N, 784)
+    x: torch.Tensor  # (N, features) float32, normalised: MNIST's (N, 784) (a text task: int64 tokens (N, T))
     y: torch.Tensor  # (N, ...) int64 targets: MNIST's (N,) labels in 0..4 (a sequence task: (N, T))
 
     def __len__(self) -> int:  # examples
@@ -390,3 +394,185 @@ def batches(n: int, batch_size: int, generator: torch.Generator, device) -> list
     (the last one may be shorter, as with a DataLoader's drop_last=False)."""
     perm = torch.randperm(n, generator=generator, device=device)
     return list(perm.split(batch_size))
+
+
+# --- two public-domain texts for the character-level language models (issue 22) ----------------------------
+@dataclass(frozen=True)
+class Text:
+    """A text that ships in <data_dir>/text/ (data/text/ of this repository), pinned by its digest."""
+    file: str  # its name in <data_dir>/text/
+    sha256: str  # of the file's bytes (UTF-8, "\n" line ends)
+    characters: int  # its length in characters (Unicode code points), not bytes
+    source: str  # where it comes from (data/text/README.md)
+
+
+# name -> the text. Facts in data/text/README.md; a new text is one entry here (the vocabulary follows).
+TEXTS = {
+    "shakespeare": Text("tinyshakespeare.txt", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                        1_115_394, "Tiny Shakespeare, Karpathy's char-rnn data/tinyshakespeare/input.txt"),
+    "austen": Text("austen_pride_and_prejudice.txt", "d02c06ecdee0120842aa1274288a07fe68d5316d1e8285853eaf4fc65a0b39a0",
+                   684_781, "J. Austen, Pride and Prejudice, Project Gutenberg eBook #1342, header, footer and "
+                            "licence removed"),
+}
+_UTF32 = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"  # one int32 per character, in native order
+
+
+def load_text(name: str, data_dir: str | os.PathLike) -> str:
+    """The text ``name`` (a key of TEXTS), read from <data_dir>/text/<file> and verified: it must be UTF-8 and
+    have the pinned SHA-256 (so, too, its number of characters). Otherwise, as for an unknown name or a missing
+    file: a one-line DataError naming the file and how to restore it. Nothing is written."""
+    if name not in TEXTS:
+        raise DataError(f"unknown text {name!r}; allowed: {', '.join(TEXTS)}")
+    text = TEXTS[name]
+    path = Path(data_dir) / "text" / text.file
+    fix = (f"restore the original, which ships with this repository as data/text/{text.file} "
+           f"(git checkout -- data/text/{text.file})")
+    if not path.is_file():
+        raise DataError(f"text {name!r} is missing: no file {path}; {fix}")
+    blob = path.read_bytes()
+    try:
+        decoded = blob.decode("utf-8")  # strict, and no line-end translation: the characters are the file's
+    except UnicodeDecodeError as e:
+        raise DataError(f"corrupt data file {path} (not UTF-8: {e.reason} at byte {e.start}); {fix}") from None
+    got = hashlib.sha256(blob).hexdigest()
+    if got != text.sha256:
+        raise DataError(f"corrupt data file {path} (SHA-256 {got}, expected {text.sha256}); {fix}")
+    return decoded
+
+
+def _code_points(text: str) -> torch.Tensor:
+    """int32 (len(text),): each character's code point."""
+    if not text:
+        return torch.empty(0, dtype=torch.int32)
+    return torch.frombuffer(bytearray(text.encode(_UTF32)), dtype=torch.int32)
+
+
+class Vocabulary:
+    """A character vocabulary: token i is the i-th of ``chars``, distinct characters in code-point order."""
+
+    def __init__(self, chars: str):
+        if not chars or list(chars) != sorted(set(chars)):
+            raise ValueError("a vocabulary's characters must be one or more, distinct and sorted by code point")
+        self.chars = chars
+        self._codes = _code_points(chars)  # int32 (V,), ascending: a character's token is its index here
+
+    @classmethod
+    def of(cls, texts) -> Vocabulary:
+        """The sorted union of the characters of ``texts`` (an iterable of str)."""
+        return cls("".join(sorted(set().union(*texts))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """int64 (len(text),) tokens; a DataError naming the first character that is not in the vocabulary."""
+        codes = _code_points(text)
+        tokens = torch.searchsorted(self._codes, codes).clamp_(max=len(self) - 1)  # int64: where each would sit
+        bad = (self._codes[tokens] != codes).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"character {text[i]!r} (U+{ord(text[i]):04X}, at position {i}) is not in the "
+                            f"vocabulary of {len(self)} characters")
+        return tokens
+
+    def decode(self, tokens) -> str:
+        """The text of ``tokens`` (a 1-D tensor or sequence of ints in 0..len(self)-1)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).cpu().flatten()
+        if len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < len(self)):
+            raise DataError(f"tokens must lie in 0..{len(self) - 1} (the vocabulary's {len(self)} characters), "
+                            f"got {int(tokens.min())}..{int(tokens.max())}")
+        return self._codes[tokens].numpy().tobytes().decode(_UTF32)
+
+
+def text_vocabulary(data_dir: str | os.PathLike) -> Vocabulary:
+    """The one character vocabulary of every text of TEXTS: the sorted union of their characters, derived from
+    the verified files (load_text), so that a model trained on one text reads the others."""
+    return Vocabulary.of(load_text(name, data_dir) for name in TEXTS)
+
+
+def text_bounds(n: int) -> dict[str, tuple[int, int]]:
+    """Where each split of a text of ``n`` characters lies: name -> (start, stop), contiguous and in order.
+
+    train is the first 90 % (n * 9 // 10 characters, nanoGPT's shakespeare_char int(n * 0.9) for both texts);
+    the last 10 % is held out and cut in two, so that early stopping and the reported figure never read the
+    same characters: val, its first half ((n - train) // 2 characters), on which a run early-stops, and test,
+    its second half, on which it is reported. heldout is the whole last 10 % (val + test), nanoGPT's validation
+    split, for comparing losses with nanoGPT's reported ones (1.4697 for its baby GPT on Shakespeare)."""
+    train = n * 9 // 10
+    val = train + (n - train) // 2
+    return {"train": (0, train), "val": (train, val), "test": (val, n), "heldout": (train, n)}
+
+
+def text_splits(seq):
+    """{name: seq[start:stop]} for the splits of text_bounds(len(seq)); ``seq`` a str or a 1-D token tensor."""
+    return {name: seq[a:b] for name, (a, b) in text_bounds(len(seq)).items()}
+
+
+def windows(tokens: torch.Tensor, context: int) -> Split:
+    """The (N, T) non-overlapping windows of ``tokens`` (int64, 1-D) for a context length T = ``context``:
+    x[i] = tokens[i*T : (i+1)*T] and y[i] = tokens[i*T+1 : (i+1)*T+1], the next character at every position,
+    N = (len(tokens) - 1) // T; the characters past the last whole window are left out (fewer than T)."""
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context < len(tokens):
+        raise ConfigError(f"context length must be an integer from 1 to {len(tokens) - 1} for {len(tokens)} tokens "
+                          f"(a window reads one more than its length), got {context!r}")
+    n = (len(tokens) - 1) // context
+    return Split(tokens[: n * context].view(n, context), tokens[1: n * context + 1].view(n, context))
+
+
+def text_task(name: str, context: int, data_dir: str | os.PathLike, device: torch.device | str,
+              vocabulary: Vocabulary | None = None) -> Task:
+    """The text ``name`` (a key of TEXTS) as a next-character Task for a context length ``context``: train, val
+    and test of text_bounds, each the non-overlapping windows of ``windows``, x and y int64 (N, context) on
+    ``device``; spec TaskSpec(shape=(context,), classes=len(vocabulary), objective=NEXT_TOKEN). ``vocabulary``
+    defaults to text_vocabulary(data_dir), the one of every text (pass it to make several tasks without
+    re-reading the files). A context length below 1, or one that leaves a split no window, is a ConfigError.
+    For nanoGPT's validation split: windows(text_splits(vocabulary.encode(load_text(name, data_dir)))["heldout"],
+    context)."""
+    text = load_text(name, data_dir)
+    vocabulary = text_vocabulary(data_dir) if vocabulary is None else vocabulary
+    parts = text_splits(vocabulary.encode(text))
+    shortest = min(("train", "val", "test"), key=lambda k: len(parts[k]))
+    top = len(parts[shortest]) - 1  # a window reads context + 1 characters
+    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= top:
+        raise ConfigError(f"context length must be an integer from 1 to {top} for the text {name!r} (its shortest "
+                          f"split, {shortest}, has {len(parts[shortest])} characters and a window reads one more "
+                          f"than its length), got {context!r}")
+    splits = {k: windows(parts[k], context) for k in ("train", "val", "test")}
+    return Task(**{k: Split(s.x.to(device), s.y.to(device)) for k, s in splits.items()},
+                spec=TaskSpec(shape=(context,), classes=len(vocabulary), objective=NEXT_TOKEN))
+
+
+def speaking_roles(text: str) -> dict[str, list[str]]:
+    """Tiny Shakespeare's speaking roles, for a federated study whose clients are roles (LEAF's Shakespeare task):
+    speaker name -> its speeches in the order of the text, each speech its lines joined by "\\n".
+
+    The text is blocks separated by blank lines; a block opens with its speaker line, a line ending in ':' whose
+    text is the name (``First Citizen:``, ``MENENIUS:``), and its other lines are that role's speech. A block
+    with no speech (a speaker line alone: a stage direction was cut) names its role and adds no speech. A block
+    that does not open with a speaker line is a DataError naming the line."""
+    roles: dict[str, list[str]] = {}
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        if not lines[i]:
+            i += 1
+            continue
+        speaker, stop = lines[i], i + 1
+        while stop < len(lines) and lines[stop]:
+            stop += 1
+        if not speaker.endswith(":") or not speaker[:-1].strip():
+            raise DataError(f"line {i + 1} opens a block but is not a speaker line (a name ending in ':'): "
+                            f"{speaker[:60]!r}")
+        speeches = roles.setdefault(speaker[:-1], [])
+        if stop > i + 1:
+            speeches.append("\n".join(lines[i + 1: stop]))
+        i = stop
+    return roles
+
+
+def keep_roles(roles: dict[str, list[str]], min_characters: int) -> dict[str, list[str]]:
+    """The roles of ``roles`` (from speaking_roles) whose speeches hold at least ``min_characters`` characters
+    in all (line breaks inside a speech counted; speaker lines and blank lines not), in their order."""
+    if isinstance(min_characters, bool) or not isinstance(min_characters, int) or min_characters < 0:
+        raise ConfigError(f"min_characters must be an integer >= 0, got {min_characters!r}")
+    return {name: speeches for name, speeches in roles.items() if sum(map(len, speeches)) >= min_characters}
