@@ -52,7 +52,8 @@ class AdaptedModelConfig(StudyConfig):
     target_modules: list[str] = arg(["all"], "presets all | attention (q k v o) | mlp (fc1 fc2), or layer names as "
                                     "PEFT's target_modules", only=ADAPTER)
     # --- the model (models.py's registry) ---
-    model: str = arg("mlp", "mlp: the paper's MLP; vit: a small Vision Transformer", choices=tuple(models.MODELS))
+    model: str = arg("mlp", "mlp: the paper's MLP; vit: a small Vision Transformer; gpt: a small causal "
+                     "transformer over token sequences (not on main.py's MNIST tasks)", choices=tuple(models.MODELS))
     hidden: list[int] = arg([64, 64], "mlp: hidden widths of the (28*28)-...-5 MLP", only=models_reading("hidden"))
     vit_patch: int = arg(7, "vit: side of the square patches (it divides 28: 16 patches of 7x7)", range=(1, 28),
                          only=models_reading("vit_patch"))
@@ -62,6 +63,13 @@ class AdaptedModelConfig(StudyConfig):
                          only=models_reading("vit_heads"))
     vit_mlp_dim: int = arg(64, "vit: hidden width of each block's MLP (fc1, fc2)", range=(1, 16384),
                            only=models_reading("vit_mlp_dim"))
+    # nanoGPT's laptop-CPU size (4 layers, 4 heads, width 128, context 64); its MLP is 4 x gpt_dim wide
+    gpt_dim: int = arg(128, "gpt: token width (nanoGPT's n_embd)", range=(1, 4096), only=models_reading("gpt_dim"))
+    gpt_depth: int = arg(4, "gpt: transformer blocks (n_layer)", range=(1, 64), only=models_reading("gpt_depth"))
+    gpt_heads: int = arg(4, "gpt: attention heads, they divide gpt_dim (n_head)", range=(1, 256),
+                         only=models_reading("gpt_heads"))
+    gpt_context: int = arg(64, "gpt: the longest sequence in tokens, one learned position each (block_size)",
+                           range=(1, 65536), only=models_reading("gpt_context"))
     dropout: float = arg(0.1, "dropout probability after each hidden layer")
     # --- data and the base model ---
     val_size: int = arg(5000, "images held out of the 60k training set for validation", range=(1, 10 ** 9))

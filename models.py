@@ -1,10 +1,12 @@
-"""The models adapters are studied on, in one registry: the MLP of the RAC-LoRA MNIST experiment and a
-small pre-norm Vision Transformer.
+"""The models adapters are studied on, in one registry: the MLP of the RAC-LoRA MNIST experiment, a
+small pre-norm Vision Transformer and a small causal transformer over token sequences in nanoGPT's shape.
 
-Every model takes flattened inputs, (..., N, features) with the task's ``shape`` (an image: channels, height,
-width), and returns (..., N, classes) logits. Each is written so that a leading run dimension passes through it
-untouched: the stacked engine (engine/stack.py) swaps its layers for stacked ones of the same names and trains R
-runs at once. Every random draw (initial weights, dropout masks) comes from a generator the caller gives.
+The MLP and the ViT take flattened inputs, (..., N, features) floats with the task's ``shape`` (an image:
+channels, height, width), and return (..., N, classes) logits; the GPT takes (..., N, T) int64 token ids (the
+task's ``shape`` is (T,), its classes the vocabulary) and returns (..., N, T, classes) logits, one next-token
+prediction per position. Each is written so that a leading run dimension passes through it untouched: the stacked
+engine (engine/stack.py) swaps its layers for stacked ones of the same names and trains R runs at once. Every
+random draw (initial weights, dropout masks) comes from a generator the caller gives.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from data import DIGITS, TEST_IMAGES, TRAIN_IMAGES
+from data import DIGITS, NEXT_TOKEN, TEST_IMAGES, TRAIN_IMAGES, TaskSpec
 from raclora.errors import ConfigError
 
 
@@ -44,6 +46,7 @@ class MLP(nn.Module):
     """Linear -> ReLU -> Dropout for each hidden width, then a Linear head. Input: (N, features) floats, one
     flattened example of any ``shape`` (an image's channels x height x width) per row."""
 
+    takes = ("images", "features")  # what its examples may be (check_task): any vector of floats
     # the first layer sees each example as one row, so a stack of MLPs can share one (N, H*W) input
     row_wise = True
     eval_batch = None  # evaluate a whole split in one pass
@@ -76,14 +79,26 @@ class Tokens(nn.Module):
         return torch.cat([cls, x], dim=-2) + self.pos
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with q, k, v and output projections as Linear layers (adaptable by name)."""
+class Positions(nn.Module):
+    """Learned positions: row t of ``weight`` (context, d) is added to the token at position t (nanoGPT's wpe)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, context: int, dim: int):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"vit_dim {dim} is not a multiple of vit_heads {heads}")
-        self.heads = heads
+        self.weight = nn.Parameter(torch.zeros(context, dim))  # (context, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., T, d) -> (..., T, d), T <= context
+        return h + self.weight[:h.shape[-2]]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with q, k, v and output projections as Linear layers (adaptable by name).
+    ``causal``: position t attends to positions 0..t only (the GPT); else to every position (the ViT)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__()
+        if dim % heads:  # the models check their own fields first, with the fields' names
+            raise ValueError(f"width {dim} is not a multiple of heads {heads}")
+        self.heads, self.causal = heads, causal
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (..., T, d) -> (..., T, d)
@@ -93,16 +108,20 @@ class Attention(nn.Module):
         q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
         # written out rather than F.scaled_dot_product_attention: for 17 tokens its CPU path spends more
         # time checking masks than multiplying (measured 20 % slower per epoch here)
-        a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), dim=-1) @ v  # (..., heads, T, d/heads)
+        s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (..., heads, T, T): queries x keys
+        if self.causal:  # no query sees a later key: weight exp(-inf) = 0 exactly, so the future adds exactly 0
+            t = s.shape[-1]
+            s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        a = torch.softmax(s, dim=-1) @ v  # (..., heads, T, d/heads)
         return self.o(a.transpose(-3, -2).flatten(-2))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: h + drop(attn(ln1(h))), then h + drop(fc2(gelu(fc1(ln2(h)))))."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, causal: bool = False):
         super().__init__()
-        self.ln1, self.attn, self.drop1 = nn.LayerNorm(dim), Attention(dim, heads), SeededDropout(dropout)
+        self.ln1, self.attn, self.drop1 = nn.LayerNorm(dim), Attention(dim, heads, causal), SeededDropout(dropout)
         self.ln2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim)
         self.drop2 = SeededDropout(dropout)
 
@@ -116,6 +135,7 @@ class ViT(nn.Module):
     by a Linear, a class token and learned positions, ``depth`` blocks, LayerNorm, a Linear head on the
     class token. Dropout (from the run's generator) after the embedding and in every residual branch."""
 
+    takes = ("images",)
     row_wise = False  # the first layer sees patches: a stack expands a shared input to one copy per run
     eval_batch = 1000  # images per evaluation pass: attention over a whole split at once would not fit
     # stacked LoRA layers: one product with W + s B A. The layers are narrow (32 wide) and see 17 tokens per
@@ -130,6 +150,8 @@ class ViT(nn.Module):
         channels, height, width = shape
         if height % patch or width % patch:
             raise ValueError(f"vit_patch {patch} does not divide the {height}x{width} images")
+        if dim % heads:
+            raise ValueError(f"vit_dim {dim} is not a multiple of vit_heads {heads}")
         self.shape, self.patch_size = (channels, height, width), patch
         patches = (height // patch) * (width // patch)
         self.patch = nn.Linear(channels * patch * patch, dim)
@@ -152,12 +174,69 @@ class ViT(nn.Module):
         return self.head(h[..., 0, :])  # the class token
 
 
+class GPT(nn.Module):
+    """A small causal, pre-norm transformer in nanoGPT's shape over sequences of token ids: token embedding
+    (V, d) and learned positions (context, d), dropout, ``depth`` blocks of causal self-attention (q, k, v, o)
+    and a GELU MLP (fc1 d -> mlp_dim, 4d by default, then fc2), LayerNorm, and a Linear head d -> V over the
+    vocabulary, untied from the token embedding (an adapter on the head leaves the embedding as it is). The
+    logits at position t see tokens 0..t only. Dropout (from the run's generator) after the embeddings and in
+    every residual branch, as in nanoGPT (not on the attention weights); unlike nanoGPT every Linear has a bias
+    (the head too)."""
+
+    takes = ("tokens",)
+    row_wise = False  # the first layer looks up each run's own table: a stack expands a shared input per run
+    # sequences per evaluation pass: 64 x 64 tokens, as a training batch; bounds the (N, heads, T, T) attention maps
+    # and the memory estimate (models.sizes: about 72M floats a pass at the default size)
+    eval_batch = 64
+    # stacked LoRA layers: two thin rank-r products beside the base one. Its layers see N x T rows (64 x 64 a
+    # batch), where the thin products are cheap: folding W + s B A was 1-9 % slower per epoch here (docs/engine.md)
+    fold_adapters = False
+
+    def __init__(self, shape: tuple[int, ...], classes: int, dim: int = 128, depth: int = 4, heads: int = 4,
+                 context: int = 64, mlp_dim: int | None = None, dropout: float = 0.1):
+        super().__init__()
+        if len(shape) != 1:
+            raise ValueError(f"the gpt takes token sequences (length,), not inputs of shape {tuple(shape)}")
+        if shape[0] > context:
+            raise ValueError(f"the task's sequences of {shape[0]} tokens are longer than gpt_context {context}")
+        if dim % heads:
+            raise ValueError(f"gpt_dim {dim} is not a multiple of gpt_heads {heads}")
+        self.context = context  # the longest sequence, in tokens (nanoGPT's block_size)
+        self.embed = nn.Embedding(classes, dim)  # (V, d): the task's classes are its vocabulary
+        self.pos = Positions(context, dim)
+        self.drop = SeededDropout(dropout)
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_dim or 4 * dim, dropout, causal=True)
+                                      for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., N, T) int64 token ids -> (..., N, T, V) logits
+        if x.shape[-1] > self.context:
+            raise ValueError(f"sequences of {x.shape[-1]} tokens are longer than the gpt's context of "
+                             f"{self.context} tokens (gpt_context)")
+        h = self.drop(self.pos(self.embed(x)))  # (..., N, T, d)
+        return self.head(self.norm(self.blocks(h)))
+
+
 # name -> (class, the config fields it reads, as {config field: constructor argument})
 MODELS = {
     "mlp": (MLP, {"hidden": "hidden", "dropout": "dropout"}),
     "vit": (ViT, {"vit_patch": "patch", "vit_dim": "dim", "vit_depth": "depth", "vit_heads": "heads",
                   "vit_mlp_dim": "mlp_dim", "dropout": "dropout"}),
+    "gpt": (GPT, {"gpt_dim": "dim", "gpt_depth": "depth", "gpt_heads": "heads", "gpt_context": "context",
+                  "dropout": "dropout"}),
 }
+
+# what a model's examples may be (each model's ``takes``), in words for the errors of check_task
+INPUTS = {"images": "images", "features": "vectors of floats", "tokens": "token sequences"}
+
+
+def task_inputs(spec: TaskSpec) -> str:
+    """What the examples of the task ``spec`` are, a key of INPUTS: token sequences for next-token prediction
+    (inputs (N, T) int64 ids), images for an image shape, else vectors of floats."""
+    if spec.objective is NEXT_TOKEN:
+        return "tokens"
+    return "images" if spec.image is not None else "features"
 
 
 def model_settings(cfg) -> dict:
@@ -172,8 +251,9 @@ def build_model(name: str, settings: dict, shape: tuple[int, ...], classes: int,
 
     The module is built on the meta device, so torch's global RNG is never touched; its weights are then
     drawn from ``generator``: every Linear as nn.Linear draws (weight and bias U(+-1/sqrt(in))), LayerNorm
-    at (1, 0), the class token and positions N(0, 0.02^2). With ``generator=None`` the weights are left
-    uninitialised: only for loading a state dict next.
+    at (1, 0), the class token, the token embeddings and positions N(0, 0.02^2), one module after the other
+    in module order. With ``generator=None`` the weights are left uninitialised: only for loading a state dict
+    next.
     """
     cls, _ = MODELS[name]
     with torch.device("meta"):
@@ -192,6 +272,8 @@ def build_model(name: str, settings: dict, shape: tuple[int, ...], classes: int,
                 elif isinstance(m, Tokens):
                     m.cls.normal_(0.0, 0.02, generator=generator)
                     m.pos.normal_(0.0, 0.02, generator=generator)
+                elif isinstance(m, (nn.Embedding, Positions)):
+                    m.weight.normal_(0.0, 0.02, generator=generator)
     return model
 
 
@@ -242,13 +324,17 @@ def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and targeted(n, targets)]
 
 
-def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
-    """(parameters, activation floats of one evaluation pass, image floats) of model ``name`` on the task
-    ``spec`` (data.TaskSpec): the activations are the outputs of every layer, counted in a forward pass on
-    the meta device (no memory, no compute) over the images the model evaluates at once (its eval_batch, or
-    a whole test set), twice (the output and a temporary); the images are the training and test sets."""
+def sizes(name: str, settings: dict, spec: TaskSpec,
+          examples: tuple[int, int] = (TRAIN_IMAGES, TEST_IMAGES)) -> tuple[int, int, int]:
+    """(parameters, activation floats of one evaluation pass, input floats) of model ``name`` on the task
+    ``spec`` (data.TaskSpec) of ``examples`` (training, test) examples, MNIST's by default: the activations
+    are the outputs of every layer, counted in a forward pass on the meta device (no memory, no compute) over
+    the examples the model evaluates at once (its eval_batch, or a whole test set), twice (the output and a
+    temporary); the inputs are the training and test sets, in 4-byte floats (an int64 token id counts two)."""
     model = meta_model(name, settings, spec.shape, spec.classes).eval()
-    batch = min(model.eval_batch or TEST_IMAGES, TEST_IMAGES)
+    train_examples, test_examples = examples
+    batch = min(model.eval_batch or test_examples, test_examples)
+    tokens = task_inputs(spec) == "tokens"
     floats = [0]
 
     def count(module, args, out):
@@ -258,17 +344,28 @@ def sizes(name: str, settings: dict, spec) -> tuple[int, int, int]:
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())
              or isinstance(m, Attention)]
-    model(torch.empty(batch, spec.features, device="meta"))
+    model(torch.empty(batch, spec.features, dtype=torch.long if tokens else torch.float32, device="meta"))
     for h in hooks:
         h.remove()
-    return sum(p.numel() for p in model.parameters()), 2 * floats[0], (TRAIN_IMAGES + TEST_IMAGES) * spec.features
+    inputs = (train_examples + test_examples) * spec.features * (2 if tokens else 1)
+    return sum(p.numel() for p in model.parameters()), 2 * floats[0], inputs
 
 
-def check_model(cfg) -> None:
-    """ConfigError, before any compute, for a model that cannot be built from ``cfg``, target_modules that
-    select none of its Linear layers, or a rank above every selected layer's min(in, out)."""
+def check_task(name: str, spec: TaskSpec, tasks: str) -> None:
+    """ConfigError unless model ``name`` takes the examples of the task ``spec``; ``tasks`` says in words what
+    the study's tasks are ("main.py's tasks are MNIST images")."""
+    takes = MODELS[name][0].takes
+    if task_inputs(spec) not in takes:
+        raise ConfigError(f"the {name} takes {' or '.join(INPUTS[t] for t in takes)} and {tasks}")
+
+
+def check_model(cfg, spec: TaskSpec = DIGITS, tasks: str = "main.py's tasks are MNIST images") -> None:
+    """ConfigError, before any compute, for a model that does not take the examples of the task ``spec``
+    (check_task; ``tasks``: what they are, in words), cannot be built from ``cfg``, target_modules that select
+    none of its Linear layers, or a rank above every selected layer's min(in, out)."""
+    check_task(cfg.model, spec, tasks)
     try:
-        model = meta_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes)
+        model = meta_model(cfg.model, model_settings(cfg), spec.shape, spec.classes)
     except (ValueError, RuntimeError) as e:  # RuntimeError: sizes torch cannot even describe
         raise ConfigError(f"the {cfg.model} cannot be built from these settings: {e}") from None
     chosen = target_linears(model, cfg.targets())
@@ -276,7 +373,7 @@ def check_model(cfg) -> None:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ConfigError(f"target_modules {' '.join(cfg.target_modules)} selects none of the {cfg.model}'s Linear "
                           f"layers; allowed: the presets {', '.join(TARGET_PRESETS)} (attention and mlp are the "
-                          f"vit's q k v o and fc1 fc2) or layer names: {' '.join(names)}")
+                          f"transformers' q k v o and fc1 fc2) or layer names: {' '.join(names)}")
     top = max(min(m.in_features, m.out_features) for _, m in chosen)
     for r in cfg.ranks:
         if r > top:

@@ -66,11 +66,13 @@ class MethodHooks:
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """model(x) in passes of ``model.eval_batch`` examples (None: one pass); examples on dimension -2."""
+    """model(x) in passes of ``model.eval_batch`` examples (None: one pass). ``x`` holds the examples on its
+    first dimension, and so do the outputs, after a stack's run dimension (``model.example_dim``: 1)."""
     size = getattr(model, "eval_batch", None)
     if size is None or x.shape[0] <= size:
         return model(x)
-    return torch.cat([model(x[i:i + size]) for i in range(0, x.shape[0], size)], dim=-2)
+    chunks = [model(x[i:i + size]) for i in range(0, x.shape[0], size)]
+    return torch.cat(chunks, dim=getattr(model, "example_dim", 0))
 
 
 @torch.no_grad()
@@ -112,9 +114,10 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     t0 = time.perf_counter()
     x, y = task.train.x, task.train.y
     objective = task.spec.objective  # the task's loss and metric (classification: cross-entropy, accuracy)
+    dtype = next(model.parameters()).dtype  # of the losses, whatever the inputs are (token ids: int64)
     for epoch in range(1, max_epochs + 1):
         model.train()
-        loss_sum = torch.zeros((), device=device, dtype=x.dtype)  # summed on device: no host sync per step
+        loss_sum = torch.zeros((), device=device, dtype=dtype)  # summed on device: no host sync per step
         for idx in batches(len(task.train), batch_size, generator, device):
             loss = objective.loss(model(x[idx]), y[idx])
             try:

@@ -3,8 +3,8 @@
 Run i of a stack is the same computation as that run trained alone by train.train() on the plain
 model of models.py + lora.py; only the arithmetic is batched:
 
-- every weight is (R, out, in), every bias (R, out), every adapter factor (R, r_max, in) / (R, out, r_max);
-  layers use batched matrix products (``torch.baddbmm``);
+- every weight is (R, out, in), every bias (R, out), every adapter factor (R, r_max, in) / (R, out, r_max),
+  every embedding table (R, V, d); layers use batched matrix products (``torch.baddbmm``);
 - each run draws from its own torch.Generator, in the order the run alone would: its random
   factors at wrapping, at the start of each epoch its batch permutation, at each step its dropout
   masks (one layer after the other), at each merge its re-sampled factors (layer by layer);
@@ -30,7 +30,7 @@ from torch import nn
 from data import Objective, Split, Task
 from raclora.factors import ROLES, FactorRoles, init_factor_
 from lora import _set_submodule
-from models import SeededDropout, Tokens, targeted
+from models import Positions, SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
 from raclora.errors import DIVERGED
 from train import MethodHooks, Record, logits_of
@@ -116,6 +116,35 @@ class StackedTokens(_Stacked):
         runs, n, _, d = x.shape
         cls = self.cls.view(runs, 1, 1, d).expand(runs, n, 1, d)
         return torch.cat([cls, x], dim=-2) + self.pos.unsqueeze(1)
+
+
+class StackedEmbedding(_Stacked):
+    """nn.Embedding for R runs: tables (R, V, d), run i's token ids looked up in run i's own table. Full
+    fine-tuning trains each run's table; an adapted stack keeps them frozen (the base model's, in every run)."""
+
+    def __init__(self, plain: nn.Embedding, runs: int):
+        super().__init__()
+        if plain.padding_idx is not None or plain.max_norm is not None or plain.scale_grad_by_freq or plain.sparse:
+            raise TypeError("only an nn.Embedding without padding_idx, max_norm, scale_grad_by_freq or sparse "
+                            "has a stacked form")
+        self.weight = _expand(plain.weight, runs)  # (R, V, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, ...) int64 ids -> (R, ..., d)
+        runs, vocab = self.weight.shape[:2]
+        # one lookup in the (R*V, d) table of every run: run r's token v is its row r*V + v
+        offsets = torch.arange(0, runs * vocab, vocab, device=x.device).view(runs, *(1,) * (x.dim() - 1))
+        return F.embedding(x + offsets, self.weight.flatten(0, 1))
+
+
+class StackedPositions(_Stacked):
+    """models.Positions for R runs: positions (R, context, d)."""
+
+    def __init__(self, plain: Positions, runs: int):
+        super().__init__()
+        self.weight = _expand(plain.weight, runs)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (R, N, T, d) -> (R, N, T, d)
+        return h + self.weight[:, :h.shape[-2]].unsqueeze(1)
 
 
 class StackedLinear(_Stacked):
@@ -305,6 +334,8 @@ STACKED = {
     nn.Linear: lambda m, runs: StackedLinear(_copies(m.weight, runs), _copies(m.bias, runs)),
     nn.LayerNorm: StackedLayerNorm,
     Tokens: StackedTokens,
+    nn.Embedding: StackedEmbedding,
+    Positions: StackedPositions,
     SeededDropout: lambda m, runs: StackedDropout(m.p),
 }
 
@@ -324,7 +355,11 @@ class StackedModel(nn.Module):
                 raise TypeError(f"cannot stack {name} ({type(m).__name__}): only "
                                 f"{', '.join(t.__name__ for t in STACKED)} have a stacked form")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, H*W) or (N, H*W) -> (R, N, classes)
+    example_dim = 1  # outputs (R, N, ...): the examples follow the run dimension (train.logits_of)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (R, N, features) or (R, N, T) token ids, one batch per run, or a split's (N, features) or (N, T)
+        shared by every run; returns (R, N, classes) or (R, N, T, V) logits."""
         if x.dim() == 2 and not self.row_wise:  # a shared input: one view of it per run
             x = x.expand(self.runs, *x.shape)
         return self.body(x)
@@ -409,8 +444,8 @@ def evaluate_stack(model: StackedModel, split: Split, objective: Objective) -> t
     """(mean loss, metric) of every run on ``split`` under ``objective``, each an (R,) tensor, in eval mode."""
     was_training = model.training
     model.eval()
-    logits = logits_of(model, split.x)  # (R, N, C)
-    y = split.y.expand(logits.shape[0], -1)
+    logits = logits_of(model, split.x)  # (R, N, C) or, for sequences, (R, N, T, V)
+    y = split.y.expand(logits.shape[0], *split.y.shape)  # (R, N) or (R, N, T)
     loss = objective.losses(logits, y).mean(1)
     acc = objective.correct(logits, y).mean(1)  # float32, as train.evaluate computes it
     model.train(was_training)
@@ -451,17 +486,19 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     t0 = time.perf_counter()
     x, y, n = task.train.x, task.train.y, len(task.train)
     objective = task.spec.objective  # the task's loss and metric
+    dtype = next(model.parameters()).dtype  # of the losses, whatever the inputs are (token ids: int64)
     for epoch in range(1, max_epochs + 1):
         model.train()
         model.set_generators(gens)
         perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])  # (live, n)
-        loss_sum = torch.zeros(len(active), device=device, dtype=x.dtype)
-        buf = x.new_empty(len(active) * batch_size, x.shape[1])  # one buffer for every batch: no allocation per step
+        loss_sum = torch.zeros(len(active), device=device, dtype=dtype)
+        # one buffer for every batch (no allocation per step), of the inputs' dtype: floats or int64 token ids
+        buf = x.new_empty(len(active) * batch_size, *x.shape[1:])
         for start in range(0, n, batch_size):
             idx = perms[:, start:start + batch_size]  # (live, b)
             flat = idx.flatten()
             xb = torch.index_select(x, 0, flat, out=buf[:flat.numel()])
-            logits = model(xb.view(*idx.shape, -1))  # (live, b, C)
+            logits = model(xb.view(*idx.shape, *x.shape[1:]))  # (live, b, C) or (live, b, T, V)
             losses = objective.losses(logits.flatten(0, 1), y.index_select(0, flat))
             per_run = losses.view(idx.shape).mean(1)  # (live,): each run's mean loss over its batch
             bad = ~torch.isfinite(per_run)

@@ -92,8 +92,8 @@ def train_clients(model: StackedModel, params: list[nn.Parameter], x: torch.Tens
         idx = torch.stack([torch.cat([b, b[:1].expand(longest - b.numel())]) for b in batches])  # (live, longest)
         mask = torch.arange(longest, device=x.device) < torch.tensor(valid, device=x.device).unsqueeze(1)
         model.set_generators([generators[c] for c in active], valid)
-        logits = model(x[idx])  # (live, longest, classes)
-        per_example = objective.losses(logits.flatten(0, 1), y[idx].flatten()).view(idx.shape)
+        logits = model(x[idx])  # (live, longest, classes) or, for token sequences, (live, longest, T, V)
+        per_example = objective.losses(logits.flatten(0, 1), y[idx].flatten(0, 1)).view(idx.shape)
         per_run = (per_example * mask).sum(1) / mask.sum(1)  # each client's mean over its real examples
         check_loss(per_run, step + 1)
         optimizer.zero_grad(set_to_none=True)

@@ -209,7 +209,7 @@ def test_main_runs_the_vit_end_to_end(tmp_path):
     (["--model", "vit", "--target_modules", "qq"], "selects none of the vit's Linear layers"),
     (["--model", "vit", "--vit_heads", "3"], "vit_dim 32 is not a multiple of vit_heads 3"),
     (["--model", "vit", "--vit_patch", "5"], "vit_patch 5 does not divide the 28x28 images"),
-    (["--model", "transformer"], "unknown model 'transformer'; allowed: mlp, vit"),
+    (["--model", "transformer"], "unknown model 'transformer'; allowed: mlp, vit, gpt"),
     (["--model", "vit", "--vit_patch", "1"], "the vit needs about"),  # 785 tokens: attention maps of ~500 GiB
 ])
 @pytest.mark.slow
