@@ -72,8 +72,11 @@ class FedConfig(AdaptedModelConfig):
 
     def base_config(self) -> Config:
         """The main.py Config whose base model this study adapts (the same checkpoint, the same hash)."""
-        shared = ("model", "hidden", "vit_patch", "vit_dim", "vit_depth", "vit_heads", "vit_mlp_dim", "dropout",
-                  "data_dir", "val_size", "split_seed", "base_seed", "results_dir", "device", "progress")
+        # every model's fields (derived from models.py's registry: a new model's settings come along), then the
+        # data and the base model's, and where it is kept
+        model_fields = {f for _, fields in models.MODELS.values() for f in fields}
+        shared = ("model", *sorted(model_fields), "data_dir", "val_size", "split_seed", "base_seed", "results_dir",
+                  "device", "progress")
         return Config(**{k: getattr(self, k) for k in shared})
 
 

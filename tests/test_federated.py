@@ -74,3 +74,17 @@ def test_the_configs_federated_names_are_the_registrys():
         FedConfig(method="x")
     with pytest.raises(ConfigError, match=f"unknown partition 'x'; allowed: {', '.join(PARTITIONS)}$"):
         FedConfig(partition="x")
+
+
+def test_the_base_config_carries_every_models_settings():
+    """The federated study adapts main.py's base model: every field a model of the registry reads reaches it
+    (derived from models.MODELS; the gpt's fields were missing from a hand-kept list)."""
+    import models
+    from fed.config import FedConfig
+
+    fields = {f for _, reads in models.MODELS.values() for f in reads}
+    changed = {"gpt_dim": 96, "gpt_depth": 3, "vit_dim": 48, "hidden": [32], "dropout": 0.2}
+    assert set(changed) <= fields
+    base = FedConfig(**changed).base_config()
+    for name in fields:
+        assert getattr(base, name) == getattr(FedConfig(**changed), name), name
