@@ -355,8 +355,9 @@ class ChainController:
                              f"chain_state.json is damaged; use another checkpoint") from None
         return generator_state
 
-    def _restore(self, state: dict) -> None:
-        self.generator.set_state(self._check_state(state))
+    def _restore(self, state: dict, generator_state: torch.Tensor | None = None) -> None:
+        """Continue from ``state``; ``generator_state``: what _check_state returned for it, if already checked."""
+        self.generator.set_state(generator_state if generator_state is not None else self._check_state(state))
         self.merge_log = [tuple(m) for m in state["merge_log"]]
 
     def _take_save_routes(self) -> None:
@@ -420,14 +421,14 @@ class ChainController:
             diff = ", ".join(f"{k}={theirs[k]!r} (this chain: {mine[k]!r})" for k in mine if mine[k] != theirs[k])
             raise ChainError(f"{folder} holds another chain: {diff}; build the controller with its config")
         state = _read_state(folder / STATE_NAME)
-        self._check_state(state)
+        generator_state = self._check_state(state)
         missing = sorted(set(self.base_weights()) - _weight_keys(folder))
         if missing:
             raise ChainError(f"{folder}: the weights file has no base weight for {missing[0]} (and "
                              f"{len(missing) - 1} more): without them the earlier links are lost; use a "
                              f"checkpoint written by the chain's own save")
         result = self._peft_load(model_id, adapter_name, *args, **kwargs)
-        self._restore(state)
+        self._restore(state, generator_state)
         self.method.prepare(self.factors)
         return result
 

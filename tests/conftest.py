@@ -2,6 +2,7 @@
 check (127.0.0.1) of the tests that start Flower or bind a port."""
 from __future__ import annotations
 
+import copy
 import socket
 from pathlib import Path
 
@@ -11,6 +12,19 @@ import torch
 from models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def assert_stack_forward_equals_each_copy(base, stacked, x, dtype=torch.float64) -> None:
+    """Perturb every weight of ``stacked`` (a StackedModel of ``base``) so that its runs differ, then check
+    that its output for run i equals a plain copy of ``base`` holding run i's weights (1e-12)."""
+    with torch.no_grad():
+        for p in stacked.parameters():  # three different models
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=dtype))
+        out = stacked(x)
+        for i in range(stacked.runs):
+            ref = copy.deepcopy(base).eval()
+            ref.load_state_dict(stacked.run_state(i))
+            torch.testing.assert_close(out[i], ref(x), rtol=0, atol=1e-12)
 
 # One torch thread in the test process: the suite's tensors are small, and two threads on a 2-core machine spin
 # against any other load (a second pytest, a test's workers) and make small tests 10-30x slower (the fast lane:

@@ -23,6 +23,7 @@ from raclora.errors import ConfigError
 from raclora.methods import METHODS
 from tests.test_stack import DT, assert_run_is_alone
 from train import evaluate, logits_of, train
+from tests.conftest import assert_stack_forward_equals_each_copy
 
 V, T = 11, 8  # vocabulary, tokens per sequence
 SPEC = TaskSpec(shape=(T,), classes=V, objective=NEXT_TOKEN)
@@ -201,14 +202,7 @@ def test_stacked_forward_equals_each_copy(base):
     x = torch.randint(0, V, (10, T), generator=torch.Generator().manual_seed(1))
     model = StackedModel(base, 3).eval()
     assert isinstance(model.body.embed, StackedEmbedding) and isinstance(model.body.pos, StackedPositions)
-    with torch.no_grad():
-        for p in model.parameters():  # three different models
-            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=DT))
-        out = model(x)
-        for i in range(3):
-            ref = copy.deepcopy(base).eval()
-            ref.load_state_dict(model.run_state(i))
-            torch.testing.assert_close(out[i], ref(x), rtol=0, atol=1e-12)
+    assert_stack_forward_equals_each_copy(base, model, x, DT)
 
 
 def alone(base, task, method, sketch, rank, seed, lr):

@@ -19,6 +19,7 @@ from models import TARGET_PRESETS, build_model, count_trainable, target_linears
 from engine.stack import StackedModel, train_stack
 from tests.test_stack import DT, assert_run_is_alone, noisy_task
 from train import train
+from tests.conftest import assert_stack_forward_equals_each_copy
 
 TINY = dict(patch=7, dim=8, depth=1, heads=2, mlp_dim=16, dropout=0.1)  # 16 patches of 7x7, 17 tokens
 KW = dict(weight_decay=0.01, batch_size=64, max_epochs=4, patience=2)
@@ -63,14 +64,7 @@ def test_shapes_and_names():
 def test_stacked_forward_equals_each_copy(base):
     x = torch.randn(10, 784, generator=torch.Generator().manual_seed(1), dtype=DT)
     model = StackedModel(base, 3).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # three different models
-            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), dtype=DT))
-        out = model(x)
-        for i in range(3):
-            ref = copy.deepcopy(base).eval()
-            ref.load_state_dict(model.run_state(i))
-            torch.testing.assert_close(out[i], ref(x), rtol=0, atol=1e-12)
+    assert_stack_forward_equals_each_copy(base, model, x, DT)
 
 
 def alone(base, task, method, sketch, rank, seed, lr, targets):
