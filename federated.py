@@ -1,11 +1,12 @@
 """Federated adaptation: `python federated.py [--field value ...]` (see --help).
 
 The suite's base model (trained on digits 0-4 as main.py trains it, and cached alike) learns digits 5-9 from
-clients that each hold a shard of task B's training images (iid, or Dirichlet label skew), under a federated
+clients that each hold a shard of task B's training images (iid, or Dirichlet label skew), or (`--model gpt
+--partition role`) a GPT trained on Austen learns Shakespeare from his speaking roles, under a federated
 method of fed/methods.py (FedAvg, FedIT, FFA-LoRA, FLoRA, Fed-RAC-LoRA), in rounds simulated in this process
 (fed/simulate.py; a round's clients train as one stack; the same rounds run on Flower: fed/flower.py,
 `flwr run .`). Methods x sketches x ranks x seeds through the shared runner. Writes results/fed_runs.csv and
-results/fed_curves.csv (every round: accuracy, communication, aggregation error), plots/fed_*.png, and prints
+results/fed_curves.csv (every round: accuracy, loss, communication, aggregation error), plots/fed_*.png, and prints
 a summary table.
 """
 from __future__ import annotations
@@ -20,13 +21,23 @@ from engine.runner import report, resolve_device
 from fed.config import fed_settings_hash, from_argv
 from fed.methods import FED_METHODS
 from fed.study import CURVE_COLUMNS, PREFIX, RUN_COLUMNS, run_study
+from models import MODELS
 from plots import draw_federated
 
 
+def on_text(rows: list[dict]) -> bool:
+    """Whether the runs are a text model's (the gpt's: tokens in, next-character prediction)."""
+    return any("tokens" in MODELS[r["model"]][0].takes for r in rows if r.get("model") in MODELS)
+
+
 def summary(rows: list[dict]) -> str:
-    """One line per method, sketch and rank: mean ± std over seeds of the final accuracies, rounds and
-    megabytes to the target accuracy, the numbers each client sends per round, the largest aggregation error."""
-    header = ["method", "sketch", "rank", "seeds", "final acc B %", "acc A %", "rounds to target", "MB to target",
+    """One line per method, sketch and rank: mean ± std over seeds of the final accuracies (a text model: the
+    final test losses in nats per character, then the next-character accuracy), rounds and megabytes to the
+    target (accuracy; a text model: target_loss), the numbers each client sends per round, the largest
+    aggregation error."""
+    text = on_text(rows)
+    scores = ["final loss B", "loss A", "acc B %"] if text else ["final acc B %", "acc A %"]
+    header = ["method", "sketch", "rank", "seeds", *scores, "rounds to target", "MB to target",
               "trainable", "up / down per round", "max agg. error"]
     order = {m: i for i, m in enumerate(FED_METHODS)}
     lines = []
@@ -35,7 +46,7 @@ def summary(rows: list[dict]) -> str:
         rs, diverged = split_diverged(runs)  # a diverged run is counted in the seeds column, left out of the rest
         reached = [r["rounds_to_target"] for r in rs if r["rounds_to_target"] is not None]
         mb = [r["mb_to_target"] for r in rs if r["mb_to_target"] is not None]
-        target = f"{100 * runs[0]['target_accuracy']:.0f}%"
+        target = f"{runs[0]['target_loss']} nats" if text else f"{100 * runs[0]['target_accuracy']:.0f}%"
 
         def cell(values, fmt):
             if not values:
@@ -44,9 +55,15 @@ def summary(rows: list[dict]) -> str:
             return (fmt.format(m) + ("" if math.isnan(s) else " ± " + fmt.format(s))
                     + ("" if len(values) == len(rs) else f" ({len(values)}/{len(rs)})"))
         first = rs[0] if rs else runs[0]
+
+        def nats(key):
+            m, s = mean_std([r[key] for r in rs])
+            return "-" if math.isnan(m) else f"{m:.4f}" + ("" if math.isnan(s) else f" ± {s:.4f}")
+        accs = [pct(*mean_std([r[k] for r in rs])) for k in (("final_test_acc_b",) if text else
+                                                            ("final_test_acc_b", "final_test_acc_a"))]
         lines.append([method, sketch or "-", "-" if rank is None else str(rank), seeds_cell(rs, diverged),
-                      pct(*mean_std([r["final_test_acc_b"] for r in rs])),
-                      pct(*mean_std([r["final_test_acc_a"] for r in rs])), cell(reached, "{:.1f}"),
+                      *([nats("final_test_loss_b"), nats("final_test_loss_a")] if text else []), *accs,
+                      cell(reached, "{:.1f}"),
                       cell(mb, "{:.2f}"), str(first["trainable_params"]),
                       "-" if first["up_numbers"] is None else f"{first['up_numbers']} / {first['down_numbers']}",
                       f"{max(r['max_aggregation_error'] for r in rs):.1e}" if rs else "-"])

@@ -466,11 +466,13 @@ FED_LABELS = {"fedavg": "FedAvg (full)", "fedit": "FedIT", "ffa_lora": "FFA-LoRA
 
 def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Accuracy by round, accuracy by communicated megabytes, aggregation error by round: a line per method,
-    sketch and rank, mean over seeds with ± std (bands; a single round: a marker with an error bar).
+    sketch and rank, mean over seeds with ± std (bands; a single round: a marker with an error bar). Runs of a
+    text model (the gpt: score_of) add the test loss in nats per character by round and by megabytes
+    (loss_vs_round, loss_vs_mb), and their accuracy is next-character accuracy on task B's text.
 
     Named <prefix><partition>_accuracy_vs_round.png etc. when the runs come from one partition scheme (iid,
-    dirichlet; federated.py: fed_dirichlet_accuracy_vs_round.png), <prefix>accuracy_vs_round.png etc. when they
-    mix schemes or do not say."""
+    dirichlet, role; federated.py: fed_dirichlet_accuracy_vs_round.png), <prefix>accuracy_vs_round.png etc. when
+    they mix schemes or do not say."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     runs = split_diverged(runs)[0]  # a diverged run's rounds stop short: counted in the summary, not drawn
@@ -481,12 +483,7 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
                     key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order else 9, str(kv[0][1]), kv[0][2] or 0))
     stem = prefix + fed_stem(runs)
     written = []
-    for name, x_key, y_key, ylabel, title, log_y in (
-            ("accuracy_vs_round", "round", "test_acc_b", TASK_B_LABEL, "Server model's accuracy by round", False),
-            ("accuracy_vs_mb", "communicated_mb", "test_acc_b", TASK_B_LABEL,
-             "Accuracy by megabytes communicated (all clients, up + down, float32)", False),
-            ("aggregation_error", "round", "aggregation_error",
-             "||mean client update - applied update|| / ||mean client update||", "Aggregation error by round", True)):
+    for name, x_key, y_key, ylabel, title, log_y in _fed_figures(runs):
         path = plots_dir / f"{stem}{name}.png"
         fig, ax = plt.subplots(figsize=(10, 5.5))
         drawn, n_seeds = False, []
@@ -498,7 +495,7 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
             ys = np.array([[np.nan if c[y_key] is None else c[y_key] for c in cs[:n]] for cs in rounds], dtype=float)
             xs = np.array([[np.nan if c[x_key] is None else c[x_key] for c in cs[:n]] for cs in rounds],
                           dtype=float).mean(0)
-            scale = 1.0 if log_y else 100.0
+            scale = 100.0 if y_key.startswith("test_acc") else 1.0  # accuracies in %
             m, s = scale * ys.mean(0), scale * (ys.std(0, ddof=1) if len(rounds) > 1 else np.zeros(n))
             lbl = FED_LABELS.get(method, method) + (f" ({sketch})" if sketch else "") + (f" r={rank}" if rank else "")
             color, ls = FED_COLORS.get(method), SKETCH_STYLE.get(sketch, "-")
@@ -526,8 +523,27 @@ def draw_federated(runs: list[dict], curves: list[dict], plots_dir: str | os.Pat
     return written
 
 
+def _fed_figures(runs: list[dict]) -> list[tuple]:
+    """draw_federated's figures: (name, x column, y column, y label, title, log y) each; a text model's runs
+    (score_of: the gpt's) also the test loss by round and by megabytes, their accuracy the next character's."""
+    mb = "by megabytes communicated (all clients, up + down, float32)"
+    score = score_of(runs)
+    if score is ACCURACY:
+        figures = [("accuracy_vs_round", "round", "test_acc_b", TASK_B_LABEL, "Server model's accuracy by round"),
+                   ("accuracy_vs_mb", "communicated_mb", "test_acc_b", TASK_B_LABEL, f"Accuracy {mb}")]
+    else:
+        acc = f"next-character accuracy on {score.task_b} (%)"
+        figures = [("loss_vs_round", "round", "test_loss_b", score.b_label, "Server model's test loss by round"),
+                   ("loss_vs_mb", "communicated_mb", "test_loss_b", score.b_label, f"Test loss {mb}"),
+                   ("accuracy_vs_round", "round", "test_acc_b", acc, "Server model's next-character accuracy by round"),
+                   ("accuracy_vs_mb", "communicated_mb", "test_acc_b", acc, f"Next-character accuracy {mb}")]
+    return [(*f, False) for f in figures] + [
+        ("aggregation_error", "round", "aggregation_error",
+         "||mean client update - applied update|| / ||mean client update||", "Aggregation error by round", True)]
+
+
 def fed_stem(runs: list[dict]) -> str:
-    """"dirichlet_" / "iid_" when every run says the same partition scheme, else ""."""
+    """"dirichlet_" / "iid_" / "role_" when every run says the same partition scheme, else ""."""
     schemes = {_partition(r) for r in runs}
     return f"{safe_name(str(schemes.pop()))}_" if len(schemes) == 1 and None not in schemes else ""
 

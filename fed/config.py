@@ -1,16 +1,18 @@
 """Settings of ``python federated.py``: the suite's base model (main.py's, the same checkpoint) adapted to digits
-5-9 by clients that each hold a shard of task B, under a federated method of fed/methods.py's registry.
+5-9 by clients that each hold a shard of task B, under a federated method of fed/methods.py's registry; with
+``--model gpt --partition role``, a GPT trained on Austen adapted to Shakespeare by his speaking roles.
 
 The base model's and the adapters' fields are main.py's (config.AdaptedModelConfig); the federation's are here.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import models
-from config import AdaptedModelConfig, Config
+from config import AdaptedModelConfig, Config, ModelConfig, TOKEN_MODELS
 from data import TEST_IMAGES
-from engine.settings import arg, from_argv as parse, override, settings_hash
+from engine.settings import StudyConfig, arg, from_argv as parse, override, settings_hash
 from fed.methods import FED_METHODS
 from fed.partition import PARTITIONS
 from raclora.errors import ConfigError
@@ -28,8 +30,13 @@ class FedConfig(AdaptedModelConfig):
                       "fed_rac_lora), or all", choices=fed_method_choices, hash=False)
     ranks: list[int] = override(AdaptedModelConfig, "ranks", [1])
     # --- the federation ---
-    clients: int = arg(10, "clients holding task B's training images", range=(1, 10 ** 6))
-    partition: str = arg("dirichlet", "iid | dirichlet (label skew)", choices=PARTITIONS)
+    clients: int = arg(10, "clients holding task B's training examples (role: the clients largest of the roles "
+                       "min_role_chars keeps)", range=(1, 10 ** 6))
+    partition: str = arg("dirichlet", "iid | dirichlet (label skew; images) | role (a text model: each client one "
+                         "of Shakespeare's speaking roles, LEAF's Shakespeare task)", choices=PARTITIONS)
+    min_role_chars: int = arg(2000, "role: keep the speaking roles with at least this many characters of speech in "
+                              "task B's training split (the clients are the largest of them)", range=(1, 10 ** 9),
+                              only={"partition": ("role",)})
     dirichlet_alpha: float = arg(0.5, "dirichlet: concentration; small = few classes per client", positive=True)
     participation: float = arg(1.0, "fraction of the clients in each round, in (0, 1]")
     rounds: int = arg(50, "server rounds", range=(1, 100_000))
@@ -37,8 +44,15 @@ class FedConfig(AdaptedModelConfig):
                             range=(1, 10_000))
     lr: float = override(AdaptedModelConfig, "lr", 1e-3, help="clients' AdamW learning rate (a fresh optimizer "
                          "every round)")
-    target_accuracy: float = arg(0.9, "the summary's rounds and megabytes to reach this test accuracy on digits "
-                                 "5-9", hash=False)
+    target_accuracy: float = arg(0.9, "images: the summary's rounds and megabytes to reach this test accuracy on "
+                                 "task B (digits 5-9)", hash=False)
+    target_loss: float = arg(2.0, "text (gpt): the summary's rounds and megabytes to reach this test loss on task B, "
+                             "in nats per character", positive=True, hash=False)
+    # this study's base model learns Austen and is adapted to Shakespeare, whose speaking roles are the clients
+    text_a: str = override(AdaptedModelConfig, "text_a", "austen", help="gpt: the text of task A, on which the base "
+                           "model is trained (data.TEXTS)")
+    text_b: str = override(AdaptedModelConfig, "text_b", "shakespeare", help="gpt: the text of task B, which the "
+                           "clients hold (partition role: shakespeare, whose speaking roles they are)")
     workers: int = override(AdaptedModelConfig, "workers", help="processes training runs side by side; 0 = one "
                             "per core on CPU, 1 on a GPU")
 
@@ -53,6 +67,25 @@ class FedConfig(AdaptedModelConfig):
             raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        self.check_partition()
+
+    def check_partition(self) -> None:
+        """The partition must fit the model's task: role needs a text model on Shakespeare, whose speaking roles
+        it reads; dirichlet skews image labels, and a text has none to skew (iid fits both)."""
+        text = self.takes_tokens()
+        if self.partition == "role" and not text:
+            raise ConfigError(f"partition role makes Shakespeare's speaking roles the clients and needs a text "
+                              f"model (--model {', '.join(TOKEN_MODELS['model'])}), got model {self.model!r}; "
+                              f"for it use iid or dirichlet")
+        if self.partition == "role" and self.text_b != "shakespeare":
+            raise ConfigError(f"partition role reads Shakespeare's speaking roles: text_b must be shakespeare, "
+                              f"got {self.text_b!r}; for another text use iid")
+        if self.partition == "role" and self.min_role_chars <= self.gpt_context:
+            raise ConfigError(f"min_role_chars must be above gpt_context ({self.gpt_context}): a role needs "
+                              f"{self.gpt_context + 1} characters for one window; got {self.min_role_chars}")
+        if self.partition == "dirichlet" and text:
+            raise ConfigError(f"partition dirichlet skews image labels and a text has none to skew; for model "
+                              f"{self.model!r} use role (Shakespeare's speaking roles) or iid")
 
     def sizes(self) -> tuple[int, int, int]:
         """As Config.sizes, with the activations of one client step (batch_size images): clients do not evaluate."""
@@ -72,10 +105,11 @@ class FedConfig(AdaptedModelConfig):
 
     def base_config(self) -> Config:
         """The main.py Config whose base model this study adapts (the same checkpoint, the same hash)."""
-        # every model's fields (derived from models.py's registry: a new model's settings come along), then the
-        # data and the base model's, and where it is kept
-        model_fields = {f for _, fields in models.MODELS.values() for f in fields}
-        shared = ("model", *sorted(model_fields), "data_dir", "val_size", "split_seed", "base_seed", "results_dir",
+        # every model's fields and its data's (config.ModelConfig: a new model's settings come along), then the
+        # tasks' (task B's enter no base model's hash: the sweep's task B is then this study's) and the base
+        # model's, and where it is kept
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {f.name for f in dataclasses.fields(StudyConfig)}
+        shared = (*sorted(model_fields), "text_a", "text_b", "task_b_chars", "data_dir", "val_size", "split_seed", "base_seed", "results_dir",
                   "device", "progress")
         return Config(**{k: getattr(self, k) for k in shared})
 

@@ -10,8 +10,9 @@ numbers for the same seeds (float64: tests/test_flower.py).
   does) and ``records`` (a JSON file for the per-round records; empty: none). It is checked as federated.py
   checks its options; the server writes results/fed_flower_runs.csv and fed_flower_curves.csv.
 - Each SuperNode holds one client: ``partition-id`` (and ``num-partitions`` = clients) in its node config,
-  and optionally its own ``data-dir``. The client loads MNIST there and takes its shard of task B
-  (fed/partition.py, from split_seed: every node computes the same split).
+  and optionally its own ``data-dir``. The client loads its data there (MNIST, or the texts for the gpt) and
+  takes its shard of task B (fed.study.federation: from split_seed, or the speaking role of its partition id;
+  every node computes the same split).
 
 What travels, per round and participating client:
 - down: the round's seed and config, and the method's "down" column (fed.simulate.apply_down): FedAvg's
@@ -26,6 +27,7 @@ The server records, beside the formula's counts (fed.methods.communication), the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -37,7 +39,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from raclora.errors import ConfigError, Diverged
-from data import load_tasks, Split, Task
+from data import Split, Task
 from engine.build import config_model
 from engine.provenance import code_fingerprint, provenance
 from engine.results import git_commit, upsert_runs
@@ -45,7 +47,7 @@ from engine.runner import resolve_device
 from fed.config import from_argv
 from fed.methods import get_fed_method
 from fed.simulate import apply_down, client_round, close_round, global_state, load_global_state, Server
-from fed.study import client_shards, CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
+from fed.study import CURVE_COLUMNS, federation, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
 from raclora.factors import ROLES
 from raclora.files import atomic_write
 from sweep import Sweep
@@ -56,11 +58,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # keys; pyproject.toml's [tool.flwr.app.config] holds these defaults (tests check they agree).
 RUN_CONFIG = {
     "method": "fed_rac_lora", "sketch": "left", "rank": 1, "seed": 0,
-    "clients": 10, "partition": "dirichlet", "dirichlet-alpha": 0.5, "participation": 1.0, "rounds": 50,
-    "local-epochs": 1, "lr": 0.001, "weight-decay": 0.01, "batch-size": 128, "target-accuracy": 0.9,
-    "scaling": "alpha", "lora-alpha": 1.0, "random-init": "gaussian", "target-modules": "all",
+    "clients": 10, "partition": "dirichlet", "dirichlet-alpha": 0.5, "min-role-chars": 2000, "participation": 1.0,
+    "rounds": 50, "local-epochs": 1, "lr": 0.001, "weight-decay": 0.01, "batch-size": 128, "target-accuracy": 0.9,
+    "target-loss": 2.0, "scaling": "alpha", "lora-alpha": 1.0, "random-init": "gaussian", "target-modules": "all",
     "model": "mlp", "hidden": "64,64", "vit-patch": 7, "vit-dim": 32, "vit-depth": 2, "vit-heads": 2,
-    "vit-mlp-dim": 64, "dropout": 0.1,
+    "vit-mlp-dim": 64, "gpt-dim": 128, "gpt-depth": 4, "gpt-heads": 4, "gpt-context": 64, "dropout": 0.1,
+    "text-a": "austen", "text-b": "shakespeare", "text-chars": 0, "task-b-chars": 0,
     "data-dir": "./data", "val-size": 5000, "split-seed": 0, "base-seed": 0, "results-dir": "./results",
     "device": "cpu",
     "dtype": "float32", "base-model": "", "records": "", "timeout": 3600,
@@ -108,9 +111,13 @@ def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
 
 
 def load_run_tasks(cfg, data_dir: str, dtype: torch.dtype, device, tasks: dict | None = None) -> dict:
-    """Tasks A and B (data.load_tasks, unless ``tasks`` already holds them) with images in ``dtype``."""
-    tasks = tasks if tasks is not None else load_tasks(data_dir, cfg.val_size, cfg.split_seed, device)
-    return {name: Task(**{k: Split(getattr(t, k).x.to(dtype), getattr(t, k).y) for k in ("train", "val", "test")},
+    """Tasks A and B (the config's, config.AdaptedModelConfig.load_tasks from ``data_dir``, unless ``tasks``
+    already holds them) with images in ``dtype`` (token ids stay int64)."""
+    tasks = tasks if tasks is not None else dataclasses.replace(cfg, data_dir=data_dir).load_tasks(device)
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) if x.is_floating_point() else x
+    return {name: Task(**{k: Split(cast(getattr(t, k).x), getattr(t, k).y) for k in ("train", "val", "test")},
                        spec=t.spec) for name, t in tasks.items()}
 
 
@@ -282,8 +289,9 @@ def server_main(grid, context) -> None:
     if opts["records"]:
         atomic_write(opts["records"], json.dumps(records))
     if diverged is None:
-        print(f"Flower run finished: {spec}, final accuracy on digits 5-9 {100 * records[-1]['test_acc_b']:.2f} %, "
-              f"{wall:.1f} s")
+        last = records[-1]
+        print(f"Flower run finished: {spec}, final accuracy on task B {100 * last['test_acc_b']:.2f} %, test loss "
+              f"{last['test_loss_b']:.4f}, {wall:.1f} s")
 
 
 # --- the client --------------------------------------------------------------------------------------------
@@ -303,16 +311,18 @@ def _client_setup(context):
     return cfg, spec, opts, pid, tasks, shards[pid], device
 
 
-_CLIENT_DATA: dict[tuple, tuple] = {}  # a process that serves several messages (Ray's actors) reads MNIST once
+_CLIENT_DATA: dict[tuple, tuple] = {}  # a process that serves several messages (Ray's actors) reads its data once
 
 
 def _client_data(cfg, data_dir: str, dtype: torch.dtype, device) -> tuple[dict, list]:
-    """(tasks, every client's shard) for this data and split, read once per process."""
-    key = (data_dir, cfg.val_size, cfg.split_seed, dtype, str(device), cfg.clients, cfg.partition, cfg.dirichlet_alpha)
+    """(tasks, every client's shard: fed.study.federation) for this data and split, read once per process."""
+    data_fields = ("model", "val_size", "split_seed", "gpt_context", "text_a", "text_b", "text_chars", "task_b_chars",
+                   "clients", "partition", "dirichlet_alpha", "min_role_chars")
+    key = (data_dir, dtype, str(device), *(getattr(cfg, k) for k in data_fields))
     if key not in _CLIENT_DATA:
         tasks = load_run_tasks(cfg, data_dir, dtype, device)
         _CLIENT_DATA.clear()  # one data set at a time
-        _CLIENT_DATA[key] = tasks, client_shards(cfg, tasks)
+        _CLIENT_DATA[key] = federation(cfg, tasks)
     return _CLIENT_DATA[key]
 
 

@@ -135,8 +135,8 @@ def _set_factors(model: nn.Module, layers: list[str], factors: list[dict], stack
 def run_federated(base: nn.Module, task: Task, task_a: Task, shards: list[torch.Tensor], s: FedSettings, *,
                   engine: str = "stack", progress: Callable[[dict], None] | None = None) -> list[dict]:
     """``s.rounds`` rounds of ``s.method`` from ``base`` over the clients' ``shards`` of task.train; returns one
-    record per round: the server's test accuracy on task B and on task A (forgetting), the clients' mean
-    training loss, participants, numbers sent up and down per client, aggregation error.
+    record per round: the server's test accuracy and mean test loss on task B and on task A (forgetting; a text
+    task: next-character accuracy, nats per character), the clients' mean training loss, participants, numbers sent up and down per client, aggregation error.
 
     A client's loss that is not finite ends the run (raclora.errors.Diverged, raised on with ``records``: the
     rounds completed before it, and ``round``: the round it happened in)."""
@@ -208,9 +208,10 @@ def close_round(server: Server, t: int, chosen: list[int], starts: list[dict], s
     model = _global_model(server)
     loss_b, acc_b = evaluate(model, task.test, task.spec.objective)
     check_loss(loss_b, t)  # a last local step to non-finite weights shows here, not in a next round's loss
-    _, acc_a = evaluate(model, task_a.test, task_a.spec.objective)
+    loss_a, acc_a = evaluate(model, task_a.test, task_a.spec.objective)
     rec = dict(round=t, participants=len(chosen), train_loss=sum(losses) / len(losses), test_acc_b=acc_b,
-               test_acc_a=acc_a, up_numbers=up_numbers, down_numbers=down_numbers, aggregation_error=error)
+               test_acc_a=acc_a, test_loss_b=loss_b, test_loss_a=loss_a, up_numbers=up_numbers,
+               down_numbers=down_numbers, aggregation_error=error)
     return rec, down
 
 

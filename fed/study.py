@@ -4,20 +4,21 @@ federated.py is its command line; fed/flower.py runs the same runs on Flower and
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import datetime, timezone
 
 from tqdm.auto import tqdm
 
-from data import load_tasks
+from data import load_text, Task, text_bounds, vocabulary
 from engine.build import config_model
 from engine.results import RECORD_COLUMNS, Index
 from engine.runner import resolve_device, run_study as run, Study
 from engine.settings import stable_hash
 from fed.config import fed_settings_hash
 from fed.methods import get_fed_method
-from fed.partition import partition
+from fed.partition import partition, role_partition, RoleShards
 from fed.simulate import _client_run, FedSettings, megabytes, run_federated, Server
 from models import count_trainable
 from raclora.errors import DIVERGED, Diverged
@@ -26,15 +27,16 @@ from sweep import Sweep
 
 RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status": str, "diverged_round": int,
                "clients": int,
-               "partition": str, "dirichlet_alpha": float, "participation": float, "rounds": int, "local_epochs": int,
+               "partition": str, "dirichlet_alpha": float, "min_role_chars": int, "participation": float, "rounds": int, "local_epochs": int,
                "lr": float, "model": str, "target_modules": str, "trainable_params": int, "up_numbers": int,
                "down_numbers": int, "final_test_acc_b": float, "final_test_acc_a": float, "best_test_acc_b": float,
-               "target_accuracy": float, "rounds_to_target": int, "mb_to_target": float, "total_mb": float,
+               "final_test_loss_b": float, "final_test_loss_a": float, "best_test_loss_b": float,
+               "target_accuracy": float, "target_loss": float, "rounds_to_target": int, "mb_to_target": float, "total_mb": float,
                "max_aggregation_error": float, **RECORD_COLUMNS}
 CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int,
                  "round": Index("rounds", diverged_at="diverged_round"),
                  "participants": int, "train_loss": float, "test_acc_b": float, "test_acc_a": float,
-                 "up_numbers": int, "down_numbers": int, "communicated_mb": float, "aggregation_error": float}
+                 "test_loss_b": float, "test_loss_a": float, "up_numbers": int, "down_numbers": int, "communicated_mb": float, "aggregation_error": float}
 # the Flower engine's curve rows also carry the numbers its messages held, per participating client (fed/flower.py)
 FLOWER_COLUMNS = {"sent_up_numbers": float, "sent_down_numbers": float}
 PREFIX = "fed_"  # results/fed_runs.csv, results/fed_curves.csv (one row per run and round)
@@ -63,11 +65,10 @@ class FedTrainer:
 
         self.cfg, self.commit, self.show_epochs = cfg, commit, show_epochs
         self.device = resolve_device(cfg.device)
-        self.tasks = tasks if tasks is not None else load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed,
-                                                                self.device)
+        tasks = tasks if tasks is not None else cfg.load_tasks(self.device)
         self.base = config_model(cfg, None, self.device)
         self.base.load_state_dict(base_state)
-        self.shards = client_shards(cfg, self.tasks)
+        self.tasks, self.shards = federation(cfg, tasks)
 
     def run(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         out = []
@@ -105,18 +106,21 @@ def run_rows(cfg, commit: str, dev: str, spec: dict, records: list[dict], wall: 
         total += r["participants"] * megabytes(r["up_numbers"] + r["down_numbers"])
         curve.append(dict(config_hash=key, **spec, **{k: r[k] for k in r if k in CURVE_COLUMNS or k in FLOWER_COLUMNS},
                           communicated_mb=total))
-    reached = next((c for c in curve if c["test_acc_b"] >= cfg.target_accuracy), None)
+    reached = next((c for c in curve if reaches(cfg, c)), None)
     done = diverged_round is None
     last = records[-1] if done else {}
     row = dict(**spec, status="finished" if done else DIVERGED, diverged_round=diverged_round, clients=cfg.clients,
-               partition=cfg.partition, dirichlet_alpha=cfg.dirichlet_alpha, participation=cfg.participation, rounds=cfg.rounds,
+               partition=cfg.partition, dirichlet_alpha=cfg.dirichlet_alpha,
+               min_role_chars=cfg.min_role_chars if cfg.partition == "role" else None, participation=cfg.participation, rounds=cfg.rounds,
                local_epochs=cfg.local_epochs, lr=cfg.lr, model=cfg.model,
                target_modules=" ".join(cfg.target_modules), trainable_params=trainable_params,
                up_numbers=records[0]["up_numbers"] if records else None,
                down_numbers=records[0]["down_numbers"] if records else None,
                final_test_acc_b=last.get("test_acc_b"), final_test_acc_a=last.get("test_acc_a"),
                best_test_acc_b=max(r["test_acc_b"] for r in records) if done else None,
-               target_accuracy=cfg.target_accuracy,
+               final_test_loss_b=last.get("test_loss_b"), final_test_loss_a=last.get("test_loss_a"),
+               best_test_loss_b=min(r["test_loss_b"] for r in records) if done else None,
+               target_accuracy=cfg.target_accuracy, target_loss=cfg.target_loss,
                rounds_to_target=reached["round"] if reached and done else None,
                mb_to_target=reached["communicated_mb"] if reached and done else None, total_mb=total,
                max_aggregation_error=max(r["aggregation_error"] for r in records) if done else None,
@@ -143,9 +147,60 @@ def trainable(base, s) -> int:
     return count_trainable(_client_run(Server(base, s, 1)).model)
 
 
+def reaches(cfg, rec: dict) -> bool:
+    """Whether a round's record reaches the summary's target: test loss at most target_loss on a text task (the
+    record of a text model), test accuracy at least target_accuracy on images."""
+    if cfg.takes_tokens():
+        return rec["test_loss_b"] <= cfg.target_loss
+    return rec["test_acc_b"] >= cfg.target_accuracy
+
+
+def federation(cfg, tasks: dict) -> tuple[dict, list]:
+    """(tasks, the clients' shards): task B's training examples split over the clients (fed.partition), the same
+    for every run. iid and dirichlet split task B's own training examples (from split_seed); role makes the
+    clients Shakespeare's speaking roles (role_partition), and task B's training split becomes their windows,
+    one client after the other (its val and test splits, the central evaluation, unchanged)."""
+    if cfg.partition != "role":
+        return tasks, partition(tasks["B"].train.y, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.split_seed)
+    roles = client_roles(cfg)
+    b = tasks["B"]
+    device = b.train.x.device
+    train = type(b.train)(roles.train.x.to(device), roles.train.y.to(device))
+    return {**tasks, "B": Task(train=train, val=b.val, test=b.test, spec=b.spec)}, roles.shards
+
+
+def client_roles(cfg) -> RoleShards:
+    """The role partition of task B's text (fed.partition.role_partition): its training split as
+    config.load_tasks cuts it (text_chars, task_b_chars), windows of gpt_context characters."""
+    return _client_roles(cfg.text_b, str(cfg.data_dir), cfg.gpt_context, cfg.text_chars, cfg.task_b_chars,
+                         cfg.clients, cfg.min_role_chars)
+
+
+@functools.lru_cache(maxsize=4)  # the study, its trainer and its summary line ask for the same partition
+def _client_roles(name: str, data_dir: str, context: int, chars: int, train_chars: int, clients: int,
+                  min_chars: int) -> RoleShards:
+    text = load_text(name, data_dir)
+    stop = text_bounds(len(text))["train"][1]
+    for cap in (chars, train_chars):
+        stop = min(stop, cap) if cap else stop
+    return role_partition(text, vocabulary(data_dir), context, stop, clients, min_chars)
+
+
 def client_shards(cfg, tasks) -> list:
-    """Task B's training images split over the clients (fed.partition), from split_seed: the same for every run."""
-    return partition(tasks["B"].train.y, cfg.clients, cfg.partition, cfg.dirichlet_alpha, cfg.split_seed)
+    """The clients' shards of federation(cfg, tasks)."""
+    return federation(cfg, tasks)[1]
+
+
+def federation_in_words(cfg, shards: list) -> str:
+    """One line on the clients: how many, the partition, their examples."""
+    sizes = f"{min(s.numel() for s in shards)}-{max(s.numel() for s in shards)}"
+    if cfg.partition == "role":
+        return (f"{cfg.clients} clients: the largest of the {client_roles(cfg).kept} speaking roles of "
+                f"{cfg.text_b} with at least {cfg.min_role_chars} training characters, {sizes} windows of "
+                f"{cfg.gpt_context} characters each")
+    what = f"windows of {cfg.gpt_context} characters" if cfg.takes_tokens() else "images"
+    return (f"{cfg.clients} clients ({cfg.partition}" + (f", alpha {cfg.dirichlet_alpha}" if cfg.partition ==
+            "dirichlet" else "") + f"): {sizes} {what} each")
 
 
 def describe(spec: dict) -> str:
@@ -158,10 +213,8 @@ def run_study(cfg, commit: str) -> list[dict]:
     t0 = time.perf_counter()
     cfg.check_setup()
     sweep = Sweep(cfg.base_config(), commit)
-    shards = client_shards(cfg, sweep.tasks)  # a split that cannot be made stops here, before any training
-    tqdm.write(f"device: {sweep.device}; {cfg.clients} clients ({cfg.partition}"
-               + (f", alpha {cfg.dirichlet_alpha}" if cfg.partition == "dirichlet" else "")
-               + f"): {min(s.numel() for s in shards)}-{max(s.numel() for s in shards)} images each")
+    tasks, shards = federation(cfg, sweep.tasks)  # a split that cannot be made stops here, before any training
+    tqdm.write(f"device: {sweep.device}; {federation_in_words(cfg, shards)}")
     base = sweep.base_model()
     state = {k: v.cpu() for k, v in base.state_dict().items()}
     dev = sweep.device.type
