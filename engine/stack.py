@@ -459,14 +459,19 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 on_step_end: Callable[[int, list[torch.Generator]], bool] | None = None,
                 lr_lambda: Callable[[int], float] | None = None,
                 progress: Callable[[int, int], None] | None = None,
-                make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None) -> list[Record]:
+                make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
+                epoch_steps: int = 0) -> list[Record]:
     """train.train() for every run of the stack at once; returns one Record per run, in stack order.
 
     ``on_epoch_end(epoch, generators)`` and ``on_step_end(step, generators)`` get the generators of
     the runs still training (the model holds just those runs). ``progress(epoch, runs_still_training)`` is called after each epoch.
     ``make_optimizer(params)`` replaces the default AdamW(params, lr, weight_decay) (an optimizer whose
-    state is elementwise or per matrix, so that the runs stay independent). On return the model holds
-    every run, each at its best weights.
+    state is elementwise or per matrix, so that the runs stay independent). ``epoch_steps`` > 0 makes an epoch
+    (an evaluation, a curve entry) that many optimizer steps instead of one pass over the training split: the
+    passes run on across epochs, each a fresh permutation drawn when the last one is used up (a long split
+    still gets a curve with many points). Each curve entry also holds ``step`` (optimizer steps so far),
+    ``wall_s`` (each run's share of the stack's training seconds so far, evaluations left out) and
+    ``test_loss``. On return the model holds every run, each at its best weights.
     """
     runs = model.runs
     if len(generators) != runs:
@@ -487,15 +492,22 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     x, y, n = task.train.x, task.train.y, len(task.train)
     objective = task.spec.objective  # the task's loss and metric
     dtype = next(model.parameters()).dtype  # of the losses, whatever the inputs are (token ids: int64)
+    steps = epoch_steps or -(-n // batch_size)  # optimizer steps an epoch: by default one pass over the split
+    at, train_s = n, 0.0  # where the next batch of the pass starts (n: draw a new pass); training seconds so far
     for epoch in range(1, max_epochs + 1):
+        t_epoch = time.perf_counter()
         model.train()
         model.set_generators(gens)
-        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])  # (live, n)
         loss_sum = torch.zeros(len(active), device=device, dtype=dtype)
+        seen = 0  # examples of each run's batches this epoch
         # one buffer for every batch (no allocation per step), of the inputs' dtype: floats or int64 token ids
         buf = x.new_empty(len(active) * batch_size, *x.shape[1:])
-        for start in range(0, n, batch_size):
-            idx = perms[:, start:start + batch_size]  # (live, b)
+        for _ in range(steps):
+            if at >= n:  # a new pass over the training split
+                perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])  # (live, n)
+                at = 0
+            idx = perms[:, at:at + batch_size]  # (live, b)
+            at += batch_size
             flat = idx.flatten()
             xb = torch.index_select(x, 0, flat, out=buf[:flat.numel()])
             logits = model(xb.view(*idx.shape, *x.shape[1:]))  # (live, b, C) or (live, b, T, V)
@@ -509,6 +521,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 _zero_rows(optimizer, bad)  # so the other runs take exactly the step they take alone
             optimizer.step()
             loss_sum += per_run.detach() * idx.shape[1]
+            seen += idx.shape[1]
             hooks.after_step(gens)
             if diverged:  # as train.train: recorded as diverged at this step, its unfinished epoch not recorded
                 for row in diverged:
@@ -524,16 +537,19 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
             break
         live = len(active)
         hooks.after_epoch(epoch, gens)
+        train_s += time.perf_counter() - t_epoch
         val_loss, val_acc = evaluate_stack(model, task.val, objective)
-        _, test_acc = evaluate_stack(model, task.test, objective)
-        columns = [(loss_sum / n).tolist(), val_loss.tolist(), val_acc.tolist(), test_acc.tolist()]
+        test_loss, test_acc = evaluate_stack(model, task.test, objective)
+        columns = [(loss_sum / seen).tolist(), val_loss.tolist(), val_acc.tolist(), test_acc.tolist(),
+                   test_loss.tolist()]
         improved, stopped = [], []
         merged = hooks.merges > merges_at_epoch_start
         merges_at_epoch_start = hooks.merges
-        for row, (run, tl, vl, va, ta) in enumerate(zip(active, *columns)):
+        for row, (run, tl, vl, va, ta, tel) in enumerate(zip(active, *columns)):
             rec = records[run]
             rec.curve.append({"epoch": epoch, "train_loss": tl, "val_loss": vl, "val_acc": va,
-                              "test_acc": ta, "merged": merged})
+                              "test_acc": ta, "merged": merged, "step": hooks.step, "wall_s": train_s / runs,
+                              "test_loss": tel})
             rec.epochs, rec.merges = epoch, hooks.merges
             if vl < rec.best_val_loss:
                 rec.best_val_loss, rec.best_epoch, stale[run] = vl, epoch, 0
@@ -552,6 +568,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 break
             _keep_rows(model, optimizer, torch.tensor(keep, device=device))
             active, gens = [active[r] for r in keep], [gens[r] for r in keep]
+            perms = perms[keep]  # a pass that runs on into the next epoch (epoch_steps)
     model.restore(best, ranks)  # every run back in the stack, at its best weights
     wall = time.perf_counter() - t0
     for rec in records:
