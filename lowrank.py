@@ -5,14 +5,17 @@ has a leading run dimension, draws run i's initial values from ``generators[i]``
 run alone (R = 1) draws them, and offers what stack.train_stack needs of a layer: ``ranks``,
 ``keep_runs``, ``trainable_count``.
 
-Forms (``build`` makes an n_in-hidden-n_out MLP of one form; the task gives n_in and n_out):
+Forms (``build`` makes an n_in-hidden-n_out MLP of one form, the task giving n_in and n_out; ``build_gpt``
+the registry's gpt with every Linear, the head included, in the form: its embeddings, positions and
+LayerNorms train in full in every form):
 
-- ``full``: nn.Linear layers (stack.StackedLinear), nn.Linear's default initialisation.
+- ``full``: nn.Linear layers (stack.StackedLinear), nn.Linear's default initialisation (the gpt: its own,
+  models.build_model's, which draws every Linear as nn.Linear does).
 - ``lowrank``: W = U V, U (out, r), V (r, in), both U(-1/sqrt(r), 1/sqrt(r)) (the rank-dependent
   initialisation of the LoRALinear study), bias as nn.Linear's.
 - ``lowrank_ae``: nn.Linear(in, r) then nn.Linear(r, out), both default-initialised, no non-linearity
   between them (the "autoencoder" form): W = U V plus an inner bias c, U(V x + c) + b.
-- ``lte`` (LoRA-the-Explorer, Huh et al. 2024): a full weight W (nn.Linear's init) that changes only
+- ``lte`` (LoRA-the-Explorer, Huh et al. 2024): a full weight W (the full form's init) that changes only
   at merges, and N LoRA heads (A_n (r, in), B_n (out, r)), head n trained on the n-th of N contiguous
   shards of every batch: y_n = W x_n + b + s B_n A_n x_n. A merge (every T steps, by the caller)
   sets W <- W + s mean_n B_n A_n, then B_n = 0 and A_n is drawn afresh (LTE's "reset" variant;
@@ -26,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import models
 from engine.stack import StackedLinear, StackedModel, _replace_parameters, _Stacked
 
 
@@ -44,6 +48,14 @@ def orthogonal_rows(r: int, inp: int, g: torch.Generator, device) -> torch.Tenso
     q, upper = torch.linalg.qr(torch.randn(inp, r, generator=g, device=device))
     q = q * torch.sign(torch.diagonal(upper)).where(torch.diagonal(upper) != 0, torch.ones((), device=device))
     return q.T * (inp / r) ** 0.5
+
+
+def _rows(x: torch.Tensor, f) -> torch.Tensor:
+    """f applied to x (R, N, ..., in) viewed as (R, rows, in); the result viewed back as (R, N, ..., out)."""
+    if x.dim() == 3:
+        return f(x)
+    y = f(x.reshape(x.shape[0], -1, x.shape[-1]))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _RunsLayer(_Stacked):
@@ -96,8 +108,13 @@ class StackedFactorised(_RunsLayer):
         self.c = nn.Parameter(torch.stack(cs)) if cs else None  # (R, r), the inner bias of lowrank_ae
         self.bias = nn.Parameter(torch.stack(bs))  # (R, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, in), or (N, in) shared -> (R, N, out)
-        h = x @ self.V.transpose(1, 2)  # (R, N, r)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, ..., in), or (N, in) shared -> (R, N, ..., out)
+        if x.dim() == 2:
+            return self._forward3(x)
+        return _rows(x, self._forward3)
+
+    def _forward3(self, x: torch.Tensor) -> torch.Tensor:  # (R, M, in) or (M, in) -> (R, M, out)
+        h = x @ self.V.transpose(1, 2)  # (R, M, r)
         if self.c is not None:
             h = h + self.c.unsqueeze(1)
         return torch.baddbmm(self.bias.unsqueeze(1), h, self.U.transpose(1, 2))
@@ -110,29 +127,36 @@ class StackedFactorised(_RunsLayer):
 
 
 class StackedLTE(_RunsLayer):
-    """R runs of an LTE layer with ``heads`` LoRA heads of rank r (module docstring)."""
+    """R runs of an LTE layer with ``heads`` LoRA heads of rank r on the initial weight (R, out, in) and bias
+    (R, out) (module docstring); each run's heads' A drawn from its generator (B starts at zero)."""
 
-    def __init__(self, inp: int, out: int, rank: int, heads: int, scale: float, generators: list[torch.Generator],
-                 device):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rank: int, heads: int, scale: float,
+                 generators: list[torch.Generator]):
         super().__init__()
         self.rank, self.heads, self.scale = rank, heads, scale
-        ws, bs, As = [], [], []
-        for g in generators:  # the weight and bias, then each head's A (B starts at zero)
-            w, b = linear_init(out, inp, g, device)
-            ws.append(w), bs.append(b)
-            As.append(torch.stack([orthogonal_rows(rank, inp, g, device) for _ in range(heads)]))
-        self.weight = nn.Parameter(torch.stack(ws), requires_grad=False)  # (R, out, in): changed by merges only
-        self.bias = nn.Parameter(torch.stack(bs))  # (R, out)
+        runs, out, inp = weight.shape
+        As = [torch.stack([orthogonal_rows(rank, inp, g, weight.device) for _ in range(heads)]) for g in generators]
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (R, out, in): changed by merges only
+        self.bias = nn.Parameter(bias)  # (R, out)
         self.A = nn.Parameter(torch.stack(As))  # (R, N, r, in)
-        self.B = nn.Parameter(torch.zeros(len(generators), heads, out, rank, device=device))  # (R, N, out, r)
+        self.B = nn.Parameter(torch.zeros(runs, heads, out, rank, device=weight.device, dtype=weight.dtype))  # (R, N, out, r)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (R, b, ..., in), or (M, in) shared -> (R, b, ..., out)
         if not self.training or x.dim() == 2:  # the merged function: W + s mean_n B_n A_n
             w = self.weight + self.delta_weight()
-            return (x @ w.transpose(1, 2)) + self.bias.unsqueeze(1)
-        h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))  # (R, b, out)
-        shards = x.tensor_split(self.heads, dim=1)  # head n sees the n-th contiguous shard of the batch
-        low = [(s @ self.A[:, n].transpose(1, 2)) @ self.B[:, n].transpose(1, 2) for n, s in enumerate(shards)]
+            if x.dim() == 2:
+                return (x @ w.transpose(1, 2)) + self.bias.unsqueeze(1)
+            return _rows(x, lambda x3: torch.baddbmm(self.bias.unsqueeze(1), x3, w.transpose(1, 2)))
+        h = _rows(x, lambda x3: torch.baddbmm(self.bias.unsqueeze(1), x3, self.weight.transpose(1, 2)))
+        runs, b = x.shape[:2]
+        if b % self.heads == 0:  # equal shards: every head of every run in one batched product
+            xs = x.reshape(runs * self.heads, -1, x.shape[-1])  # (R N, b/N ..., in): run i's shard n at i N + n
+            a = self.A.reshape(runs * self.heads, self.rank, -1).transpose(1, 2)  # (R N, in, r)
+            low = torch.bmm(torch.bmm(xs, a), self.B.reshape(runs * self.heads, -1, self.rank).transpose(1, 2))
+            return h + self.scale * low.view(h.shape)
+        shards = x.tensor_split(self.heads, dim=1)  # head n sees the n-th contiguous shard of the batch's examples
+        low = [_rows(s, lambda s3, n=n: (s3 @ self.A[:, n].transpose(1, 2)) @ self.B[:, n].transpose(1, 2))
+               for n, s in enumerate(shards)]
         return h + self.scale * torch.cat(low, dim=1)
 
     def head_deltas(self) -> torch.Tensor:  # (R, N, out, in): s B_n A_n
@@ -179,22 +203,76 @@ class ScratchModel(StackedModel):
         return [m for m in self.body if isinstance(m, StackedLTE)]
 
 
+HEADED = ("lte", "lora")  # the forms with LTE's heads: their runs sweep the head count
+
+
+def form_layer(form: str, weight: torch.Tensor, bias: torch.Tensor, rank: int | None, heads: int,
+               generators: list[torch.Generator]) -> nn.Module:
+    """The stacked layer of ``form`` in place of a Linear whose initial weight (R, out, in) and bias (R, out) are
+    given (the full form's): full and galore train them, lte and lora put their heads on them (lora: one head
+    of rank heads * r), lowrank and lowrank_ae draw their own factors and bias from ``generators`` instead."""
+    if form in ("full", "galore"):
+        return StackedLinear(weight, bias)
+    if form in ("lowrank", "lowrank_ae"):
+        _, out, inp = weight.shape
+        return StackedFactorised(inp, out, rank, form, generators, weight.device)
+    if form == "lte":
+        return StackedLTE(weight, bias, rank, heads, 1.0, generators)
+    if form == "lora":  # LTE's baseline: one head holding all N heads' rank
+        return StackedLTE(weight, bias, rank * heads, 1, 1.0, generators)
+    raise ValueError(f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
+
+
 def build(form: str, hidden: list[int], rank: int | None, generators: list[torch.Generator], device, *,
           n_in: int, n_out: int, lte_heads: int = 4) -> ScratchModel:
-    """R = len(generators) runs of the ``form`` MLP n_in-hidden-n_out, layers drawn first to last."""
+    """R = len(generators) runs of the ``form`` MLP n_in-hidden-n_out, layers drawn first to last (each run's
+    draws of a layer: the full form's weight and bias, if the form starts from them, then the form's own)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
     dims = [n_in, *hidden, n_out]
     layers = []
     for inp, out in zip(dims[:-1], dims[1:]):
-        if form in ("full", "galore"):
-            w, b = zip(*(linear_init(out, inp, g, device) for g in generators))
-            lin = StackedLinear(torch.stack(w), torch.stack(b))
-            layers.append(lin)
-        elif form in ("lowrank", "lowrank_ae"):
-            layers.append(StackedFactorised(inp, out, rank, form, generators, device))
-        elif form == "lte":
-            layers.append(StackedLTE(inp, out, rank, lte_heads, 1.0, generators, device))
-        elif form == "lora":  # LTE's baseline: one head holding all N heads' rank
-            layers.append(StackedLTE(inp, out, rank * lte_heads, 1, 1.0, generators, device))
+        if form in ("lowrank", "lowrank_ae"):  # no full weight drawn: the factors are the layer's only draws
+            w, b = torch.empty(len(generators), out, inp, device=device), None
         else:
-            raise ValueError(f"unknown form {form!r}")
+            w, b = (torch.stack(t) for t in zip(*(linear_init(out, inp, g, device) for g in generators)))
+        layers.append(form_layer(form, w, b, rank, lte_heads, generators))
     return ScratchModel(layers)
+
+
+class ScratchGPT(StackedModel):
+    """R runs of the registry's gpt trained from scratch, every Linear (the head too) in one form (build_gpt)."""
+
+    @property
+    def linears(self) -> list[nn.Module]:  # the form's layers, in module order (what train_stack's restore reads)
+        return [m for m in self.body.modules() if isinstance(m, (StackedLinear, _RunsLayer))]
+
+    @property
+    def runs(self) -> int:
+        return self.linears[0].runs
+
+    def lte_layers(self) -> list[StackedLTE]:
+        return [m for m in self.body.modules() if isinstance(m, StackedLTE)]
+
+    def matrices(self) -> list[nn.Parameter]:
+        """The Linear weights (R, out, in) of the full-size forms: what GaLore projects (not the embeddings)."""
+        return [m.weight for m in self.body.modules() if type(m) is StackedLinear]
+
+
+def build_gpt(form: str, settings: dict, shape: tuple[int, ...], classes: int, rank: int | None, heads: int,
+              generators: list[torch.Generator], device) -> ScratchGPT:
+    """R = len(generators) runs of the gpt (models.build_model with ``settings``) in ``form``. Run i's draws: the
+    whole gpt as build_model draws it from ``generators[i]``, then, Linear by Linear in module order, the form's
+    own (form_layer), as the run alone (R = 1) draws them."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; allowed: {', '.join(FORMS)}")
+    plains = [models.build_model("gpt", settings, shape, classes, g, device) for g in generators]
+    model = ScratchGPT(plains[0], len(generators))
+    state = {f"body.{k}": torch.stack([p.state_dict()[k] for p in plains]) for k in plains[0].state_dict()}
+    model.load_state_dict(state)
+    for name, m in list(model.body.named_modules()):
+        if type(m) is StackedLinear:
+            layer = form_layer(form, m.weight.detach(), m.bias.detach(), rank, heads, generators)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.body.get_submodule(owner) if owner else model.body, attr, layer)
+    return model

@@ -349,17 +349,22 @@ FORM_STYLE = {"lowrank": "-", "lowrank_ae": ":", "lte": "-", "lora": "--", "galo
 def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
     """Per dataset and optimizer: test accuracy per epoch for each form (one line per rank, the full-rank
     model for reference), the two low-rank forms and the full model together, and final accuracy by rank.
-    Named <prefix><dataset>_<optimizers>_<form>.png (scratch.py: scratch_mnist_sgd_lowrank.png)."""
+    Named <prefix><dataset>_<optimizers>_<form>.png (scratch.py: scratch_mnist_sgd_lowrank.png). The gpt's runs
+    (model "gpt") get their own figures instead (_scratch_gpt: test loss by step, by seconds, by rank)."""
     runs = split_diverged(runs)[0]
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     keep = {r["config_hash"] for r in runs}
     by_run = group([c for c in curves if c["config_hash"] in keep], ("config_hash",))
     written = []
-    for (dataset,), rows in sorted(group(runs, ("dataset",)).items()):
+    for (dataset,), rows in sorted(group([r for r in runs if r.get("model") == "gpt"], ("dataset",)).items()):
+        opts = sorted({r["optimizer"] for r in rows if r["form"] != "galore"}) or ["adamw"]
+        written += _scratch_gpt(rows, by_run, dataset, plots_dir / f"{prefix}{dataset}_{'+'.join(opts)}")
+    for (dataset,), rows in sorted(group([r for r in runs if r.get("model") != "gpt"], ("dataset",)).items()):
         opts = sorted({r["optimizer"] for r in rows if r["form"] != "galore"}) or ["adamw"]
         stem = f"{prefix}{dataset}_{'+'.join(opts)}"
-        heads = _config(rows[0]).get("lte_heads", "N")
+        counts = {_run_heads(r) for r in rows if r["form"] in ("lte", "lora")}
+        heads = counts.pop() if len(counts) == 1 else "N"  # several head counts: the labels say N
         for form in ("lowrank", "lowrank_ae", "lte", "lora", "galore"):
             if any(r["form"] == form for r in rows):
                 written.append(_scratch_epochs(rows, by_run, [form], heads, dataset,
@@ -373,6 +378,90 @@ def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathL
 
 def _form_label(form: str, heads) -> str:
     return FORM_LABEL.get(form, form).format(h=heads)
+
+
+def _run_heads(row: dict):
+    """An lte or lora run's head count: its heads column, or (recorded before it) its config's lte_heads."""
+    if row.get("heads") is not None:
+        return row["heads"]
+    heads = _config(row).get("lte_heads", "N")
+    return heads[0] if isinstance(heads, list) and len(heads) == 1 else heads
+
+
+GPT_COLORS = {"full": "Greys", "lowrank": "Blues", "lowrank_ae": "Purples", "lte": "Reds", "lora": "Oranges",
+              "galore": "Greens"}  # a colour map per form; its shades tell the ranks and head counts apart
+
+
+def _gpt_config_label(form: str, rank, heads) -> str:
+    if form == "full":
+        return "full rank"
+    if form == "lte":
+        return f"LTE, {heads} heads of rank {rank}"
+    if form == "lora":
+        return f"one LoRA head of rank {heads}·{rank}"
+    return f"{FORM_LABEL.get(form, form)}, r={rank}"
+
+
+def _scratch_gpt(rows, by_run, text: str, stem: Path) -> list[Path]:
+    """The gpt trained from scratch: test loss (nats per character) by optimizer step and by training seconds,
+    one mean ± std band per form, rank and head count, and the final loss by rank, one line per form and head
+    count, the full-rank model for reference."""
+    configs = sorted(group(rows, ("form", "rank", "heads")).items(),
+                     key=lambda kv: (list(GPT_COLORS).index(kv[0][0]) if kv[0][0] in GPT_COLORS else 9,
+                                     kv[0][1] or 0, kv[0][2] or 0))
+    by_form = group(rows, ("form",))
+    written = []
+    for x_key, x_label, name in (("step", "optimizer steps", "loss_step"),
+                                 ("wall_s", "training seconds (each run's share of its stack's; evaluations "
+                                            "not counted)", "loss_wall")):
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        drawn = False
+        for (form, rank, heads), rs in configs:
+            mine = [k for k in configs if k[0][0] == form]
+            shade = 0.45 + 0.5 * mine.index(((form, rank, heads), rs)) / max(1, len(mine) - 1)
+            color = "black" if form == "full" else plt.get_cmap(GPT_COLORS.get(form, "viridis"))(shade)
+            run_curves = [by_run.get((r["config_hash"],), []) for r in rs]
+            _, xs, _ = _mean_curve(run_curves, key=x_key)
+            _, m, sd = _mean_curve(run_curves, key="test_loss")
+            drawn |= _curve(ax, xs, m, sd, color=color, ls=FORM_STYLE.get(form, "-"), lw=2 if form == "full" else 1,
+                            label=f"{_gpt_config_label(form, rank, heads)} ({rs[0]['trainable_params']:,})")
+        if not drawn:
+            plt.close(fig)
+            _skip(stem.with_name(f"{stem.name}_{name}.png"), "the curves file has no test_loss for these runs")
+            continue
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"test loss, {text} (nats per character)")
+        seeds = sorted({len(rs) for _, rs in configs})
+        ax.set_title(f"The gpt trained from scratch (trainable parameters in brackets)\n(mean ± std over "
+                     f"{_counted(seeds, 'seed')})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        written.append(_save(fig, stem.with_name(f"{stem.name}_{name}.png")))
+    ranked = [r for r in rows if r["form"] != "full"]
+    if ranked:
+        fig, ax = plt.subplots(figsize=(10, 5.5))
+        full = mean_std([r["final_test_loss"] for r in by_form.get(("full",), [])])
+        if not math.isnan(full[0]):
+            ax.axhline(full[0], color="black", lw=1.5, ls="--", label=f"full rank: {full[0]:.3f}")
+        lines = group(ranked, ("form", "heads"))
+        for i, ((form, heads), rs) in enumerate(sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))):
+            by_rank = group(rs, ("rank",))
+            ranks = sorted(k[0] for k in by_rank)
+            stats = [mean_std([r["final_test_loss"] for r in by_rank[(k,)]]) for k in ranks]
+            what = {"lte": f"LTE, {heads} heads", "lora": f"one LoRA head of rank {heads}·r"}.get(
+                form, FORM_LABEL.get(form, form))
+            ax.errorbar(ranks, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
+                        color=f"C{i % 10}", ls=FORM_STYLE.get(form, "-"), marker="o", capsize=3, label=what)
+        all_ranks = sorted({r["rank"] for r in ranked})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
+        ax.set_xlabel("rank r (per layer; LTE: per head)")
+        ax.set_ylabel(f"final test loss, {text} (nats per character)")
+        ax.set_title("The gpt trained from scratch: test loss after the last step by rank (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+        written.append(_save(fig, stem.with_name(f"{stem.name}_final_loss.png")))
+    return written
 
 
 def _full_line(ax, rows, by_run) -> bool:

@@ -97,7 +97,8 @@ def test_lowrank_forms_rank_init_and_count():
 
 def test_lte_merge_is_the_mean_of_the_heads_deltas():
     g = torch.Generator().manual_seed(3)
-    layer = StackedLTE(20, 7, 2, 4, 0.5, [torch.Generator().manual_seed(s) for s in (0, 1)], "cpu")
+    layer = StackedLTE(torch.randn(2, 7, 20, generator=g), torch.randn(2, 7, generator=g), 2, 4, 0.5,
+                       [torch.Generator().manual_seed(s) for s in (0, 1)])
     with torch.no_grad():
         layer.B.normal_(generator=g)  # heads that have learnt something
     w0 = layer.weight.detach().clone()
@@ -116,7 +117,7 @@ def test_lte_merge_is_the_mean_of_the_heads_deltas():
 
 
 def test_lte_head_n_learns_from_shard_n_only():
-    layer = StackedLTE(6, 3, 1, 4, 1.0, [torch.Generator().manual_seed(0)], "cpu")
+    layer = StackedLTE(torch.randn(1, 3, 6), torch.zeros(1, 3), 1, 4, 1.0, [torch.Generator().manual_seed(0)])
     with torch.no_grad():
         layer.B.fill_(0.1)
     x = torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(1))  # 4 shards of 2 examples
@@ -190,9 +191,11 @@ def test_fashion_mnist_is_decompressed_from_the_package(tmp_path):
 
 def test_scratch_config_hashes_and_ranges():
     base = scratch_settings_hash(ScratchConfig(), "cpu", "lowrank")
-    assert scratch_settings_hash(ScratchConfig(lte_heads=8, galore_every=50), "cpu", "lowrank") == base
-    assert scratch_settings_hash(ScratchConfig(lte_heads=8), "cpu", "lte") != \
-        scratch_settings_hash(ScratchConfig(), "cpu", "lte")
+    assert scratch_settings_hash(ScratchConfig(lte_heads=[8], galore_every=50), "cpu", "lowrank") == base
+    assert scratch_settings_hash(ScratchConfig(), "cpu", "lte", 8) != scratch_settings_hash(ScratchConfig(), "cpu", "lte", 4)
+    # a head count is the run's, not the sweep's: the same run under another sweep keeps its hash
+    assert scratch_settings_hash(ScratchConfig(lte_heads=[1, 4]), "cpu", "lte", 4) == \
+        scratch_settings_hash(ScratchConfig(), "cpu", "lte", 4)
     assert scratch_settings_hash(ScratchConfig(optimizer="adamw"), "cpu", "galore") == \
         scratch_settings_hash(ScratchConfig(), "cpu", "galore")  # GaLore runs its own Adam either way
     assert scratch_settings_hash(ScratchConfig(ranks=[2], seeds=[4], form="lte"), "cpu", "lowrank") == base
@@ -234,3 +237,19 @@ def test_scratch_py_end_to_end(tmp_path):
     bad = _run_scratch("--form", "svd")
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: unknown form 'svd'")
+
+
+@pytest.mark.parametrize("name", ["scratch_fashion_mnist_e20_runs.csv", "scratch_fashion_mnist_sgd_e100_runs.csv"])
+def test_recorded_image_runs_keep_their_hashes(name):
+    """Every run recorded before the gpt (its config as it was: lte_heads one number, no model fields) gets the
+    same config hash from today's ScratchConfig and run_hash, so that resume and the figures still find it."""
+    import json
+    rows = read_rows(ROOT / "docs" / "results" / name, scratch.RUN_COLUMNS)
+    assert rows
+    for r in rows:
+        config = json.loads(r["config"])
+        heads = config.pop("lte_heads")
+        cfg = ScratchConfig(**config, lte_heads=[heads])
+        got = scratch.run_hash(cfg, r["device"], r["form"], r["rank"], r["seed"],
+                               heads if r["form"] in ("lte", "lora") else None)
+        assert got == r["config_hash"], r["form"]
