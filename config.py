@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import models
-from data import DIGITS, check_val_size
+from data import (DIGITS, NEXT_TOKEN, TEXTS, Task, TaskSpec, check_val_size, load_tasks, text_examples, text_task,
+                  vocabulary)
 from engine.settings import StudyConfig, arg, check_ranks, check_workers, from_argv as parse
 from raclora.errors import ConfigError
 from raclora.factors import RANDOM_INITS, ROLES, SCALINGS
@@ -36,21 +37,22 @@ def models_reading(field_name: str) -> dict:
 ADAPTER = {"kind": ("adapter",)}  # a field only adapters read: the base model and full fine-tuning ignore it
 
 
+def models_taking(inputs: str) -> dict:
+    """``only`` for a data field: the models of models.MODELS whose examples may be ``inputs`` (their ``takes``:
+    "images" or "tokens"), so that the field enters only their runs' hashes."""
+    return {"model": tuple(name for name, (cls, _) in models.MODELS.items() if inputs in cls.takes)}
+
+
+TOKEN_MODELS = models_taking("tokens")  # they train on data.TEXTS
+IMAGE_MODELS = models_taking("images")  # they train on MNIST
+TASK_B_TEXT = {**TOKEN_MODELS, "kind": ("fpft", "adapter", "full")}  # read by the runs on task B, not the base model
+
+
 @dataclass
-class AdaptedModelConfig(StudyConfig):
-    """The base model of task A (digits 0-4), the adapters put on it for task B (5-9), and its data: the fields
-    that main.py's Config and federated.py's FedConfig share."""
-    # --- adapters ---
-    sketch: str = arg("left", "left: B random, A zero+trained (\"(Zero, Gaussian)\"); right: A random, B trained; "
-                      "both", choices=SKETCH_CHOICES, hash=False)
-    ranks: list[int] = arg([1, 2, 4, 8], "adapter ranks to sweep", hash=False)
-    scaling: str = arg("alpha", "scale of B@A: \"alpha\" (published code), \"alpha/r\" (LoRA), \"alpha/sqrt(r)\" "
-                       "(rsLoRA)", choices=SCALINGS, only=ADAPTER)
-    lora_alpha: float = arg(1.0, "alpha in the scaling rule above", positive=True, only=ADAPTER)
-    random_init: str = arg("gaussian", "init of the non-zero factor: gaussian = N(0, 1); kaiming = nn.Linear's "
-                           "default", choices=RANDOM_INITS, only=ADAPTER)
-    target_modules: list[str] = arg(["all"], "presets all | attention (q k v o) | mlp (fc1 fc2), or layer names as "
-                                    "PEFT's target_modules", only=ADAPTER)
+class ModelConfig(StudyConfig):
+    """The model of models.py's registry and its fields, and the data it reads: what every study that trains one
+    of the registry's models shares (main.py's Config, federated.py's FedConfig, scratch.py's ScratchConfig). A
+    model that takes images trains on MNIST's; one that takes token sequences (the gpt) on data.TEXTS."""
     # --- the model (models.py's registry) ---
     model: str = arg("mlp", "mlp: the paper's MLP; vit: a small Vision Transformer; gpt: a small causal "
                      "transformer over token sequences (not on main.py's MNIST tasks)", choices=tuple(models.MODELS))
@@ -71,33 +73,96 @@ class AdaptedModelConfig(StudyConfig):
     gpt_context: int = arg(64, "gpt: the longest sequence in tokens, one learned position each (block_size)",
                            range=(1, 65536), only=models_reading("gpt_context"))
     dropout: float = arg(0.1, "dropout probability after each hidden layer")
+    text_chars: int = arg(0, "gpt: read at most this many characters of each split (train, val, test) of each text; "
+                          "0 = all of it (the tests: a few hundred)", range=(0, 10 ** 9), only=TOKEN_MODELS)
+
+    def check(self) -> None:
+        if not self.hidden or any(not 1 <= h <= MAX_WIDTH for h in self.hidden):
+            raise ConfigError(f"hidden must be one or more widths from 1 to {MAX_WIDTH}, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def takes_tokens(self) -> bool:
+        """Whether the model reads token sequences (the studies then run on texts) rather than images."""
+        return "tokens" in models.MODELS[self.model][0].takes
+
+
+@dataclass
+class AdaptedModelConfig(ModelConfig):
+    """The base model of task A (digits 0-4, or a text), the adapters put on it for task B (digits 5-9, or another
+    text), and its data: the fields that main.py's Config and federated.py's FedConfig share."""
+    # --- adapters ---
+    sketch: str = arg("left", "left: B random, A zero+trained (\"(Zero, Gaussian)\"); right: A random, B trained; "
+                      "both", choices=SKETCH_CHOICES, hash=False)
+    ranks: list[int] = arg([1, 2, 4, 8], "adapter ranks to sweep", hash=False)
+    scaling: str = arg("alpha", "scale of B@A: \"alpha\" (published code), \"alpha/r\" (LoRA), \"alpha/sqrt(r)\" "
+                       "(rsLoRA)", choices=SCALINGS, only=ADAPTER)
+    lora_alpha: float = arg(1.0, "alpha in the scaling rule above", positive=True, only=ADAPTER)
+    random_init: str = arg("gaussian", "init of the non-zero factor: gaussian = N(0, 1); kaiming = nn.Linear's "
+                           "default", choices=RANDOM_INITS, only=ADAPTER)
+    target_modules: list[str] = arg(["all"], "presets all | attention (q k v o) | mlp (fc1 fc2), or layer names as "
+                                    "PEFT's target_modules", only=ADAPTER)
     # --- data and the base model ---
-    val_size: int = arg(5000, "images held out of the 60k training set for validation", range=(1, 10 ** 9))
-    split_seed: int = arg(0, "seed of the train/validation split (the same for every run)", range=(0, 2 ** 63 - 1))
-    base_seed: int = arg(0, "seed of the base model (trained once on digits 0-4, then cached)",
+    val_size: int = arg(5000, "images held out of the 60k training set for validation", range=(1, 10 ** 9),
+                        only=IMAGE_MODELS)
+    split_seed: int = arg(0, "seed of the train/validation split (the same for every run)", range=(0, 2 ** 63 - 1),
+                          only=IMAGE_MODELS)
+    text_a: str = arg("shakespeare", "gpt: the text of task A, on which the base model is trained (data.TEXTS)",
+                      choices=tuple(TEXTS), only=TOKEN_MODELS)
+    text_b: str = arg("austen", "gpt: the text of task B, to which the methods adapt the base model",
+                      choices=tuple(TEXTS), only=TASK_B_TEXT)
+    task_b_chars: int = arg(0, "gpt: train on at most the first this-many characters of task B's training split; "
+                            "0 = all of it (the studies' budget)", range=(0, 10 ** 9), only=TASK_B_TEXT)
+    base_seed: int = arg(0, "seed of the base model (trained once on task A, then cached)",
                          range=(0, 2 ** 63 - 1))
     workers: int = arg(0, "processes training stacks side by side, each with cores/workers threads; 0 = one per "
                        "core on CPU, 1 on a GPU", hash=False)
 
     def check(self) -> None:
-        if not self.hidden or any(not 1 <= h <= MAX_WIDTH for h in self.hidden):
-            raise ConfigError(f"hidden must be one or more widths from 1 to {MAX_WIDTH}, got {self.hidden}")
+        super().check()
         check_ranks(self.ranks)
         if not self.target_modules or any(not t for t in self.target_modules):
             raise ConfigError(f"target_modules must name one or more presets ({', '.join(models.TARGET_PRESETS)}) "
                               f"or layer names, got {self.target_modules}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         check_workers(self.workers)
 
     def check_setup(self) -> None:
-        """The checks that need the data's and the model's sizes (data.check_val_size, models.check_model)."""
-        check_val_size(self.val_size)
-        models.check_model(self)
+        """The checks that need the data's and the model's sizes (data.check_val_size, the texts' files and the
+        context, models.check_model), before any compute."""
+        if self.takes_tokens():
+            self.load_tasks("cpu")  # the texts verified, their splits long enough for the context
+        else:
+            check_val_size(self.val_size)
+        models.check_model(self, self.task_spec(), self.tasks_in_words())
+
+    def task_spec(self) -> TaskSpec:
+        """What the model reads and predicts in tasks A and B: MNIST's five-class images, or next-character
+        prediction over windows of gpt_context characters in the one vocabulary of every text."""
+        if not self.takes_tokens():
+            return DIGITS
+        return TaskSpec(shape=(self.gpt_context,), classes=len(vocabulary(self.data_dir)), objective=NEXT_TOKEN)
+
+    def tasks_in_words(self) -> str:
+        if self.takes_tokens():
+            return f"task A is the text {self.text_a!r}, task B the text {self.text_b!r}"
+        return "tasks A and B are MNIST's digits 0-4 and 5-9"
+
+    def load_tasks(self, device) -> dict[str, Task]:
+        """Tasks A and B on ``device``, by what the model takes: MNIST's digits 0-4 and 5-9 (data.load_tasks), or
+        the texts text_a and text_b as next-character tasks (data.text_task: windows of gpt_context characters;
+        every split cut to text_chars, B's training split to task_b_chars)."""
+        if not self.takes_tokens():
+            return load_tasks(self.data_dir, self.val_size, self.split_seed, device)
+        vocab = vocabulary(self.data_dir)
+        return {"A": text_task(self.text_a, self.gpt_context, self.data_dir, device, vocab, chars=self.text_chars),
+                "B": text_task(self.text_b, self.gpt_context, self.data_dir, device, vocab, chars=self.text_chars,
+                               train_chars=self.task_b_chars)}
 
     def sizes(self) -> tuple[int, int, int]:
-        """(parameters, activation floats of one evaluation pass, image floats) of one run (models.sizes)."""
-        return models.sizes(self.model, models.model_settings(self), DIGITS)
+        """(parameters, activation floats of one evaluation pass, input floats) of one run (models.sizes)."""
+        spec = self.task_spec()
+        examples = text_examples(self.text_b, self.gpt_context, self.text_chars) if self.takes_tokens() else None
+        return models.sizes(self.model, models.model_settings(self), spec, *([examples] if examples else []))
 
     def targets(self) -> list[str] | None:
         """target_modules for models.targeted (None: every Linear layer)."""
@@ -113,6 +178,11 @@ PRESETS = {
     # the paper's Table 2 (RoBERTa on GLUE): the merging methods train 10 chains of 10 epochs (a merge after
     # each), LoRA the same 100 epochs in one piece (it never merges); every run trains all its epochs
     "table2": {"merge_every": 10, "max_epochs": 100, "patience": 100},
+    # the character-level GPT (docs/text.md): a base model on all of Shakespeare (task A; about 3-4 minutes here),
+    # adapted to the first 100,000 characters of Pride and Prejudice (task B) in 4 epochs of 98 steps, a merge after
+    # each; batch 16 windows of 64 characters, AdamW at 1e-3 (nanoGPT's CPU recipe: 12 windows, 1e-3)
+    "gpt": {"model": "gpt", "batch_size": 16, "lr": 1e-3, "max_epochs": 4, "patience": 4, "merge_every": 1,
+            "task_b_chars": 100_000},
 }
 
 
@@ -122,7 +192,8 @@ class Config(AdaptedModelConfig):
     method: str = arg("rac_lora", "a method of the registry in raclora/methods.py, or all", choices=method_choices,
                       hash=False)
     run_fpft: bool = arg(True, "also train the full fine-tuning reference (one run per seed)", hash=False)
-    preset: str = arg("none", "none | table2: the paper's Table 2 protocol (10 chains x 10 epochs; see PRESETS)",
+    preset: str = arg("none", "none | table2: the paper's Table 2 protocol (10 chains x 10 epochs) | gpt: the "
+                      "character-level GPT, Shakespeare adapted to Austen (see PRESETS)",
                       choices=tuple(PRESETS), hash=False)
     # --- adapters ---
     merge_every: int = arg(1, "epochs between merges, for the methods that merge (cola, rac_lora)",
@@ -141,11 +212,27 @@ class Config(AdaptedModelConfig):
                         range=(1, 100_000))
     stack_size: int = arg(16, "runs of one method trained at once as one stacked model (1 = one run at a time)",
                           range=(1, 1024), hash=False)
+    # --- text samples (gpt) ---
+    sample_chars: int = arg(300, "gpt: characters each run writes after sample_prompt (runs.csv's sample; the "
+                            "summary shows the base's, FPFT's and RAC-LoRA's); 0 = none", range=(0, 100_000),
+                            only=TOKEN_MODELS)
+    sample_prompt: str = arg("Elizabeth", "gpt: the text every run's sample starts from (its characters must be "
+                             "in the texts' vocabulary)", only=TOKEN_MODELS)
 
     # a run is the base model, full fine-tuning or an adapter run of a method (sweep.run_hash)
     RUN_KEYS = {"kind": "adapter", "method": None}
     # fields added after results were committed (see StudyConfig.ADDED_LATER)
     ADDED_LATER = {"model": "mlp", "target_modules": ["all"]}
+
+    def check_setup(self) -> None:
+        super().check_setup()
+        if self.takes_tokens() and self.sample_chars:
+            vocab = vocabulary(self.data_dir)
+            bad = [c for c in self.sample_prompt if c not in vocab.chars]
+            if not self.sample_prompt or bad:
+                raise ConfigError(f"sample_prompt must be one or more characters of the texts' vocabulary "
+                                  f"({len(vocab)} characters: letters, digits, punctuation, space, newline), got "
+                                  f"{self.sample_prompt!r}" + (f" with {bad[0]!r}" if bad else ""))
 
     def runs_per_stack(self) -> int:
         return min(self.stack_size, len(self.ranks) * len(self.seeds))

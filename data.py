@@ -9,6 +9,7 @@ one vocabulary, 90 / 5 / 5 splits, next-character windows: ``text_task``) and Sh
 from __future__ import annotations
 
 import gzip
+import functools
 import hashlib
 import math
 import os
@@ -520,17 +521,22 @@ def windows(tokens: torch.Tensor, context: int) -> Split:
 
 
 def text_task(name: str, context: int, data_dir: str | os.PathLike, device: torch.device | str,
-              vocabulary: Vocabulary | None = None) -> Task:
+              vocabulary: Vocabulary | None = None, chars: int = 0, train_chars: int = 0) -> Task:
     """The text ``name`` (a key of TEXTS) as a next-character Task for a context length ``context``: train, val
     and test of text_bounds, each the non-overlapping windows of ``windows``, x and y int64 (N, context) on
     ``device``; spec TaskSpec(shape=(context,), classes=len(vocabulary), objective=NEXT_TOKEN). ``vocabulary``
     defaults to text_vocabulary(data_dir), the one of every text (pass it to make several tasks without
-    re-reading the files). A context length below 1, or one that leaves a split no window, is a ConfigError.
+    re-reading the files). ``chars`` > 0 keeps the first ``chars`` characters of each split (a quick run, the
+    tests), ``train_chars`` > 0 the first ``train_chars`` of the training split (a study's budget). A context length
+    below 1, or one that leaves a split no window, is a ConfigError.
     For nanoGPT's validation split: windows(text_splits(vocabulary.encode(load_text(name, data_dir)))["heldout"],
     context)."""
     text = load_text(name, data_dir)
     vocabulary = text_vocabulary(data_dir) if vocabulary is None else vocabulary
     parts = text_splits(vocabulary.encode(text))
+    for k, cap in (("train", train_chars), *((k, chars) for k in ("train", "val", "test"))):
+        if cap:
+            parts[k] = parts[k][:cap]
     shortest = min(("train", "val", "test"), key=lambda k: len(parts[k]))
     top = len(parts[shortest]) - 1  # a window reads context + 1 characters
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= top:
@@ -576,3 +582,21 @@ def keep_roles(roles: dict[str, list[str]], min_characters: int) -> dict[str, li
     if isinstance(min_characters, bool) or not isinstance(min_characters, int) or min_characters < 0:
         raise ConfigError(f"min_characters must be an integer >= 0, got {min_characters!r}")
     return {name: speeches for name, speeches in roles.items() if sum(map(len, speeches)) >= min_characters}
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary(data_dir: str) -> Vocabulary:
+    return text_vocabulary(data_dir)
+
+
+def vocabulary(data_dir: str | os.PathLike) -> Vocabulary:
+    """text_vocabulary(data_dir), read once per folder and process (the files are verified on that first read)."""
+    return _vocabulary(str(Path(data_dir).resolve()))
+
+
+def text_examples(name: str, context: int, chars: int = 0) -> tuple[int, int]:
+    """(training, test) windows of the text ``name`` at context length ``context``, with each split cut to
+    ``chars`` characters (0: whole), from the pinned length (TEXTS): no file is read."""
+    bounds = text_bounds(TEXTS[name].characters)
+    n = {k: b - a if not chars else min(chars, b - a) for k, (a, b) in bounds.items()}
+    return max(0, (n["train"] - 1) // context), max(0, (n["test"] - 1) // context)

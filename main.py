@@ -11,12 +11,12 @@ from pathlib import Path
 
 from config import from_argv
 from engine.cli import run_command
-from engine.results import git_commit, summary_table
+from engine.results import git_commit
 from engine.runner import report, resolve_device
 from engine.settings import settings_hash
 from plots import draw_all
 from raclora.methods import METHODS
-from sweep import CURVE_COLUMNS, RUN_COLUMNS, run_sweep
+from sweep import CURVE_COLUMNS, RUN_COLUMNS, run_sweep, summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def run(cfg) -> None:
     device = resolve_device(cfg.device).type
     wanted = {settings_hash(cfg, device, kind=k, method=m) for k in ("base", "fpft", "adapter")
               for m in (None, *METHODS)}
-    report(cfg, sweep_rows, wanted, summary_table, draw_all, RUN_COLUMNS, CURVE_COLUMNS)
+    report(cfg, sweep_rows, wanted, summary, draw_all, RUN_COLUMNS, CURVE_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,27 @@ class GPT(nn.Module):
         return self.head(self.norm(self.blocks(h)))
 
 
+@torch.no_grad()
+def generate(model: nn.Module, prompt: torch.Tensor, steps: int, generators: list[torch.Generator],
+             context: int) -> torch.Tensor:
+    """Sample ``steps`` tokens after ``prompt`` (int64 (t,) token ids) from a model of next-token logits, each from
+    the softmax of the last position's logits (temperature 1, no top-k), the window cut to the last ``context``
+    tokens: one run (one generator) or a stack of R runs (R generators, run i drawing from ``generators[i]``).
+    Returns int64 (R, t + steps), prompt included; the model is in eval mode (no dropout) meanwhile."""
+    was_training = model.training
+    model.eval()
+    stacked = getattr(model, "example_dim", 0) == 1
+    seqs = prompt.to(next(model.parameters()).device).view(1, 1, -1).repeat(len(generators), 1, 1)  # (R, 1, t)
+    for _ in range(steps):
+        window = seqs[..., -context:]
+        logits = model(window) if stacked else model(window[0]).unsqueeze(0)  # (R, 1, t, V)
+        probs = torch.softmax(logits[:, 0, -1].double(), dim=-1)  # (R, V), in float64: the same draw in any dtype
+        nxt = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])  # (R, 1)
+        seqs = torch.cat([seqs, nxt.view(-1, 1, 1)], dim=-1)
+    model.train(was_training)
+    return seqs[:, 0]
+
+
 # name -> (class, the config fields it reads, as {config field: constructor argument})
 MODELS = {
     "mlp": (MLP, {"hidden": "hidden", "dropout": "dropout"}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
+import models
 from raclora.methods import METHODS, display_order
 from raclora.files import atomic_write_via
 from engine.results import group, mean_std, safe_name, split_diverged  # noqa: E402
@@ -187,29 +189,65 @@ TASK_A_LABEL = "test accuracy on digits 0-4 (%)"
 TASK_B_LABEL = "test accuracy on digits 5-9 (%)"
 
 
-def _reference_lines(ax, runs):
+@dataclass(frozen=True)
+class Score:
+    """What the adaptation figures show: the runs column of task B and of task A, the curves column per epoch,
+    their axis labels, the factor a value is shown at (100: a percentage) and its unit, and the task's names."""
+    b: str
+    a: str
+    curve: str
+    b_label: str
+    a_label: str
+    curve_label: str
+    scale: float
+    unit: str
+    task_b: str
+    task_a: str
+
+    def show(self, value: float) -> str:
+        return f"{self.scale * value:.1f}%" if self.unit == "%" else f"{self.scale * value:.3f} {self.unit}"
+
+
+ACCURACY = Score("test_acc_b", "test_acc_a", "test_acc_b", TASK_B_LABEL, TASK_A_LABEL, TASK_B_LABEL, 100.0, "%",
+                 "digits 5-9", "digits 0-4")
+
+
+def score_of(runs: list[dict]) -> Score:
+    """ACCURACY for runs on images; for runs of a model that reads tokens (the gpt), the test loss in nats per
+    character on the texts of tasks B and A (from the runs' configs) and the validation loss per epoch."""
+    configs = _configs(runs)
+    texts = sorted({(c.get("text_a", "?"), c.get("text_b", "?")) for c in configs
+                    if c.get("model") in models.MODELS and "tokens" in models.MODELS[c["model"]][0].takes})
+    if not texts:
+        return ACCURACY
+    a, b = ("/".join(sorted({t[i] for t in texts})) for i in (0, 1))
+    return Score("test_loss_b", "test_loss_a", "val_loss", f"test loss on {b} (nats/char)",
+                 f"test loss on {a} (nats/char)", f"validation loss on {b} (nats/char)", 1.0, "nats", b, a)
+
+
+def _reference_lines(ax, runs, score: Score = ACCURACY):
     """FPFT on task B (mean, band of ± std), dashed, on the task-B axis ``ax``; the base model's accuracy on
     task A, dotted, on a twin y-axis of its own (labelled, same scale, so the two can be compared but
     neither is read off the other's axis). Returns the twin axis (None without a base run)."""
-    fpft = mean_std([r["test_acc_b"] for r in runs if r["method"] == "fpft"])
+    k = score.scale
+    fpft = mean_std([r.get(score.b) for r in runs if r["method"] == "fpft"])
     if not math.isnan(fpft[0]):
-        ax.axhline(100 * fpft[0], color=FPFT_COLOR, ls="--", lw=1.2,
-                   label=f"FPFT on digits 5-9: {100 * fpft[0]:.1f}%")
+        ax.axhline(k * fpft[0], color=FPFT_COLOR, ls="--", lw=1.2, label=f"FPFT on {score.task_b}: {score.show(fpft[0])}")
         if not math.isnan(fpft[1]):
-            ax.axhspan(100 * (fpft[0] - fpft[1]), 100 * (fpft[0] + fpft[1]), color=FPFT_COLOR, alpha=0.08)
-    base = [r["test_acc_a"] for r in runs if r["method"] == "base" and r.get("test_acc_a") is not None]
+            ax.axhspan(k * (fpft[0] - fpft[1]), k * (fpft[0] + fpft[1]), color=FPFT_COLOR, alpha=0.08)
+    base = [r[score.a] for r in runs if r["method"] == "base" and r.get(score.a) is not None]
     if not base:
         return None
-    value = 100 * base[0]
+    value = k * base[0]
     twin = ax.twinx()
     twin.axhline(value, color=BASE_COLOR, ls=(0, (2, 2)), lw=1.5,
-                 label=f"base model on digits 0-4 (task A, right axis): {value:.1f}%")
+                 label=f"base model on {score.task_a} (task A, right axis): {score.show(base[0])}")
     lo, hi = ax.get_ylim()
     pad = 0.05 * max(hi - lo, 1e-6)
     lo, hi = min(lo, value - pad), max(hi, value + pad)
     ax.set_ylim(lo, hi)
     twin.set_ylim(lo, hi)
-    twin.set_ylabel(TASK_A_LABEL, color=BASE_COLOR)
+    twin.set_ylabel(score.a_label, color=BASE_COLOR)
     twin.tick_params(axis="y", colors=BASE_COLOR)
     return twin
 
@@ -222,29 +260,31 @@ def rank_vs_accuracy(runs: list[dict], path: Path, tag: str = "") -> Path | None
     rows = _adapter_rows(runs)
     if not rows:
         return None
+    score = score_of(runs)
     fig, ax = plt.subplots(figsize=(10, 5))
     drawn = False
     for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
         by_rank = group(rs, ("rank",))
-        stats = {k[0]: mean_std([r["test_acc_b"] for r in v]) for k, v in by_rank.items()}
+        stats = {k[0]: mean_std([r.get(score.b) for r in v]) for k, v in by_rank.items()}
         ranks = sorted(k for k, (m, _) in stats.items() if not math.isnan(m))
         if not ranks:
             continue
-        ax.errorbar(ranks, [100 * stats[k][0] for k in ranks],
-                    yerr=[0 if math.isnan(stats[k][1]) else 100 * stats[k][1] for k in ranks],
+        ax.errorbar(ranks, [score.scale * stats[k][0] for k in ranks],
+                    yerr=[0 if math.isnan(stats[k][1]) else score.scale * stats[k][1] for k in ranks],
                     color=COLORS.get(method), ls=SKETCH_STYLE.get(sketch, "-"), marker="o", capsize=3,
                     label=label(method, sketch))
         drawn = True
     if not drawn:
         plt.close(fig)
-        return _skip(path, "no adapter run has a test accuracy on task B")
-    twin = _reference_lines(ax, runs)
+        return _skip(path, f"no adapter run has a {score.b_label.split(' (')[0]}")
+    twin = _reference_lines(ax, runs, score)
     all_ranks = sorted({r["rank"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
     ax.set_xlabel("adapter rank r")
-    ax.set_ylabel(TASK_B_LABEL)
-    ax.set_title(_titled(tag, "Accuracy on task B by rank (mean ± std over seeds)"))
+    ax.set_ylabel(score.b_label)
+    ax.set_title(_titled(tag, f"{'Accuracy' if score is ACCURACY else 'Test loss'} on task B by rank "
+                              f"(mean ± std over seeds)"))
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if twin is not None:
@@ -267,6 +307,7 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
     nrows = math.ceil(len(ranks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
     fpft_runs = [r for r in runs if r["method"] == "fpft"]
+    score = score_of(runs)
     drawn = False
     for i, (ax, rank) in enumerate(zip(axes.flat, ranks)):
         series = [(("fpft", None), fpft_runs)] + sorted(
@@ -274,22 +315,24 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
         for (method, sketch), rs in series:
             if not rs:
                 continue
-            epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in rs])
+            epochs, m, s = _mean_curve([by_run.get((r["config_hash"],), []) for r in rs], score.curve)
             color = FPFT_COLOR if method == "fpft" else COLORS.get(method)
             ls = "--" if method == "fpft" else SKETCH_STYLE.get(sketch, "-")
-            drawn |= _curve(ax, epochs, 100 * m, 100 * s, color=color, ls=ls, label=label(method, sketch))
+            drawn |= _curve(ax, epochs, score.scale * m, score.scale * s, color=color, ls=ls,
+                            label=label(method, sketch))
         ax.set_title(f"rank {rank}")
         _integer_ticks(ax.xaxis)
         ax.set_xlabel("epoch")
         if i % ncols == 0:  # the panels share the y axis
-            ax.set_ylabel(TASK_B_LABEL)
+            ax.set_ylabel(score.curve_label)
         ax.grid(alpha=0.3)
     if not drawn:
         plt.close(fig)
-        return _skip(path, "the curves file has no test accuracy per epoch for these runs")
+        return _skip(path, f"the curves file has no {score.curve} per epoch for these runs")
     for ax in list(axes.flat)[len(ranks):]:
         ax.set_visible(False)
-    fig.suptitle(_titled(tag, "Test accuracy on task B per epoch (mean ± std over the seeds still running)"))
+    what = "Test accuracy" if score is ACCURACY else "Validation loss"
+    fig.suptitle(_titled(tag, f"{what} on task B per epoch (mean ± std over the seeds still running)"))
     fig.tight_layout()
     legend = {}  # every series once, whichever panel has it
     for ax in axes.flat:
@@ -301,12 +344,12 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
 
 
 def _mean_curve(run_curves: list[list[dict]], key: str = "test_acc_b") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per epoch, mean and std of test accuracy over the runs that reached it (early stopping ends runs);
+    """Per epoch, mean and std of ``key`` (test accuracy) over the runs that reached it (early stopping ends runs);
     nan where no run has a value."""
     n = max((len(c) for c in run_curves), default=0)
     epochs, means, stds = [], [], []
     for e in range(1, n + 1):
-        vals = [c[key] for rc in run_curves for c in rc if c["epoch"] == e]
+        vals = [c.get(key) for rc in run_curves for c in rc if c["epoch"] == e]
         m, s = mean_std(vals)
         epochs.append(e), means.append(m), stds.append(0.0 if math.isnan(s) else s)
     return np.array(epochs, dtype=float), np.array(means, dtype=float), np.array(stds, dtype=float)
@@ -317,21 +360,24 @@ def methods_rank1(runs: list[dict], path: Path, tag: str = "") -> Path | None:
     rows = [r for r in _adapter_rows(runs) if r["rank"] == 1]
     if not rows:
         return None
-    bars = [(label("fpft", None), [r["test_acc_b"] for r in runs if r["method"] == "fpft"], FPFT_COLOR)]
+    score = score_of(runs)
+    bars = [(label("fpft", None), [r.get(score.b) for r in runs if r["method"] == "fpft"], FPFT_COLOR)]
     for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
-        bars.append((label(method, sketch), [r["test_acc_b"] for r in rs], COLORS.get(method)))
+        bars.append((label(method, sketch), [r.get(score.b) for r in rs], COLORS.get(method)))
     kept = [(b, st) for b, st in ((b, mean_std(b[1])) for b in bars) if not math.isnan(st[0])]
     bars, stats = [b for b, _ in kept], [st for _, st in kept]
     if not bars:
-        return _skip(path, "no run at rank 1 has a test accuracy on task B")
+        return _skip(path, f"no run at rank 1 has a {score.b_label.split(' (')[0]}")
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 5))
     x = np.arange(len(bars))
-    means = [100 * m for m, _ in stats]
-    errs = [0 if math.isnan(s) else 100 * s for _, s in stats]
+    means = [score.scale * m for m, _ in stats]
+    errs = [0 if math.isnan(s) else score.scale * s for _, s in stats]
     ax.bar(x, means, yerr=errs, capsize=4, color=[c for *_, c in bars], alpha=0.85)
-    offset = _bar_axis(ax, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)], TASK_B_LABEL)
+    offset = _bar_axis(ax, [m - e for m, e in zip(means, errs)], [m + e for m, e in zip(means, errs)], score.b_label,
+                       "%" if score.unit == "%" else "")
     for xi, m, err in zip(x, means, errs):
-        ax.text(xi, m + err + offset, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(xi, m + err + offset, f"{m:.1f}" if score.unit == "%" else f"{m:.3f}", ha="center", va="bottom",
+                fontsize=8)
     ax.set_xticks(x, [b[0].replace(" (", "\n(") for b in bars], fontsize=8)
     ax.set_xlabel("method (A init, B init), rank 1")
     n_seeds = [len([v for v in vals if v is not None and not math.isnan(v)]) for _, vals, _ in bars]

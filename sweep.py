@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import time
+from statistics import mean
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,15 +21,16 @@ from tqdm.auto import tqdm
 from config import Config
 from engine.settings import settings_hash, stable_hash
 from raclora.errors import ConfigError
-from data import DIGITS, Task, load_tasks
+from data import Task, vocabulary
 from engine.build import build_run, config_model
 from raclora.factors import lora_scale
-from raclora.methods import METHODS, get_method
-from models import count_trainable, meta_model, model_settings, set_generator, target_linears
+from raclora.methods import METHODS, display_order, get_method
+from models import MODELS, count_trainable, generate, meta_model, model_settings, set_generator, target_linears
 from raclora.errors import DIVERGED
 from raclora.files import atomic_write_via
 from engine.provenance import code_fingerprint
-from engine.results import RECORD_COLUMNS, Index
+from engine.results import (RECORD_COLUMNS, Index, format_table, group, mean_std, pct, seeds_cell, split_diverged,
+                            summary_table)
 from engine.runner import Study, record_results, recorded_runs, resolve_device, run_study
 from engine.stack import evaluate_stack, train_stack
 from train import Record, evaluate, train
@@ -37,6 +39,7 @@ from train import Record, evaluate, train
 # runs.csv and curves.csv: their columns and types (the store parses by them)
 RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status": str, "trainable_params": int,
                "epochs": int, "best_epoch": int, "best_val_loss": float, "test_acc_b": float, "test_acc_a": float,
+               "test_loss_b": float, "test_loss_a": float, "sample": str,
                "merges": int, "diverged_step": int, "model": str, "target_modules": str, "scaling": str,
                "lora_alpha": float, "random_init": str, "merge_every": int, "reset_optimizer_on_merge": bool,
                "lr": float, "weight_decay": float, "batch_size": int, "max_epochs": int, "patience": int,
@@ -77,7 +80,7 @@ class Sweep:
         self.device = resolve_device(cfg.device)
         self.commit = commit
         self.results_dir = Path(cfg.results_dir)
-        self.tasks = load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed, self.device)
+        self.tasks = cfg.load_tasks(self.device)
         self.fingerprint = code_fingerprint(__name__)
         self.done = recorded_runs(cfg, "", self.fingerprint, RUN_COLUMNS, CURVE_COLUMNS)
         self.rows: list[dict] = []
@@ -97,7 +100,7 @@ class Sweep:
             g = torch.Generator(device=self.device).manual_seed(cfg.base_seed)
             model = config_model(cfg, g, self.device)
             set_generator(model, g)
-            bar = _epoch_bar(cfg, "base model (digits 0-4)")
+            bar = _epoch_bar(cfg, f"base model ({cfg.text_a if cfg.takes_tokens() else 'digits 0-4'})")
             with bar:
                 record = train(model, list(model.parameters()), self.tasks["A"], generator=g,
                                progress=lambda row: bar.update(1), **_train_kw(cfg))
@@ -107,7 +110,7 @@ class Sweep:
             save_checkpoint(ckpt, model, record, cfg)
         if key not in self.done:
             spec = dict(method="base", sketch=None, rank=None, seed=cfg.base_seed)
-            self.record([result_rows(cfg, dev, self.commit, spec, record, *_test_accs(model, self.tasks),
+            self.record([result_rows(cfg, dev, self.commit, spec, record, scores(model, self.tasks, cfg)[0],
                                      count_trainable(model))])
         else:
             self.rows.append(self.done[key])
@@ -177,8 +180,7 @@ class Trainer:
     def __init__(self, cfg: Config, commit: str, base_state: dict, tasks=None, show_epochs: bool = True):
         self.cfg, self.commit = cfg, commit
         self.device = resolve_device(cfg.device)
-        self.tasks = tasks if tasks is not None else load_tasks(cfg.data_dir, cfg.val_size, cfg.split_seed,
-                                                                self.device)
+        self.tasks = tasks if tasks is not None else cfg.load_tasks(self.device)
         self.base = config_model(cfg, None, self.device)
         self.base.load_state_dict(base_state)
         self.show_epochs = show_epochs
@@ -211,8 +213,8 @@ class Trainer:
         with bar:
             record = train(run.model, run.params, self.tasks["B"], generator=g, progress=lambda row: bar.update(1),
                            **{**_train_kw(cfg), **run.hooks})
-        return result_rows(cfg, self.device.type, self.commit, spec, record, *_test_accs(run.model, self.tasks),
-                           count_trainable(run.model))
+        return result_rows(cfg, self.device.type, self.commit, spec, record,
+                           scores(run.model, self.tasks, cfg, [spec["seed"]])[0], count_trainable(run.model))
 
     def _stacked(self, specs: list[dict]) -> list[tuple[dict, list[dict]]]:
         cfg = self.cfg
@@ -227,23 +229,22 @@ class Trainer:
         with bar:
             records = train_stack(model, run.params, self.tasks["B"], generators=gens, progress=progress,
                                   **{**_train_kw(cfg), **run.hooks})
-        _, acc_a = evaluate_stack(model, self.tasks["A"].test, self.tasks["A"].spec.objective)
-        _, acc_b = evaluate_stack(model, self.tasks["B"].test, self.tasks["B"].spec.objective)
-        return [result_rows(cfg, self.device.type, self.commit, spec, rec, a, b, model.trainable_count(i))
-                for i, (spec, rec, a, b) in enumerate(zip(specs, records, acc_a.tolist(), acc_b.tolist()))]
+        got = scores(model, self.tasks, cfg, [s["seed"] for s in specs])
+        return [result_rows(cfg, self.device.type, self.commit, spec, rec, score, model.trainable_count(i))
+                for i, (spec, rec, score) in enumerate(zip(specs, records, got))]
 
 
-def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Record, acc_a: float, acc_b: float,
+def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Record, score: dict,
                 trainable: int) -> tuple[dict, list[dict]]:
-    """A finished run's runs.csv row and curves.csv rows. ``trainable``: base and fpft every parameter,
-    adapters the trained factors."""
+    """A finished run's runs.csv row and curves.csv rows. ``score``: its test figures (scores); ``trainable``:
+    base and fpft every parameter, adapters the trained factors."""
     method, sketch, rank, seed = spec["method"], spec["sketch"], spec["rank"], spec["seed"]
     key = run_hash(cfg, device, method, sketch, rank, seed)
     if record.status == DIVERGED:  # no result: left out of every mean, counted as diverged
-        acc_a = acc_b = None
+        score = dict.fromkeys(score)
     row = dict(method=method, sketch=sketch, rank=rank, seed=seed, status=record.status, trainable_params=trainable,
                epochs=record.epochs, best_epoch=record.best_epoch, best_val_loss=record.best_val_loss,
-               test_acc_b=acc_b, test_acc_a=acc_a, merges=record.merges, diverged_step=record.diverged_step,
+               **score, merges=record.merges, diverged_step=record.diverged_step,
                wall_s=round(record.wall_s, 3),
                config_hash=key, settings_hash=settings_hash(cfg, device, kind=_kind(method), method=method),
                git_commit=commit, device=device,
@@ -271,9 +272,39 @@ def _train_kw(cfg: Config) -> dict:
                 patience=cfg.patience, reset_optimizer_on_merge=cfg.reset_optimizer_on_merge)
 
 
-def _test_accs(model: torch.nn.Module, tasks) -> tuple[float, float]:
-    return (evaluate(model, tasks["A"].test, tasks["A"].spec.objective)[1],
-            evaluate(model, tasks["B"].test, tasks["B"].spec.objective)[1])
+def scores(model: torch.nn.Module, tasks, cfg: Config, seeds: list[int] | None = None) -> list[dict]:
+    """Each run's test figures on tasks A and B (mean loss in nats, and the metric: accuracy, next-character
+    accuracy), for one model (``seeds`` None or one seed) or a stack (one seed per run), and, for a text, the
+    run's sample (``sample_chars`` characters after ``sample_prompt``, drawn from a generator seeded with the
+    run's seed, as JSON text)."""
+    seeds = [cfg.base_seed] if seeds is None else seeds
+    stacked = getattr(model, "example_dim", 0) == 1
+    out = [dict() for _ in seeds]
+    for t in ("A", "B"):
+        task = tasks[t]
+        if stacked:
+            losses, metrics = (v.tolist() for v in evaluate_stack(model, task.test, task.spec.objective))
+        else:
+            loss, metric = evaluate(model, task.test, task.spec.objective)
+            losses, metrics = [loss], [metric]
+        for row, loss, metric in zip(out, losses, metrics):
+            row[f"test_loss_{t.lower()}"], row[f"test_acc_{t.lower()}"] = loss, metric
+    texts = samples(model, cfg, seeds)
+    for row, text in zip(out, texts):
+        row["sample"] = None if text is None else json.dumps(text, ensure_ascii=False)
+    return out
+
+
+def samples(model: torch.nn.Module, cfg: Config, seeds: list[int]) -> list[str | None]:
+    """The text each run writes after cfg.sample_prompt (models.generate): None for a model of images, or when
+    sample_chars is 0."""
+    if not cfg.takes_tokens() or not cfg.sample_chars:
+        return [None] * len(seeds)
+    vocab = vocabulary(cfg.data_dir)
+    device = next(model.parameters()).device
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    tokens = generate(model, vocab.encode(cfg.sample_prompt), cfg.sample_chars, gens, cfg.gpt_context)
+    return [vocab.decode(t) for t in tokens]
 
 
 def _epoch_bar(cfg: Config, desc: str, disable: bool = False):
@@ -308,10 +339,12 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     t0 = time.perf_counter()
     cfg.check_setup()  # the command line has run it; a caller from Python gets the same checks
     sweep = Sweep(cfg, commit)
-    tqdm.write(f"device: {sweep.device}; task B: {len(sweep.tasks['B'].train)} train / "
-               f"{len(sweep.tasks['B'].val)} val / {len(sweep.tasks['B'].test)} test images")
+    b = sweep.tasks["B"]
+    what = f"windows of {cfg.gpt_context} characters of {cfg.text_b}" if cfg.takes_tokens() else "images"
+    tqdm.write(f"device: {sweep.device}; task B: {len(b.train)} train / {len(b.val)} val / {len(b.test)} test {what}")
+    spec = cfg.task_spec()
     shapes = [(m.in_features, m.out_features) for _, m in
-              target_linears(meta_model(cfg.model, model_settings(cfg), DIGITS.shape, DIGITS.classes), cfg.targets())]
+              target_linears(meta_model(cfg.model, model_settings(cfg), spec.shape, spec.classes), cfg.targets())]
     narrowest = min(shapes, key=lambda io: min(io))
     low_rank = any(get_method(m).adapter == "lora" for m in cfg.selected_methods())  # RandLoRA is full rank
     if low_rank and max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
@@ -325,3 +358,54 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     rows = sweep.rows + run_study(study, cfg, sweep.device)
     tqdm.write(f"sweep finished in {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """The end-of-sweep table (engine.results.summary_table), or for runs on texts the table in nats per character
+    (text_summary)."""
+    text = [r for r in rows if r.get("model") in MODELS and "tokens" in MODELS[r["model"]][0].takes]
+    return text_summary(text) if text else summary_table(rows)
+
+
+def _nats(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return "-" if math.isnan(m) else f"{m:.4f} ± " + ("-" if math.isnan(s) else f"{s:.4f}")
+
+
+def text_summary(rows: list[dict]) -> str:
+    """One line per (method, sketch, rank), mean ± std over the seeds that finished: test loss on task B in nats
+    and bits per character (nats / ln 2), the loss on task A after adapting (forgetting), next-character
+    accuracy on B; then the samples of the base model, FPFT and RAC-LoRA (its rank of lowest loss on B) from the
+    same prompt and generator seed."""
+    header = ["method", "sketch", "rank", "trainable", "seeds", "test loss B (nats)", "bits/char B",
+              "test loss A (nats)", "next-char acc B %", "epochs", "wall s/run"]
+    lines = []
+    groups = group(rows, ("method", "sketch", "rank"))
+    order = sorted(groups.items(), key=lambda kv: (display_order(kv[0][0]), kv[0][0], str(kv[0][1]), kv[0][2] or 0))
+    for (method, sketch, rank), rs in order:
+        ok, diverged = split_diverged(rs)
+        b = [r["test_loss_b"] for r in ok]
+        lines.append([method, sketch or "-", "-" if rank is None else str(rank), str(rs[0]["trainable_params"]),
+                      seeds_cell(ok, diverged), _nats(b), _nats([v / math.log(2) for v in b if v is not None]),
+                      _nats([r["test_loss_a"] for r in ok]), pct(*mean_std([r["test_acc_b"] for r in ok])),
+                      f"{mean(r['epochs'] for r in ok):.1f}" if ok else "-", f"{mean(r['wall_s'] for r in rs):.1f}"])
+    config = json.loads(rows[0].get("config") or "{}")
+    out = [f"task A: {config.get('text_a', '?')}, task B: {config.get('text_b', '?')} (next character, test splits)",
+           format_table(header, lines)]
+    picks = [("base model", [r for r in rows if r["method"] == "base"]),
+             ("FPFT", [r for r in rows if r["method"] == "fpft"])]
+    rac = [(mean_std([r["test_loss_b"] for r in split_diverged(rs)[0]])[0], key, rs) for key, rs in groups.items()
+           if key[0] == "rac_lora"]
+    rac = [t for t in rac if not math.isnan(t[0])]
+    if rac:
+        _, (_, sketch, rank), rs = min(rac, key=lambda t: t[0])
+        picks.append((f"RAC-LoRA {sketch} r={rank}", rs))
+    shown = []
+    for name, rs in picks:
+        rs = sorted((r for r in rs if r.get("sample")), key=lambda r: r["seed"])
+        if rs:
+            shown.append(f"--- {name} (seed {rs[0]['seed']}) ---\n{json.loads(rs[0]['sample'])}")
+    if shown:
+        out.append(f"samples from the prompt {config.get('sample_prompt', '?')!r}, each from a generator seeded with "
+                   f"its run's seed (temperature 1):\n" + "\n".join(shown))
+    return "\n\n".join(out)

@@ -15,15 +15,16 @@ from torch import nn
 
 from lora import wrap_linears
 from raclora.methods import get_method
-from data import DIGITS, TaskSpec
+from data import TaskSpec
 from models import build_model, model_settings, set_generator
 from randlora import wrap_randlora
 from engine.stack import StackedModel
 
 
-def config_model(cfg, generator: torch.Generator | None, device, spec: TaskSpec = DIGITS) -> nn.Module:
-    """The model ``cfg.model`` (with the config's settings) for the task ``spec`` (tasks A and B by default);
-    weights drawn from ``generator``, or left for a state dict to fill when it is None."""
+def config_model(cfg, generator: torch.Generator | None, device, spec: TaskSpec | None = None) -> nn.Module:
+    """The model ``cfg.model`` (with the config's settings) for the task ``spec`` (by default the config's tasks A
+    and B: ``cfg.task_spec()``); weights drawn from ``generator``, or left for a state dict to fill when it is None."""
+    spec = cfg.task_spec() if spec is None else spec
     return build_model(cfg.model, model_settings(cfg), spec.shape, spec.classes, generator, device)
 
 

@@ -1,6 +1,6 @@
 """The GPT (models.GPT, nanoGPT's shape over token sequences): no position sees a later token, the target presets
-select the layers PEFT wraps, dropout draws from the run's generator, a sequence longer than the context and the
-gpt on main.py's MNIST tasks are refused in one line, the memory estimate reads it, it learns a sequence, and the
+select the layers PEFT wraps, dropout draws from the run's generator, a sequence longer than the context is refused
+in one line, the image models refuse a token task, the memory estimate reads it, it learns a sequence, and the
 stacked engine (stacked embeddings, positions and causal attention) equals runs alone in float64 for every method,
 sketch and FPFT on a next-token task, as do a federated round's clients stacked and alone."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 
-import main
 from config import Config
 from data import DIGITS, NEXT_TOKEN, Split, Task, TaskSpec
 from engine.build import build_run
@@ -144,15 +143,6 @@ def test_a_sequence_longer_than_the_context_is_refused_in_one_line(base):
             model(torch.zeros(2, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="^the task's sequences of 9 tokens are longer than gpt_context 8$"):
         build_model("gpt", TINY, (9,), V, None, "cpu")
-
-
-def test_main_refuses_the_gpt_on_its_mnist_tasks_in_one_line(tmp_path, capsys):
-    """Before any compute: no folder made, one line on stderr, exit status 2."""
-    results = tmp_path / "results"
-    assert main.main(["--model", "gpt", "--results_dir", str(results), "--plots_dir", str(tmp_path / "p")]) == 2
-    err = capsys.readouterr().err
-    assert err == "error: the gpt takes token sequences and main.py's tasks are MNIST images\n"
-    assert not results.exists()
 
 
 @pytest.mark.parametrize("name,takes", [("mlp", "images or vectors of floats"), ("vit", "images")])
