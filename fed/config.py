@@ -46,13 +46,18 @@ class FedConfig(AdaptedModelConfig):
                          "every round)")
     target_accuracy: float = arg(0.9, "images: the summary's rounds and megabytes to reach this test accuracy on "
                                  "task B (digits 5-9)", hash=False)
-    target_loss: float = arg(2.0, "text (gpt): the summary's rounds and megabytes to reach this test loss on task B, "
+    target_loss: float = arg(2.5, "text (gpt): the summary's rounds and megabytes to reach this test loss on task B, "
                              "in nats per character", positive=True, hash=False)
     # this study's base model learns Austen and is adapted to Shakespeare, whose speaking roles are the clients
     text_a: str = override(AdaptedModelConfig, "text_a", "austen", help="gpt: the text of task A, on which the base "
                            "model is trained (data.TEXTS)")
     text_b: str = override(AdaptedModelConfig, "text_b", "shakespeare", help="gpt: the text of task B, which the "
                            "clients hold (partition role: shakespeare, whose speaking roles they are)")
+    # the base model's training (main.py's max_epochs and lr, by default main.py's values: the same checkpoint)
+    base_max_epochs: int = arg(Config.__dataclass_fields__["max_epochs"].default, "the base model's upper limit on "
+                               "epochs over task A (main.py's max_epochs)", range=(1, 100_000))
+    base_lr: float = arg(Config.__dataclass_fields__["lr"].default, "the base model's AdamW learning rate (main.py's "
+                         "lr)", positive=True)
     workers: int = override(AdaptedModelConfig, "workers", help="processes training runs side by side; 0 = one "
                             "per core on CPU, 1 on a GPU")
 
@@ -60,6 +65,9 @@ class FedConfig(AdaptedModelConfig):
     # a run is one method's; FedAvg trains every weight, so the adapters' fields stay out of its hash
     RUN_KEYS = {"kind": "adapter", "method": None}
     HASHED_CONTEXT = ("method",)
+    # fields added after results were committed, at the value every older run had (StudyConfig.ADDED_LATER)
+    ADDED_LATER = {"base_max_epochs": Config.__dataclass_fields__["max_epochs"].default,
+                   "base_lr": Config.__dataclass_fields__["lr"].default}
 
     def check(self) -> None:
         super().check()
@@ -111,7 +119,7 @@ class FedConfig(AdaptedModelConfig):
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {f.name for f in dataclasses.fields(StudyConfig)}
         shared = (*sorted(model_fields), "text_a", "text_b", "task_b_chars", "data_dir", "val_size", "split_seed", "base_seed", "results_dir",
                   "device", "progress")
-        return Config(**{k: getattr(self, k) for k in shared})
+        return Config(**{k: getattr(self, k) for k in shared}, max_epochs=self.base_max_epochs, lr=self.base_lr)
 
 
 def from_argv(argv: list[str] | None = None, prog: str = "federated.py") -> FedConfig:

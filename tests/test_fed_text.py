@@ -124,6 +124,18 @@ def test_federated_py_refuses_more_clients_than_roles_before_any_training(tmp_pa
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "fed_runs.csv").exists()
 
 
+def test_the_base_is_trained_on_austen_for_the_studys_epochs_and_keeps_main_pys_checkpoint_by_default():
+    from config import Config
+    from fed.config import FedConfig
+    from sweep import run_hash
+
+    base = FedConfig(**TINY, partition="role", base_max_epochs=3, base_lr=1e-3).base_config()
+    assert (base.text_a, base.text_b, base.max_epochs, base.lr) == ("austen", "shakespeare", 3, 1e-3)
+    # at their defaults the base fields are main.py's: an MLP study's base model is main.py's checkpoint
+    assert run_hash(FedConfig().base_config(), "cpu", "base", None, None, 0) == run_hash(Config(), "cpu", "base", None,
+                                                                                        None, 0)
+
+
 # --- rounds on the tiny GPT --------------------------------------------------------------------------------
 def _text_setup(dt=torch.float64, **over):
     """A tiny GPT (float64) as the base, the role partition of SMALL, and the config."""
