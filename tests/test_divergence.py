@@ -41,8 +41,8 @@ def test_a_diverged_federated_run_is_recorded_as_diverged_and_summarised_apart()
 
     cfg = FedConfig(rounds=3, seeds=[0], lr=1e30)
     spec = dict(method="fed_rac_lora", sketch="left", rank=1, seed=0)
-    records = [dict(round=1, participants=2, train_loss=0.5, test_acc_b=0.5, test_acc_a=0.9, up_numbers=10,
-                    down_numbers=11, aggregation_error=1e-9)]
+    records = [dict(round=1, participants=2, train_loss=0.5, test_acc_b=0.5, test_acc_a=0.9, test_loss_b=1.2,
+                    test_loss_a=0.3, up_numbers=10, down_numbers=11, aggregation_error=1e-9)]
     row, curve = run_rows(cfg, "abc", "cpu", spec, records, 1.0, 100, diverged_round=2)
     assert row["status"] == DIVERGED and row["diverged_round"] == 2 and len(curve) == 1
     assert row["final_test_acc_b"] is None and row["max_aggregation_error"] is None

@@ -40,11 +40,15 @@ def fed_results(seeds=(0, 1, 2), rounds: int = 3) -> list[tuple[dict, list[dict]
     for seed in seeds:
         spec = dict(method="fed_rac_lora", sketch="left", rank=1, seed=seed)
         records = [dict(round=t, participants=4, train_loss=1.0 / t, test_acc_b=0.5 + 0.1 * t, test_acc_a=0.4,
+                        test_loss_b=2.0 / t, test_loss_a=1.5,
                         up_numbers=912, down_numbers=913, aggregation_error=8.337e-08 if t == rounds else 1e-8 * t)
                    for t in range(1, rounds + 1)]
         diverged = 3 if seed == seeds[0] else None
         out.append(fed.run_rows(cfg, "abc123", "cpu", spec, records[:2] if diverged else records, 1.5, 912, diverged))
     return out
+
+
+SCORE = dict(test_loss_a=0.2, test_acc_a=0.9, test_loss_b=0.1, test_acc_b=0.95, sample=None)  # sweep.scores' keys
 
 
 def sweep_results(cfg: Config | None = None) -> list[tuple[dict, list[dict]]]:
@@ -60,7 +64,7 @@ def sweep_results(cfg: Config | None = None) -> list[tuple[dict, list[dict]]]:
                  for e in range(1, epochs + 1)]
         record = Record(curve=curve, best_epoch=1, best_val_loss=0.5, epochs=epochs, status=status,
                         diverged_step=300 if status == DIVERGED else None)
-        out.append(sweep.result_rows(cfg, "cpu", "abc123", spec, record, 0.9, 0.95, 1045))
+        out.append(sweep.result_rows(cfg, "cpu", "abc123", spec, record, SCORE, 1045))
     return out
 
 
