@@ -169,6 +169,14 @@ def _bar_axis(ax, lows, highs, ylabel: str, unit: str = "%") -> float:
     return 0.015 * (top - bottom)
 
 
+def _rank_axis(ax, ranks, xlabel: str) -> None:
+    """A log2 x axis with a tick at each rank of ``ranks`` (the rank sweeps' figures)."""
+    ranks = sorted(set(ranks))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel(xlabel)
+
+
 def _integer_ticks(axis) -> None:
     """Whole-number ticks (epochs, rounds), also when the axis holds a single one."""
     axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
@@ -278,10 +286,7 @@ def rank_vs_accuracy(runs: list[dict], path: Path, tag: str = "") -> Path | None
         plt.close(fig)
         return _skip(path, f"no adapter run has a {score.b_label.split(' (')[0]}")
     twin = _reference_lines(ax, runs, score)
-    all_ranks = sorted({r["rank"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
-    ax.set_xlabel("adapter rank r")
+    _rank_axis(ax, [r["rank"] for r in rows], "adapter rank r")
     ax.set_ylabel(score.b_label)
     ax.set_title(_titled(tag, f"{'Accuracy' if score is ACCURACY else 'Test loss'} on task B by rank "
                               f"(mean ± std over seeds)"))
@@ -498,10 +503,7 @@ def _scratch_gpt(rows, by_run, text: str, stem: Path) -> list[Path]:
                 form, FORM_LABEL.get(form, form))
             ax.errorbar(ranks, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
                         color=f"C{i % 10}", ls=FORM_STYLE.get(form, "-"), marker="o", capsize=3, label=what)
-        all_ranks = sorted({r["rank"] for r in ranked})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
-        ax.set_xlabel("rank r (per layer; LTE: per head)")
+        _rank_axis(ax, [r["rank"] for r in ranked], "rank r (per layer; LTE: per head)")
         ax.set_ylabel(f"final test loss, {text} (nats per character)")
         ax.set_title("The gpt trained from scratch: test loss after the last step by rank (mean ± std over seeds)")
         ax.grid(alpha=0.3)
@@ -567,10 +569,7 @@ def _scratch_final(rows, heads, dataset: str, path: Path) -> Path | None:
         ax.errorbar(ranks, [100 * m for m, _ in stats], yerr=[0 if math.isnan(s) else 100 * s for _, s in stats],
                     color=f"C{i}", ls=FORM_STYLE.get(form, "-"), marker="o", capsize=3,
                     label=f"{_form_label(form, heads)} [{opt}]")
-    all_ranks = sorted({r["rank"] for r in ranked})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
-    ax.set_xlabel("rank r (per layer; LTE: per head)")
+    _rank_axis(ax, [r["rank"] for r in ranked], "rank r (per layer; LTE: per head)")
     ax.set_ylabel(f"final test accuracy, {dataset}, 10 classes (%)")
     ax.set_title("Trained from scratch: accuracy after the last epoch by rank (mean ± std over seeds)")
     ax.grid(alpha=0.3)

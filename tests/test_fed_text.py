@@ -209,12 +209,11 @@ def test_flower_runs_the_roles_as_the_in_process_simulation(tmp_path):
     """`flwr run` on the local simulation federation (3 virtual SuperNodes, each one speaking role), Fed-RAC-LoRA
     on the tiny GPT, 2 of 3 roles a round for 2 rounds: the in-process records (float64, 1e-10), losses included;
     every process it started is stopped."""
-    from fed.deploy import Flower
     from fed.flower import from_run_config, load_base
     from fed.simulate import run_federated
     from fed.study import federation, settings
     from engine.build import config_model
-    from tests.test_flower import _groups_gone
+    from tests.test_flower import simulate_on_flower
 
     rc = {"model": "gpt", "gpt-dim": 8, "gpt-depth": 1, "gpt-heads": 2, "gpt-context": 8, "partition": "role",
           "text-chars": 3000, "min-role-chars": 100, "clients": 3, "participation": 0.67, "rounds": 2, "rank": 2,
@@ -225,13 +224,7 @@ def test_flower_runs_the_roles_as_the_in_process_simulation(tmp_path):
     base = load_base(cfg, rc["base-model"], torch.float64, "cpu")
     tasks, shards = federation(cfg, cfg.load_tasks("cpu"))
     want = run_federated(base, tasks["B"], tasks["A"], shards, settings(cfg, spec))
-    with Flower(tmp_path / "flwr", timeout=240) as fl:
-        fl.simulation(clients=3)
-        groups = [p.pid for p in fl.procs]
-        run = fl.run(rc)
-        assert run["status"] == "finished:completed", run["log"][-4000:]
-    assert _groups_gone(groups)
-    got = json.loads(Path(rc["records"]).read_text())
+    got = simulate_on_flower(tmp_path, rc, clients=3)
     assert [r["round"] for r in got] == [1, 2] and all(r["participants"] == 2 for r in got)
     for a, b in zip(got, want, strict=True):
         assert (a["up_numbers"], a["down_numbers"]) == (b["up_numbers"], b["down_numbers"])

@@ -96,6 +96,20 @@ def _assert_same_records(got, want):
             assert a[key] == pytest.approx(b[key], abs=1e-10), (a["round"], key)
 
 
+def simulate_on_flower(tmp_path, rc: dict, clients: int) -> list[dict]:
+    """Run ``rc`` on a local Flower simulation of ``clients`` SuperNodes (fed.deploy.Flower), check that it finished
+    and that every process it started is gone, and return the rounds' records it wrote."""
+    from fed.deploy import Flower
+
+    with Flower(tmp_path / "flwr", timeout=240) as fl:
+        fl.simulation(clients=clients)
+        groups = [p.pid for p in fl.procs]
+        run = fl.run(rc)
+        assert run["status"] == "finished:completed", run["log"][-4000:]
+    assert _groups_gone(groups)
+    return json.loads(Path(rc["records"]).read_text())
+
+
 def _groups_gone(groups: list[int]) -> bool:
     from fed.deploy import live_in_groups
 
@@ -136,16 +150,8 @@ def test_a_deployment_on_127_0_0_1_equals_the_in_process_simulation(tmp_path):
 def test_flower_simulation_with_partial_participation_equals_the_in_process_simulation(tmp_path):
     """`flwr run` on the local simulation federation (3 virtual SuperNodes), FedIT with 2 of 3 clients a round
     for 3 rounds: a node that sat out a round is sent the whole state again; same records as in process."""
-    from fed.deploy import Flower
-
     rc, want = _setup(tmp_path, method="fedit", clients=3, participation=0.67, rounds=3, seed=0)
-    with Flower(tmp_path / "flwr", timeout=240) as fl:
-        fl.simulation(clients=3)
-        groups = [p.pid for p in fl.procs]
-        run = fl.run(rc)
-        assert run["status"] == "finished:completed", run["log"][-4000:]
-    assert _groups_gone(groups)
-    got = json.loads(Path(rc["records"]).read_text())
+    got = simulate_on_flower(tmp_path, rc, clients=3)
     _assert_same_records(got, want)
     assert all(r["participants"] == 2 for r in got)
     assert min(r["aggregation_error"] for r in got) > 1e-5  # FedIT's average stays inexact on Flower too
