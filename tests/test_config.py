@@ -149,10 +149,11 @@ def test_the_committed_results_keep_their_hashes():
         name = Path(path).name
         columns = (scratch if name.startswith("scratch_") else fed_study if name.startswith("fed_") else sweep).RUN_COLUMNS
         for r in read_rows(path, columns):
-            if "form" in r:  # recorded when lte_heads was one number: today a list the plan sweeps
+            if "form" in r:  # older rows recorded lte_heads as one number: today a list the plan sweeps
                 config = json.loads(r["config"])
                 heads = config.pop("lte_heads")
-                cfg = ScratchConfig(**config, lte_heads=[heads])
+                cfg = ScratchConfig(**config, lte_heads=heads if isinstance(heads, list) else [heads])
+                heads = r["heads"] if isinstance(heads, list) else heads
                 got = scratch.run_hash(cfg, r["device"], r["form"], r["rank"], r["seed"],
                                        heads if r["form"] in ("lte", "lora") else None)
             elif "clients" in r:
