@@ -20,7 +20,8 @@ from engine.results import format_table, git_commit, group, mean_std, pct, seeds
 from engine.runner import report, resolve_device
 from fed.config import fed_settings_hash, from_argv
 from fed.methods import FED_METHODS
-from fed.study import CURVE_COLUMNS, PREFIX, RUN_COLUMNS, run_study
+from fed.deploy import run_on_flower
+from fed.study import CURVE_COLUMNS, FLOWER_COLUMNS, FLOWER_PREFIX, PREFIX, RUN_COLUMNS, run_study
 from models import MODELS
 from plots import draw_federated
 
@@ -75,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def study(cfg) -> None:
-    """Train what the config asks for (unless --plots-only), print the table, draw the figures."""
-    study_rows = None if cfg.plots_only else run_study(cfg, git_commit())
+    """Train what the config asks for (unless --plots-only), in this process or each run on a Flower federation
+    of its own (--engine flower), print the table, draw the figures."""
+    flower = cfg.engine == "flower"
+    run = run_on_flower if flower else run_study
+    study_rows = None if cfg.plots_only else run(cfg, git_commit())
     device = resolve_device(cfg.device).type
     wanted = {fed_settings_hash(cfg, device, m) for m in FED_METHODS}
-    report(cfg, study_rows, wanted, summary, draw_federated, RUN_COLUMNS, CURVE_COLUMNS, PREFIX)
+    report(cfg, study_rows, wanted, summary, draw_federated, RUN_COLUMNS,
+           {**CURVE_COLUMNS, **FLOWER_COLUMNS} if flower else CURVE_COLUMNS, FLOWER_PREFIX if flower else PREFIX)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,16 @@ class Sweep:
         self.rows: list[dict] = []
 
     # --- the base model, trained once per setting and cached as a checkpoint ---
+    def base_checkpoint(self) -> Path:
+        """Where the base model of these settings is saved (base_model trains it when it is not there)."""
+        return self.results_dir / "checkpoints" / f"base_{self.base_key()}.pt"
+
+    def base_key(self) -> str:
+        return run_hash(self.cfg, self.device.type, "base", None, None, self.cfg.base_seed)
+
     def base_model(self) -> torch.nn.Module:
         cfg, dev = self.cfg, self.device.type
-        key = run_hash(cfg, dev, "base", None, None, cfg.base_seed)
-        ckpt = self.results_dir / "checkpoints" / f"base_{key}.pt"
+        key, ckpt = self.base_key(), self.base_checkpoint()
         model = config_model(cfg, None, self.device)
         record, problem = load_checkpoint(ckpt, model, self.tasks["A"]) if ckpt.exists() else (None, None)
         if record is not None:

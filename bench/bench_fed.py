@@ -89,7 +89,7 @@ def flower(base, tasks, rounds: int, tmp: Path) -> None:
 
     rc = {"method": "fed_rac_lora", "rank": 1, "seed": 0, "clients": 10, "rounds": rounds,
           "data-dir": str(ROOT / "data"), "results-dir": str(tmp / "flower_results"),
-          "base-model": str(tmp / "base.pt"), "records": str(tmp / "records.json"), "device": "cpu"}
+          "plots-dir": str(tmp / "flower_plots"), "base-model": str(tmp / "base.pt"), "records": str(tmp / "records.json"), "device": "cpu"}
     torch.save(base.state_dict(), rc["base-model"])
     cfg, spec, _ = from_run_config(rc)
     print(f"\n3. Flower's local simulation federation (Ray, 10 virtual SuperNodes, 1 CPU each) against this process, "

@@ -7,7 +7,9 @@ The base model's and the adapters' fields are main.py's (config.AdaptedModelConf
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 import models
 from config import AdaptedModelConfig, Config, ModelConfig, TOKEN_MODELS
@@ -58,6 +60,10 @@ class FedConfig(AdaptedModelConfig):
                                "epochs over task A (main.py's max_epochs)", range=(1, 100_000))
     base_lr: float = arg(Config.__dataclass_fields__["lr"].default, "the base model's AdamW learning rate (main.py's "
                          "lr)", positive=True)
+    engine: str = arg("process", "process: the rounds in this process (fed/simulate.py) | flower: each run on a "
+                      "local Flower federation of its own (fed/flower.py: a SuperLink and clients SuperNodes on free "
+                      "ports of 127.0.0.1 in a private Flower home; results in fed_flower_*.csv)",
+                      choices=("process", "flower"), hash=False)
     workers: int = override(AdaptedModelConfig, "workers", help="processes training runs side by side; 0 = one "
                             "per core on CPU, 1 on a GPU")
 
@@ -130,3 +136,34 @@ def from_argv(argv: list[str] | None = None, prog: str = "federated.py") -> FedC
 def fed_settings_hash(cfg: FedConfig, device: str, method: str) -> str:
     """Hash of every field that changes a federated run of ``method``, apart from its sketch, rank and seed."""
     return settings_hash(cfg, device, **cfg.run_context(method))
+
+
+# --- the same settings as a Flower run config (fed/flower.py; pyproject.toml's [tool.flwr.app.config]) -----------
+# every field but those of how a command runs, with dashes for underscores, and one rank and one seed per run
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"  # in the Flower app's bundle too
+COMMAND_ONLY = ("resume", "resume_any_code", "plots_only", "progress", "report_to", "workers", "engine")
+SINGLE = {"ranks": "rank", "seeds": "seed"}
+
+
+def run_config_keys() -> dict[str, str]:
+    """{run-config key: FedConfig field} of a Flower run, derived from FedConfig's fields."""
+    return {SINGLE.get(f.name, f.name).replace("_", "-"): f.name for f in dataclasses.fields(FedConfig)
+            if f.name not in COMMAND_ONLY}
+
+
+def toml_value(value):
+    """A FedConfig value as the run config holds it: lists comma-separated, the rest as they are."""
+    return ",".join(str(v) for v in value) if isinstance(value, list) else value
+
+
+def flower_run_config(cfg: FedConfig, spec: dict) -> dict:
+    """The run config of one run of the plan (fed.study.plan's spec: method, sketch, rank, seed) with ``cfg``'s
+    settings (FedAvg's sketch and rank, which it does not use, stay cfg's first)."""
+    one = dict(cfg.to_dict(), method=spec["method"], sketch=spec["sketch"] or ("left" if cfg.sketch == "both" else cfg.sketch),
+               ranks=spec["rank"] if spec["rank"] is not None else cfg.ranks[0], seeds=spec["seed"])
+    return {key: toml_value(one[field]) for key, field in run_config_keys().items()}
+
+
+def app_run_config() -> dict:
+    """The Flower app's run config as pyproject.toml declares it (what a run that overrides nothing gets)."""
+    return dict(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])

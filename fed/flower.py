@@ -4,11 +4,20 @@ numbers for the same seeds (float64: tests/test_flower.py).
 
 - ``flwr run .`` (pyproject.toml names ``fed.flower:server_app`` and ``fed.flower:client_app``) runs it on
   the local simulation federation or on a deployed one (README, "Federated adaptation on Flower").
-- The run config (pyproject.toml's ``[tool.flwr.app.config]``, ``--run-config "k=v ..."``) holds
-  federated.py's settings with dashes for underscores, one ``rank`` and one ``seed`` per run, plus
-  ``dtype``, ``base-model`` (a state dict file; empty: the suite's base model, trained or loaded as main.py
-  does) and ``records`` (a JSON file for the per-round records; empty: none). It is checked as federated.py
-  checks its options; the server writes results/fed_flower_runs.csv and fed_flower_curves.csv.
+- The run config is pyproject.toml's ``[tool.flwr.app.config]`` (``--run-config "k=v ..."`` overrides it):
+  federated.py's settings with dashes for underscores, one ``rank`` and one ``seed`` per run, checked by
+  fed.config.FedConfig as federated.py checks its options, and the engine's keys (ENGINE_KEYS). Relative paths
+  are taken from the folder the apps run in. The server says up front what it will do (and that it trains the
+  base model first, when none is saved), evaluates centrally through the strategy's ``evaluate_fn`` (Flower's
+  summary shows it), returns the global model as the strategy's arrays and saves it
+  (results/fed_flower_models/<config_hash>.pt, a plain state dict: ``base-model`` loads it), writes
+  results/fed_flower_runs.csv and fed_flower_curves.csv, and draws the round figures (plots/fed_flower_*.png).
+- Failures end runs, in bounded time: the server waits ``node-timeout`` seconds for the federation's nodes and a
+  round ``timeout`` seconds for its replies; a client that raised or a node gone fails the run with one line
+  naming the round, the client and the node (RunFailed), unless ``tolerate`` allows the round to go on without
+  it (its record's ``failed_clients`` says how many it lost). The suite's errors are logged as one line (OneLine).
+  ``flwr run`` exits 0 whatever happened: ``python federated.py --engine flower`` (fed.deploy.run_on_flower)
+  exits non-zero with that line.
 - Each SuperNode holds one client: ``partition-id`` (and ``num-partitions`` = clients) in its node config,
   and optionally its own ``data-dir``. The client loads its data there (MNIST, or the texts for the gpt) and
   takes its shard of task B (fed.study.federation: from split_seed, or the speaking role of its partition id;
@@ -29,66 +38,78 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from raclora.errors import ConfigError, Diverged
+from raclora.errors import ConfigError, Diverged, EXPECTED, RunFailed
 from data import Split, Task
 from engine.build import config_model
 from engine.provenance import code_fingerprint, provenance
-from engine.results import git_commit, upsert_runs
+from engine.results import figure_prefix, git_commit, read_results, upsert_runs
 from engine.runner import resolve_device
-from fed.config import from_argv
+from fed.config import app_run_config, FedConfig, from_argv, run_config_keys, SINGLE
 from fed.methods import get_fed_method
-from fed.simulate import apply_down, client_round, close_round, global_state, load_global_state, Server
-from fed.study import CURVE_COLUMNS, federation, FLOWER_COLUMNS, RUN_COLUMNS, run_rows, settings, trainable
+from fed.simulate import apply_down, client_round, close_round, global_model_state, global_state, load_global_state, Server
+from fed.study import CURVE_COLUMNS, describe, federation, FLOWER_COLUMNS, FLOWER_PREFIX, RUN_COLUMNS, run_rows, settings, trainable
 from raclora.factors import ROLES
-from raclora.files import atomic_write
+from plots import draw_federated
+from raclora.files import atomic_write, atomic_write_via
 from sweep import Sweep
+from train import evaluate
 
-PREFIX = "fed_flower_"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# The run config: federated.py's settings (one method, sketch, rank and seed per run) and the engine's own
-# keys; pyproject.toml's [tool.flwr.app.config] holds these defaults (tests check they agree).
-RUN_CONFIG = {
-    "method": "fed_rac_lora", "sketch": "left", "rank": 1, "seed": 0,
-    "clients": 10, "partition": "dirichlet", "dirichlet-alpha": 0.5, "min-role-chars": 2000, "participation": 1.0,
-    "rounds": 50, "local-epochs": 1, "lr": 0.001, "weight-decay": 0.01, "batch-size": 128, "target-accuracy": 0.9,
-    "target-loss": 2.5, "scaling": "alpha", "lora-alpha": 1.0, "random-init": "gaussian", "target-modules": "all",
-    "model": "mlp", "hidden": "64,64", "vit-patch": 7, "vit-dim": 32, "vit-depth": 2, "vit-heads": 2,
-    "vit-mlp-dim": 64, "gpt-dim": 128, "gpt-depth": 4, "gpt-heads": 4, "gpt-context": 64, "dropout": 0.1,
-    "text-a": "austen", "text-b": "shakespeare", "text-chars": 0, "task-b-chars": 0,
-    "data-dir": "./data", "val-size": 5000, "split-seed": 0, "base-seed": 0, "base-max-epochs": 50, "base-lr": 0.0002,
-    "results-dir": "./results",
-    "device": "cpu",
-    "dtype": "float32", "base-model": "", "records": "", "timeout": 3600,
+# The run config (pyproject.toml's [tool.flwr.app.config], the app's defaults; Flower gives the apps every key
+# of it in context.run_config, overridden by `flwr run --run-config "k=v"`) holds federated.py's settings with
+# dashes for underscores, one rank and one seed per run, apart from those of how a command runs (COMMAND_ONLY), and
+# the engine's own keys (ENGINE_KEYS). Its values are read from there and checked by FedConfig: no copy here.
+ENGINE_KEYS = {
+    "dtype": "float32 | float64: the weights' and the images' dtype, on server and clients",
+    "base-model": "a state dict file of the model to adapt; empty: the suite's base model (main.py's, cached)",
+    "records": "a JSON file for the rounds' records; empty: none",
+    "timeout": "seconds a round waits for its clients' replies (Flower's round timeout)",
+    "node-timeout": "seconds the server waits for the federation's clients SuperNodes to connect",
+    "tolerate": "clients a round may lose (a failure reply, a node gone) and go on without; 0: any loss ends the run",
 }
-ENGINE_KEYS = ("dtype", "base-model", "records", "timeout")
-LIST_KEYS = {"hidden", "target-modules"}  # comma-separated in the run config
-SINGLE = {"rank": "ranks", "seed": "seeds"}  # one value per run here, lists in FedConfig
+PATH_KEYS = ("data-dir", "results-dir", "plots-dir", "base-model", "records")
+# Where the app's defaults (pyproject.toml) differ from federated.py's: Flower's default local federation has
+# 2 SuperNodes, and a bare `flwr run .` is a short federation (tests check every other default equals FedConfig's)
+FLOWER_OWN = ("clients", "rounds")
 
 
-def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
-    """(FedConfig, the run's spec {method, sketch, rank, seed}, the engine's options) from a Flower run config,
-    with federated.py's checks: ConfigError (one line) on anything unknown or out of range, or (with
-    ``check_paths``) a relative path."""
-    unknown = sorted(set(run_config) - set(RUN_CONFIG))
+def resolve_path(value: str, root: Path | None = None) -> str:
+    """A run-config path as the apps use it: absolute as given; relative to ``root`` (default: the folder the app
+    runs in: for `flwr run .` on its local federation, the folder Flower started the local SuperLink from)."""
+    if not value or Path(value).is_absolute():
+        return value
+    return os.path.normpath((root or Path.cwd()) / value)  # links kept: the folder as the user names it
+
+
+def from_run_config(run_config: dict, root: Path | None = None) -> tuple:
+    """(FedConfig, the run's spec {method, sketch, rank, seed}, the engine's options) from a Flower run config
+    (missing keys: pyproject.toml's), with federated.py's checks: ConfigError (one line) on anything unknown or
+    out of range. Relative paths are resolved (resolve_path)."""
+    keys = run_config_keys()
+    unknown = sorted(set(run_config) - set(keys) - set(ENGINE_KEYS))
     if unknown:
-        raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; allowed: {', '.join(RUN_CONFIG)}")
-    values = {**RUN_CONFIG, **run_config}
+        raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}; allowed: {', '.join([*keys, *ENGINE_KEYS])}")
+    values = {**app_run_config(), **run_config}
+    for key in PATH_KEYS:
+        values[key] = resolve_path(str(values[key]), root)
+    lists = {f.name for f in dataclasses.fields(FedConfig) if f.default_factory is not dataclasses.MISSING}
     argv = []
-    for key, value in values.items():
-        if key in ENGINE_KEYS:
-            continue
-        field = SINGLE.get(key, key.replace("-", "_"))
-        parts = [p.strip() for p in str(value).split(",")] if key in LIST_KEYS else [str(value)]
-        argv += [f"--{field}", *parts]
+    for key, field in keys.items():
+        if key in values:
+            value = values[key]
+            parts = [p.strip() for p in str(value).split(",")] if field in lists and field not in SINGLE else [str(value)]
+            argv += [f"--{field}", *parts]
     cfg = from_argv(argv, prog="flwr run")
     if cfg.method == "all" or cfg.sketch == "both":
         raise ConfigError("the Flower engine runs one method and one sketch per run; "
@@ -99,15 +120,16 @@ def from_run_config(run_config: dict, check_paths: bool = True) -> tuple:
     lora = get_fed_method(cfg.method).uses_sketch
     spec = dict(method=cfg.method, sketch=cfg.sketch if lora else None, rank=cfg.ranks[0] if lora else None,
                 seed=cfg.seeds[0])
-    for key in ("data-dir", "results-dir", "base-model", "records"):
-        if check_paths and values[key] and not str(values[key]).startswith("/"):
-            raise ConfigError(f"{key} {values[key]!r} is relative, and the Flower apps run in Flower's own app "
-                              f"folder: give an absolute path (--run-config \"{key}='/abs/path'\")")
-    timeout = values["timeout"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    opts = dict(dtype=DTYPES[dtype], base_model=str(values["base-model"]), records=str(values["records"]),
-                timeout=float(timeout))
+    for key in ("timeout", "node-timeout"):
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ConfigError(f"{key} must be a positive number of seconds, got {v!r}")
+    tolerate = values["tolerate"]
+    if isinstance(tolerate, bool) or not isinstance(tolerate, int) or not 0 <= tolerate < cfg.runs_per_stack():
+        raise ConfigError(f"tolerate must be a whole number of clients from 0 to {cfg.runs_per_stack() - 1} (a round "
+                          f"has {cfg.runs_per_stack()} clients and needs one reply), got {tolerate!r}")
+    opts = dict(dtype=DTYPES[dtype], base_model=values["base-model"], records=values["records"],
+                timeout=float(values["timeout"]), node_timeout=float(values["node-timeout"]), tolerate=tolerate)
     return cfg, spec, opts
 
 
@@ -125,9 +147,6 @@ def load_run_tasks(cfg, data_dir: str, dtype: torch.dtype, device, tasks: dict |
 def load_base(cfg, path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model ``cfg.model`` with the state dict saved at ``path``; ConfigError (one line) if it is missing,
     unreadable or not this model's."""
-    from pathlib import Path
-
-
     model = config_model(cfg, None, device)
     if not Path(path).is_file():
         raise ConfigError(f"base-model {path!r} is not a file; give the path of a saved state dict "
@@ -155,32 +174,60 @@ def numbers(arrays: dict) -> int:
 
 
 # --- the server ------------------------------------------------------------------------------------------
+class OneLine(logging.Filter):
+    """Flower logs a ServerApp's exception with its traceback; the suite's own errors (a bad value, a run that
+    failed) are one line that says what went wrong: the traceback of those is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, EXPECTED):
+            record.msg, record.args, record.exc_info, record.exc_text = f"{type(exc).__name__}: {exc}", (), None, None
+        return True
+
+
 class FederatedRound(FedAvg):
     """Flower's FedAvg with the suite's rounds: ``configure_train`` picks the round's clients and seed as
     the in-process server does (fed.simulate.Server.next_round) and sends each the method's "down";
-    ``aggregate_train`` applies the method's rule (fed.simulate.close_round) and evaluates centrally."""
+    ``aggregate_train`` applies the method's rule (fed.simulate.close_round) and evaluates centrally, and returns
+    the global model (Flower's result arrays); ``evaluate`` is the strategy's ``evaluate_fn``: the round's central
+    evaluation, so that Flower's summary shows it."""
 
-    def __init__(self, server, tasks: dict, timeout: float):
+    def __init__(self, server, tasks: dict, opts: dict):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=server.clients)
-        self.server, self.tasks, self.timeout = server, tasks, timeout
+        self.server, self.tasks, self.timeout = server, tasks, opts["timeout"]
+        self.node_timeout, self.tolerate = opts["node_timeout"], opts["tolerate"]
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.in_sync: dict[int, int] = {}  # node id -> the round whose starting state it holds
+        self.gone: dict[int, str] = {}  # partition id -> why: lost (tolerated) in an earlier round, not asked again
         self.down, self.last_seed = None, None
         self.records: list[dict] = []
         self.round: dict = {}
         self.t0 = time.perf_counter()  # the records' elapsed_s: seconds since the strategy was made
 
+    def _wait_for_nodes(self, grid) -> list[int]:
+        """The federation's nodes once ``clients`` of them are connected; RunFailed (one line) after node_timeout."""
+        want, deadline = self.server.clients, time.monotonic() + self.node_timeout
+        while len(nodes := list(grid.get_node_ids())) < want:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"only {len(nodes)} of the {want} SuperNodes this run needs (clients {want}: one per "
+                                f"partition-id 0..{want - 1}) connected within node-timeout {self.node_timeout:g} s; "
+                                f"start the missing SuperNodes (the local federation: flwr run --federation-config "
+                                f"\"num-supernodes={want}\"), or run with clients={len(nodes)}")
+            time.sleep(0.5)
+        return nodes
+
     def _discover(self, grid) -> None:
         """Ask every node its partition: the federation must hold partitions 0..clients-1, once each."""
-        nodes = list(grid.get_node_ids())
+        nodes = self._wait_for_nodes(grid)
         asks = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition"})}),
                         message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         replies = list(grid.send_and_receive(asks, timeout=self.timeout))
-        failed = [r.error.reason for r in replies if r.has_error()]
+        failed = [r.error.reason.strip().splitlines()[-1][:300] for r in replies if r.has_error()]
         if failed or len(replies) != len(nodes):
-            raise RuntimeError(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} nodes did not say "
-                               f"their partition: {failed[:1]}")
+            raise RunFailed(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} SuperNodes did not say their "
+                            f"partition within timeout {self.timeout:g} s"
+                            + (f": {failed[0]}" if failed else ""))
         found = {int(r.content["metrics"]["partition-id"]): r.metadata.src_node_id for r in replies}
         want = self.server.clients
         if sorted(found) != list(range(want)) or len(found) != len(replies):
@@ -190,13 +237,14 @@ class FederatedRound(FedAvg):
 
     def configure_train(self, server_round, arrays, config, grid):
         if not self.node_of:
-            sample_nodes(grid, self.server.clients, self.server.clients)  # waits for every node to connect
             self._discover(grid)
         chosen, round_seed = self.server.next_round()
         starts = [self.server.start_factors(round_seed, c, server_round) for c in chosen]
         messages, sent = [], []
         full = None
         for c in chosen:
+            if c in self.gone:  # counted as lost again by aggregate_train, without a round's wait for it
+                continue
             node = self.node_of[c]
             synced = self.in_sync.get(node) == server_round - 1 and self.down is not None
             if synced:
@@ -215,34 +263,62 @@ class FederatedRound(FedAvg):
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
-        failed = [r for r in replies if r.has_error()]
         chosen = self.round["chosen"]
-        if failed or len(replies) != len(chosen):
-            for r in failed:
-                self.in_sync.pop(r.metadata.src_node_id, None)
-            reasons = "; ".join(sorted({r.error.reason.strip().splitlines()[-1][:300] for r in failed}))
-            raise RuntimeError(f"round {server_round}: {len(replies) - len(failed)} of {len(chosen)} clients "
-                               f"replied ({reasons or 'timed out'})")
-        by_client = {int(r.content["metrics"]["partition-id"]): r.content for r in replies}
-        diverged = [m for m in (by_client[c]["metrics"] for c in chosen) if "diverged-step" in m]
+        partition = {node: c for c, node in self.node_of.items()}
+        good = {partition[r.metadata.src_node_id]: r.content for r in replies if not r.has_error()}
+        lost = {}  # partition id -> why its reply is missing
+        for r in replies:
+            if r.has_error():
+                lost[partition[r.metadata.src_node_id]] = r.error.reason.strip().splitlines()[-1][:300]
+        for c in chosen:
+            if c in self.gone:
+                lost[c] = self.gone[c]
+            elif c not in good and c not in lost:
+                lost[c] = f"no reply within timeout {self.timeout:g} s (the node is gone or stalled)"
+        for c in lost:
+            self.in_sync.pop(self.node_of[c], None)
+        if len(lost) > self.tolerate or not good:
+            c, why = next(iter(sorted(lost.items())))
+            raise RunFailed(f"round {server_round}: {len(good)} of {len(chosen)} clients replied; client (partition-id) "
+                            f"{c} on node {self.node_of[c]}: {why}" + (f" (and {len(lost) - 1} more)" if len(lost) > 1 else "")
+                            + f"; tolerate is {self.tolerate}")
+        for c, why in sorted(lost.items()):
+            print(f"round {server_round}: going on without client {c} (node {self.node_of[c]}): {why}")
+            self.gone.setdefault(c, f"lost in round {server_round} ({why})")
+        kept = [(c, start) for c, start in zip(chosen, self.round["starts"]) if c in good]
+        diverged = [m for m in (good[c]["metrics"] for c, _ in kept) if "diverged-step" in m]
         if diverged:  # a client's loss was not finite: the run ends here, as in process (fed.simulate.run_federated)
             raise Diverged(int(diverged[0]["diverged-step"]), float(diverged[0]["train-loss"]))
         states, losses, weights, sent_up = [], [], [], []
-        for c, start in zip(chosen, self.round["starts"]):
-            content = by_client[c]
+        for c, start in kept:
+            content = good[c]
             got = content["arrays"].to_torch_state_dict()
             sent_up.append(numbers(got))
             states.append(self._client_state(got, start))
             losses.append(float(content["metrics"]["train-loss"]))
             weights.append(int(content["metrics"]["num-examples"]))
-        rec, self.down = close_round(self.server, server_round, chosen, self.round["starts"], states, losses,
-                                     weights, self.tasks["B"], self.tasks["A"])
+        rec, self.down = close_round(self.server, server_round, [c for c, _ in kept], [s for _, s in kept], states,
+                                     losses, weights, self.tasks["B"], self.tasks["A"])
         self.last_seed = self.round["seed"]
         rec.update(sent_up_numbers=sum(sent_up) / len(sent_up),
-                   sent_down_numbers=sum(self.round["sent_down"]) / len(chosen),
-                   elapsed_s=time.perf_counter() - self.t0)
+                   sent_down_numbers=sum(self.round["sent_down"]) / max(1, len(self.round["sent_down"])),
+                   failed_clients=len(lost), elapsed_s=time.perf_counter() - self.t0)
         self.records.append(rec)
-        return None, MetricRecord({k: float(v) for k, v in rec.items()})
+        train = {k: float(rec[k]) for k in ("train_loss", "participants", "failed_clients", "up_numbers",
+                                            "down_numbers", "sent_up_numbers", "sent_down_numbers", "aggregation_error")}
+        return ArrayRecord(global_model_state(self.server)), MetricRecord(train)
+
+    def evaluate(self, server_round: int, arrays) -> MetricRecord:
+        """The strategy's evaluate_fn: the global model on task B's and task A's test splits (round 0: the model
+        the federation starts from; later rounds: what close_round measured)."""
+        if server_round == 0:
+            model = self.server.model
+            (loss_b, acc_b), (loss_a, acc_a) = (evaluate(model, self.tasks[k].test, self.tasks[k].spec.objective)
+                                                for k in ("B", "A"))
+            got = dict(test_acc_b=acc_b, test_loss_b=loss_b, test_acc_a=acc_a, test_loss_a=loss_a)
+        else:
+            got = self.records[-1]
+        return MetricRecord({k: float(got[k]) for k in ("test_acc_b", "test_loss_b", "test_acc_a", "test_loss_a")})
 
     def _client_state(self, got: dict, start: dict) -> dict:
         """The client's adapter state as fed.simulate's aggregation reads it: what it sent, plus the
@@ -255,28 +331,39 @@ class FederatedRound(FedAvg):
         return state
 
 
+def model_path(results_dir: str, config_hash: str) -> Path:
+    """Where the server saves a run's final global model (a plain state dict: base-model reads it)."""
+    return Path(results_dir) / "fed_flower_models" / f"{config_hash}.pt"
+
+
 def server_main(grid, context) -> None:
     """The ServerApp: the base model, the Server of fed/simulate.py, ``rounds`` rounds through Flower, then the
-    run's rows in results/fed_flower_*.csv (and the records file, when asked)."""
+    run's rows in results/fed_flower_*.csv, its final global model, its figures (and the records file, when
+    asked). Says up front what it will do; a bad value or a failed run is one line (OneLine)."""
     t0 = time.perf_counter()
     cfg, spec, opts = from_run_config(dict(context.run_config))
     cfg.check_setup()
     device = resolve_device(cfg.device)
     commit = git_commit()
+    print(f"Flower run {describe(spec)}: {cfg.rounds} rounds of {cfg.runs_per_stack()} of {cfg.clients} clients on "
+          f"{cfg.model}; data from {cfg.data_dir}, results to {cfg.results_dir}, figures to {cfg.plots_dir}")
     if opts["base_model"]:
         tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device)
         base = load_base(cfg, opts["base_model"], opts["dtype"], device)
     else:  # the suite's base model, trained or loaded as main.py does (the sweep has read the data already)
-
         sweep = Sweep(cfg.base_config(), commit)
+        if not sweep.base_checkpoint().exists():
+            print(f"base model: none saved in {sweep.base_checkpoint().parent}: training it first on task A (main.py's "
+                  f"base model, up to {cfg.base_max_epochs} epochs; saved for later runs and main.py)")
         base = sweep.base_model().to(opts["dtype"])
         tasks = load_run_tasks(cfg, cfg.data_dir, opts["dtype"], device, tasks=sweep.tasks)
     s = settings(cfg, spec)
     server = Server(base, s, cfg.clients)
-    strategy = FederatedRound(server, tasks, timeout=opts["timeout"])
+    strategy = FederatedRound(server, tasks, opts)
     diverged = None
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds,
+                       timeout=opts["timeout"], evaluate_fn=strategy.evaluate)
     except Diverged as e:  # recorded as diverged with the rounds before it, as federated.py records one
         diverged = len(strategy.records) + 1
         print(f"Flower run diverged in round {diverged} ({e}); recorded as diverged")
@@ -285,14 +372,21 @@ def server_main(grid, context) -> None:
     row, curve = run_rows(cfg, commit, device.type, spec, records, wall, trainable(base, s), diverged)
     row["code_fingerprint"] = code_fingerprint(__name__)
     row.update(provenance(row["device"]))
-    upsert_runs(cfg.results_dir, [row], curve, prefix=PREFIX, run_columns=RUN_COLUMNS,
-                curve_columns={**CURVE_COLUMNS, **FLOWER_COLUMNS})
+    columns = {**CURVE_COLUMNS, **FLOWER_COLUMNS}
+    upsert_runs(cfg.results_dir, [row], curve, prefix=FLOWER_PREFIX, run_columns=RUN_COLUMNS, curve_columns=columns)
     if opts["records"]:
         atomic_write(opts["records"], json.dumps(records))
     if diverged is None:
+        saved = model_path(cfg.results_dir, row["config_hash"])
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_via(saved, lambda f: torch.save(global_model_state(server), f))
+        runs, curves = read_results(cfg.results_dir, FLOWER_PREFIX, RUN_COLUMNS, columns)
+        drawn = draw_federated([r for r in runs if r["settings_hash"] == row["settings_hash"]], curves, cfg.plots_dir,
+                               figure_prefix(cfg.results_dir, FLOWER_PREFIX))
         last = records[-1]
-        print(f"Flower run finished: {spec}, final accuracy on task B {100 * last['test_acc_b']:.2f} %, test loss "
-              f"{last['test_loss_b']:.4f}, {wall:.1f} s")
+        print(f"Flower run finished: {describe(spec)}, final accuracy on task B {100 * last['test_acc_b']:.2f} %, "
+              f"test loss {last['test_loss_b']:.4f}, {wall:.1f} s; global model in {saved}; figures "
+              f"{', '.join(p.name for p in drawn)} in {cfg.plots_dir}")
 
 
 # --- the client --------------------------------------------------------------------------------------------
@@ -308,7 +402,7 @@ def _client_setup(context):
         raise ConfigError(f"node holds partition {pid} of {parts}; the run has clients {cfg.clients}")
 
     device = resolve_device(cfg.device)
-    tasks, shards = _client_data(cfg, str(node.get("data-dir", cfg.data_dir)), opts["dtype"], device)
+    tasks, shards = _client_data(cfg, resolve_path(str(node.get("data-dir", cfg.data_dir))), opts["dtype"], device)
     return cfg, spec, opts, pid, tasks, shards[pid], device
 
 
@@ -363,6 +457,7 @@ def client_train(msg, context):
     return Message(content=RecordDict({"arrays": ArrayRecord(up), "metrics": metrics}), reply_to=msg)
 
 
+logging.getLogger("flwr").addFilter(OneLine())
 server_app = ServerApp()
 server_app.main()(server_main)
 client_app = ClientApp()

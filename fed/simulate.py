@@ -287,6 +287,15 @@ def load_global_state(server: Server, state: dict[str, torch.Tensor]) -> None:
                                  for k in ("A", "B")}
 
 
+def global_model_state(server: Server) -> dict[str, torch.Tensor]:
+    """The global model as a plain state dict of the model (``config_model``'s keys): W, plus s B A merged into
+    each layer where the method keeps global factors; what the federation has learned, loadable as a base model."""
+    state = {k: v.detach().clone() for k, v in server.model.state_dict().items()}
+    for layer, f in server.factors.items():
+        state[f"{layer}.weight"] += server.s.scale * (f["B"] @ f["A"])
+    return state
+
+
 def _global_model(server: Server) -> nn.Module:
     """The server's model for evaluation: W, plus s B A where the method keeps global factors."""
     if not server.factors:

@@ -38,7 +38,8 @@ CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, 
                  "participants": int, "train_loss": float, "test_acc_b": float, "test_acc_a": float,
                  "test_loss_b": float, "test_loss_a": float, "up_numbers": int, "down_numbers": int, "communicated_mb": float, "aggregation_error": float}
 # the Flower engine's curve rows also carry the numbers its messages held, per participating client (fed/flower.py)
-FLOWER_COLUMNS = {"sent_up_numbers": float, "sent_down_numbers": float}
+FLOWER_COLUMNS = {"sent_up_numbers": float, "sent_down_numbers": float, "failed_clients": int}
+FLOWER_PREFIX = "fed_flower_"  # the same on Flower (fed/flower.py, federated.py --engine flower)
 PREFIX = "fed_"  # results/fed_runs.csv, results/fed_curves.csv (one row per run and round)
 
 

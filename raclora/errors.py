@@ -40,6 +40,11 @@ class OutputError(RuntimeError):
     needed and what is kept (raclora.files.atomic_write)."""
 
 
+class RunFailed(RuntimeError):
+    """A run that a federation could not finish (a client that raised, a node gone or never come, the run's
+    process lost): the message names the round, the client and the node."""
+
+
 DIVERGED = "diverged"  # the status a run records when its training loss became non-finite
 
 
@@ -64,4 +69,4 @@ def check_loss(loss, step: int, what: str = "training loss") -> None:
 
 
 # the expected failures of a command: reported in one line, never as a traceback
-EXPECTED = (ConfigError, DataError, CheckpointError, ResultsError, OutputError)
+EXPECTED = (ConfigError, DataError, CheckpointError, ResultsError, OutputError, RunFailed)

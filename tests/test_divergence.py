@@ -65,7 +65,7 @@ def test_a_diverging_flower_run_is_recorded_as_diverged(tmp_path):
 
     rc = {"rank": 2, "seed": 3, "clients": 2, "rounds": 3, "hidden": "8", "partition": "iid", "batch-size": 256,
           "dtype": "float32", "lr": 1e30, "data-dir": DATA, "results-dir": str(tmp_path / "results"),
-          "base-model": str(tmp_path / "base.pt"), "timeout": 120}
+          "plots-dir": str(tmp_path / "plots"), "base-model": str(tmp_path / "base.pt"), "timeout": 120}
     cfg, _, _ = from_run_config(rc)
     torch.save(config_model(cfg, torch.Generator().manual_seed(0), "cpu").state_dict(), rc["base-model"])
     with Flower(tmp_path / "flwr", timeout=240) as fl:

@@ -218,7 +218,8 @@ def test_flower_runs_the_roles_as_the_in_process_simulation(tmp_path):
     rc = {"model": "gpt", "gpt-dim": 8, "gpt-depth": 1, "gpt-heads": 2, "gpt-context": 8, "partition": "role",
           "text-chars": 3000, "min-role-chars": 100, "clients": 3, "participation": 0.67, "rounds": 2, "rank": 2,
           "seed": 1, "batch-size": 16, "dtype": "float64", "data-dir": DATA, "results-dir": str(tmp_path / "results"),
-          "base-model": str(tmp_path / "base.pt"), "records": str(tmp_path / "records.json"), "timeout": 120}
+          "plots-dir": str(tmp_path / "plots"), "base-model": str(tmp_path / "base.pt"),
+          "records": str(tmp_path / "records.json"), "timeout": 120}
     cfg, spec, _ = from_run_config(rc)
     torch.save(config_model(cfg, torch.Generator().manual_seed(0), "cpu").state_dict(), rc["base-model"])
     base = load_base(cfg, rc["base-model"], torch.float64, "cpu")

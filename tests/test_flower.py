@@ -17,10 +17,23 @@ DATA = str(ROOT / "data")
 
 
 def test_pyproject_holds_the_run_config_and_the_requirements():
-    from fed.flower import RUN_CONFIG
+    """The run config is declared once: pyproject.toml holds every key of a run (derived from FedConfig's fields,
+    and the engine's), at FedConfig's defaults but for the few the Flower app sets (FLOWER_OWN: clients equals
+    the size of Flower's default local federation)."""
+    from flwr.supercore.constant import DEFAULT_SIMULATION_CONFIG
+
+    from fed.config import FedConfig, run_config_keys, toml_value
+    from fed.flower import ENGINE_KEYS, FLOWER_OWN
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["tool"]["flwr"]["app"]["config"] == RUN_CONFIG
+    table = project["tool"]["flwr"]["app"]["config"]
+    keys = run_config_keys()
+    assert set(table) == set(keys) | set(ENGINE_KEYS)
+    defaults = FedConfig().to_dict()
+    differ = {k for k, field in keys.items() if table[k] != toml_value(defaults[field][0] if k in ("rank", "seed")
+                                                                        else defaults[field])}
+    assert differ == set(FLOWER_OWN)
+    assert table["clients"] == DEFAULT_SIMULATION_CONFIG.num_supernodes
     assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "fed.flower:server_app",
                                                             "clientapp": "fed.flower:client_app"}
     required = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
@@ -28,15 +41,60 @@ def test_pyproject_holds_the_run_config_and_the_requirements():
     assert set(project["project"]["dependencies"]) <= set(required)  # the library's, a part of them
 
 
-def test_the_run_config_defaults_are_federated_pys():
+def _project_imports(module: str) -> list[str]:
+    """The project's files that ``module`` imports, transitively (read from their import statements)."""
+    import ast
+
+    def file_of(name: str):
+        parts = name.split(".")
+        return next((f for f in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py"))
+                     if f.is_file()), None)
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        f = file_of(name)
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if "." in name:
+            todo.append(name.rsplit(".", 1)[0])  # its package's __init__
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return sorted(str(f.relative_to(ROOT)) for f in seen)
+
+
+def test_the_fab_carries_only_what_the_apps_import(tmp_path):
+    """fab-include lists the files fed.flower imports, and the bundle `flwr build` makes holds those and
+    pyproject.toml only (no tests, docs, benches or other scripts)."""
+    import subprocess
+    import zipfile
+
+    from fed.deploy import _bin, QUIET
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    want = _project_imports("fed.flower")
+    assert project["tool"]["flwr"]["app"]["fab-include"] == [f"/{f}" for f in want]
+    env = {**__import__("os").environ, **QUIET, "FLWR_HOME": str(tmp_path / "home")}
+    subprocess.run([_bin("flwr"), "build", "--app", str(ROOT)], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=120)
+    fab, = tmp_path.glob("*.fab")
+    names = set(zipfile.ZipFile(fab).namelist()) - {".info/CONTENT"}
+    assert names == {*want, "pyproject.toml"}
+
+
+def test_the_run_config_defaults_are_federated_pys(tmp_path):
     from fed.config import FedConfig
     from fed.flower import from_run_config
 
-    cfg, spec, opts = from_run_config({}, check_paths=False)
-    want = FedConfig(device="cpu")
+    cfg, spec, opts = from_run_config({}, root=tmp_path)
+    folders = {k: str(tmp_path / k.split("_")[0]) for k in ("data_dir", "results_dir", "plots_dir")}
+    want = FedConfig(clients=2, rounds=10, **folders)
     assert cfg.to_dict() == want.to_dict() | {"seeds": [0]}
     assert spec == dict(method="fed_rac_lora", sketch="left", rank=1, seed=0)
-    assert opts["dtype"] == torch.float32 and opts["base_model"] == "" and opts["timeout"] == 3600
+    assert opts == dict(dtype=torch.float32, base_model="", records="", timeout=600.0, node_timeout=60.0, tolerate=0)
 
 
 @pytest.mark.parametrize("run_config,needle", [
@@ -44,8 +102,9 @@ def test_the_run_config_defaults_are_federated_pys():
     ({"dirichlet-alpha": 0.0}, "dirichlet_alpha"), ({"method": "fedprox"}, "fedprox"),
     ({"method": "all"}, "one method"), ({"sketch": "both"}, "one method and one sketch"),
     ({"dtype": "float16"}, "dtype"), ({"timeout": -1}, "timeout"), ({"ranks": 2}, "unknown run-config key"),
-    ({"lr": float("nan")}, "lr"), ({"hidden": "8,x"}, "hidden"), ({"data-dir": "./data"}, "absolute path"),
-    ({"results-dir": "results"}, "results-dir 'results' is relative"),
+    ({"node-timeout": 0}, "node-timeout"), ({"tolerate": 2}, "tolerate must be a whole number of clients from 0 to 1"),
+    ({"tolerate": -1}, "tolerate"), ({"engine": "flower"}, "unknown run-config key"),
+    ({"lr": float("nan")}, "lr"), ({"hidden": "8,x"}, "hidden"),
 ])
 def test_bad_run_config_is_one_line(run_config, needle):
     from fed.flower import from_run_config
@@ -55,10 +114,39 @@ def test_bad_run_config_is_one_line(run_config, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_relative_paths_are_the_apps_folders(tmp_path):
+    """A relative path is taken from the folder the app runs in (the apps resolve it; an absolute one is kept)."""
+    from fed.flower import from_run_config
+
+    cfg, _, opts = from_run_config({"data-dir": "d", "results-dir": "/abs/r", "plots-dir": "../p",
+                                    "records": "rec.json"}, root=tmp_path / "app")
+    assert (cfg.data_dir, cfg.results_dir, cfg.plots_dir) == (str(tmp_path / "app" / "d"), "/abs/r", str(tmp_path / "p"))
+    assert opts["records"] == str(tmp_path / "app" / "rec.json") and opts["base_model"] == ""
+
+
+def test_the_apps_log_the_suites_errors_as_one_line(caplog):
+    """Flower logs a ServerApp's exception with exc_info: the suite's own errors lose the traceback (OneLine),
+    any other exception keeps it."""
+    import logging
+
+    from fed.flower import OneLine
+
+    logger = logging.getLogger("test.flower.oneline")
+    logger.addFilter(OneLine())
+    for error in (ConfigError("clients must be in [1, 1000000], got 0"), KeyError("bug")):
+        try:
+            raise error
+        except Exception as ex:  # noqa: BLE001
+            logger.error("ServerApp raised an exception", exc_info=ex)
+    ours, other = caplog.records[-2:]
+    assert caplog.text.count("Traceback") == 1 and ours.exc_info is None and other.exc_info is not None
+    assert ours.getMessage() == "ConfigError: clients must be in [1, 1000000], got 0"
+
+
 def test_a_missing_or_foreign_base_model_is_one_line(tmp_path):
     from fed.flower import from_run_config, load_base
 
-    cfg, _, _ = from_run_config({"hidden": "8"}, check_paths=False)
+    cfg, _, _ = from_run_config({"hidden": "8"})
     for path, needle in ((tmp_path / "none.pt", "is not a file"), (tmp_path / "bad.pt", "is not a state dict")):
         if path.name == "bad.pt":
             path.write_bytes(b"not a checkpoint")
@@ -76,7 +164,7 @@ def _setup(tmp_path, **over):
     from fed.study import client_shards, settings
 
     rc = {"rank": 2, "seed": 3, "clients": 2, "rounds": 2, "hidden": "8", "partition": "iid", "batch-size": 256,
-          "dtype": "float64", "data-dir": DATA, "results-dir": str(tmp_path / "results"),
+          "dtype": "float64", "data-dir": DATA, "results-dir": str(tmp_path / "results"), "plots-dir": str(tmp_path / "plots"),
           "base-model": str(tmp_path / "base.pt"), "records": str(tmp_path / "records.json"), "timeout": 120,
           **over}
     cfg, spec, opts = from_run_config(rc)

@@ -221,10 +221,12 @@ def test_figure_names_start_with_the_studys_prefix_then_the_results_folders_name
     assert figure_prefix(tmp_path / "my runs (2)", "glue_") == "glue_my-runs-2_"  # only safe characters
     from engine.provenance import lab_modules
 
-    prefixes = {name: ast.literal_eval(node.value) for name, path in lab_modules().items()
+    prefixes = {f"{name}.{node.targets[0].id}": ast.literal_eval(node.value) for name, path in lab_modules().items()
                 for node in ast.parse(path.read_text()).body
-                if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PREFIX"]}
-    assert {"fed.study", "scratch", "glue", "convergence"} <= set(prefixes)
+                if isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], "id", "").endswith("PREFIX") and isinstance(node.value, ast.Constant)}
+    assert {"fed.study.PREFIX", "fed.study.FLOWER_PREFIX", "scratch.PREFIX", "glue.PREFIX",
+            "convergence.PREFIX"} <= set(prefixes)
     assert len(set(prefixes.values())) == len(prefixes) and "" not in prefixes.values(), prefixes
 
 
