@@ -314,21 +314,49 @@ class Flower:
 
     def wait(self, run_id: int) -> dict:
         """Wait for run ``run_id`` to finish (at most ``timeout`` seconds: TimeoutError; the SuperLink gone:
-        RuntimeError) and return its final ``flwr ls`` entry with its log."""
+        RuntimeError) and return its final ``flwr ls`` entry with its log. One ``flwr log --stream`` follows the
+        run to its end (a process per look would keep a core busy on a small machine); ``flwr ls`` then says how
+        it ended."""
         deadline = time.monotonic() + self.timeout
-        while True:
-            listing = json.loads(self._flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json"))
-            run = listing["runs"][0]
-            if run["status"].startswith("finished"):
-                run["log"] = self.log(run_id)
-                return run
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} still {run['status']} after {self.timeout:.0f} s: see {self.home}")
-            link = self.procs[0]  # a SuperNode that exits is the run's to handle (it fails, or goes on without it)
-            if link.poll() is not None:
-                raise RuntimeError(f"the SuperLink exited ({link.args[0]}, code {link.returncode}) during run "
-                                   f"{run_id}: see {self.home}")
-            time.sleep(1)
+        path = self.home / f"run_{run_id}.log"
+        with open(path, "wb") as out:
+            stream = subprocess.Popen([_bin("flwr"), "log", str(run_id), self.connection, "--stream"], env=self.env,
+                                      cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                self._check_link(run_id, deadline)
+                try:
+                    run = self._status(run_id) if stream.poll() is not None else None
+                except RuntimeError:
+                    self._check_link(run_id, deadline)  # the SuperLink went meanwhile: say that
+                    raise
+                if run is not None and run["status"].startswith("finished"):
+                    break
+                time.sleep(0.5 if run is None else 2)  # the stream ended before the run did: look now and then
+        finally:
+            if stream.poll() is None:
+                os.killpg(stream.pid, signal.SIGKILL)
+            stream.wait()
+        run["log"] = path.read_text(errors="replace")
+        if "Final results" not in run["log"] and run["status"] != "finished:completed":
+            run["log"] = self.log(run_id)  # the stream may miss a failure's last lines
+        return run
+
+    def _status(self, run_id: int) -> dict:
+        """The run's entry of ``flwr ls``; RuntimeError (one line) when the SuperLink does not give it."""
+        out = self._flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        listing = json.loads(out[out.index("{"):]) if "{" in out else {}
+        if not listing.get("runs"):
+            raise RuntimeError(f"flwr ls gave no run {run_id}: {listing.get('error-message') or out.strip()[-300:]}")
+        return listing["runs"][0]
+
+    def _check_link(self, run_id: int, deadline: float) -> None:
+        link = self.procs[0]  # a SuperNode that exits is the run's to handle (it fails, or goes on without it)
+        if link.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited ({link.args[0]}, code {link.returncode}) during run "
+                               f"{run_id}: see {self.home}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {run_id} still not finished after {self.timeout:.0f} s: see {self.home}")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.home.glob("*.log")))

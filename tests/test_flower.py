@@ -194,8 +194,15 @@ def simulate_on_flower(tmp_path, rc: dict, clients: int) -> list[dict]:
         groups = [p.pid for p in fl.procs]
         run = fl.run(rc)
         assert run["status"] == "finished:completed", run["log"][-4000:]
-    assert _groups_gone(groups)
+    assert _groups_gone(groups) and not _home_left(tmp_path / "flwr")
     return json.loads(Path(rc["records"]).read_text())
+
+
+def _home_left(home) -> list[int]:
+    """Processes of a Flower home still running (those that left their process group too: an adopted ServerApp)."""
+    from fed.deploy import live_with_env
+
+    return live_with_env("FLWR_HOME", str(home))
 
 
 def _groups_gone(groups: list[int]) -> bool:
@@ -204,23 +211,13 @@ def _groups_gone(groups: list[int]) -> bool:
     return not live_in_groups(groups)
 
 
-@pytest.mark.slow
-def test_a_deployment_on_127_0_0_1_equals_the_in_process_simulation(tmp_path):
-    """A real SuperLink and two SuperNodes (partition-id 0 and 1), two rounds of fed_rac_lora through
-    `flwr run`: the same records as in this process (float64, 1e-10), the messages held the method's
-    numbers, the results landed in fed_flower_*.csv, and every process is stopped afterwards."""
+def assert_deployment_records(rc: dict, want: list[dict]) -> None:
+    """What a deployment of _setup's run (2 SuperNodes, fed_rac_lora, 2 rounds) must give: the in-process records
+    (float64, 1e-10), the messages holding the method's numbers, the results in fed_flower_*.csv
+    (tests/test_flower_conventions.py's secure deployment runs it)."""
     from engine.results import read_results
     from fed.study import CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS
-    from fed.deploy import Flower
 
-    rc, want = _setup(tmp_path)
-    with Flower(tmp_path / "flwr", timeout=240) as fl:
-        fl.deployment(clients=2)
-        groups = [p.pid for p in fl.procs]
-        assert len(groups) == 3
-        run = fl.run(rc)
-        assert run["status"] == "finished:completed", run["log"][-4000:]
-    assert _groups_gone(groups)
     got = json.loads(Path(rc["records"]).read_text())
     _assert_same_records(got, want)
     assert max(r["aggregation_error"] for r in got) < 1e-12
@@ -279,3 +276,30 @@ def test_a_proxy_in_the_environment_does_not_stop_the_federation(tmp_path, monke
         groups = [p.pid for p in fl.procs]
         assert all(p.poll() is None for p in fl.procs)
     assert _groups_gone(groups)
+
+
+def test_federated_py_on_flower_says_a_failed_run_in_one_line_and_exits_2(tmp_path, monkeypatch, capsys):
+    """`python federated.py --engine flower`: a run whose Flower status is not finished:completed (here, as a
+    client's failure reply makes it: Flower's own status and details, the federation stubbed) stops the command
+    with one line naming the run and why, exit 2; the Flower home is kept for its logs and the federation is
+    stopped. (The real federation's failures: tests/test_flower_conventions.py.)"""
+    import federated
+    from fed import deploy
+
+    stopped = []
+    monkeypatch.setattr(deploy.Flower, "simulation", lambda self, clients, cpus_per_client=1: self)
+    monkeypatch.setattr(deploy.Flower, "stop", lambda self: stopped.append(self.home))
+    monkeypatch.setattr(deploy.Flower, "run", lambda self, rc: {
+        "status": "finished:failed", "log": "...",
+        "status-details": "ServerApp failed with exception: round 1: 1 of 2 clients replied; client (partition-id) 1 "
+                          "on node 7: DataError: no MNIST files in /nowhere; tolerate is 0"})
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(tmp_path))  # where the private Flower home goes
+    code = federated.main(["--engine", "flower", "--hidden", "8", "--clients", "2", "--rounds", "1", "--partition",
+                           "iid", "--base_max_epochs", "1", "--seeds", "0", "--device", "cpu", "--data_dir", DATA,
+                           "--results_dir", str(tmp_path / "r"), "--plots_dir", str(tmp_path / "p"),
+                           "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(stopped) == 1
+    assert err[-1].startswith("error: Flower run fed_rac_lora left 1 seed 0 ended finished:failed: round 1: 1 of 2 "
+                              "clients replied; client (partition-id) 1 on node 7: DataError"), err
+    assert f"(logs kept in {tmp_path}" in err[-1]
