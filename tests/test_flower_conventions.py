@@ -178,11 +178,16 @@ def test_bare_flwr_run_completes_with_central_evaluation_and_a_saved_model(tmp_p
     """`flwr run <app> --stream` as a Flower user types it, from a folder holding the data (relative paths: the
     app's defaults), Flower starting its own local SuperLink (moved to free ports; the test stops it after):
     Flower's summary shows the server-side evaluation and the global model's arrays, the model is saved, the
-    figures drawn, the rows written. (Smaller than the defaults: --run-config makes the MLP and the run short.)"""
+    figures drawn, the rows written. The run config makes it small and exact (FedIT, 2 of 3 clients a round, 3
+    rounds, float64, on 3 SuperNodes): the in-process records, a node that sat out a round sent the whole state."""
     from engine.results import read_results
-    from fed.deploy import _bin, free_port, live_with_env, QUIET
+    from fed.deploy import _bin, free_port, live_with_env, QUIET, run_config_arg
     from fed.study import CURVE_COLUMNS, FLOWER_COLUMNS, RUN_COLUMNS
+    from tests.test_flower import assert_partial_participation_records
 
+    rc, want = _setup(tmp_path, method="fedit", clients=3, participation=0.67, rounds=3, seed=0)
+    for key in ("data-dir", "results-dir", "plots-dir"):
+        del rc[key]  # the app's own: ./data, ./results, ./plots of the folder it runs in
     work = tmp_path / "work"
     work.mkdir()
     (work / "data").symlink_to(DATA)
@@ -191,21 +196,23 @@ def test_bare_flwr_run_completes_with_central_evaluation_and_a_saved_model(tmp_p
     env = {**os.environ, **QUIET, "FLWR_HOME": str(home), "RAY_TMPDIR": ray_tmp,
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     try:
-        done = subprocess.run([_bin("flwr"), "run", str(ROOT), "--stream", "--run-config",
-                               "hidden='8' rounds=2 base-max-epochs=1 partition='iid' batch-size=256"],
+        done = subprocess.run([_bin("flwr"), "run", str(ROOT), "--stream", "--run-config", run_config_arg(rc),
+                               "--federation-config", "num_supernodes=3 client_resources_num_cpus=1"],
                               cwd=work, env=env, capture_output=True, text=True, timeout=400)
     finally:
-        for pid in live_with_env("FLWR_HOME", str(home)):
+        left = live_with_env("FLWR_HOME", str(home))  # Flower's local SuperLink, which flwr run leaves running
+        for pid in left:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
+    assert done.returncode == 0 and left, log[-4000:]
     assert "Final results:" in log, log[-4000:]
     summary = log[log.index("Final results:"):]
     assert "ServerApp-side Evaluate Metrics" in summary and "test_acc_b" in summary.split("ServerApp-side Evaluate")[1]
     assert "Global Arrays" in summary and "(0.000 MB)" not in summary, summary
     runs, curves = read_results(work / "results", "fed_flower_", RUN_COLUMNS, {**CURVE_COLUMNS, **FLOWER_COLUMNS})
-    assert len(runs) == 1 and runs[0]["status"] == "finished" and len(curves) == 2
+    assert len(runs) == 1 and runs[0]["status"] == "finished" and len(curves) == 3
     assert (work / "results" / "fed_flower_models" / f"{runs[0]['config_hash']}.pt").is_file()
     assert list((work / "plots").glob("*accuracy_vs_round.png"))
     assert f"data from {work / 'data'}, results to {work / 'results'}" in log
+    assert_partial_participation_records(_records(rc), want)
