@@ -173,7 +173,7 @@ class Flower:
         self.timeout = timeout
         self.procs: list[subprocess.Popen] = []
         self.connection = None
-        self.port, self.secure = None, None
+        self.port = None  # the deployment SuperLink's port (supernode() joins it)
         self.federation_config = None  # the simulation's size and resources (flwr run --federation-config)
         # Ray's sockets need a short path (107 bytes at most): a folder of /tmp of its own, removed by stop()
         self.ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
@@ -243,7 +243,7 @@ class Flower:
         public key registered (``flwr supernode register``) before it starts; without it, ``--insecure`` (a
         trusted network only)."""
         port = free_port()
-        self.port, self.secure = port, secure
+        self.port = port
         if secure:
             if len(secure["nodes"]) != clients:
                 raise ValueError(f"secure deployment: {len(secure['nodes'])} node keys for {clients} SuperNodes")
@@ -409,38 +409,34 @@ def run_on_flower(cfg, commit: str) -> list[dict]:
     federation(cfg, sweep.tasks)  # a split that cannot be made stops here, before any Flower process
     sweep.base_model()  # trained or loaded, and saved where the ServerApp looks for it
     dev = sweep.device.type
-    done = {r["config_hash"] for r in read_runs(Path(cfg.results_dir) / f"{FLOWER_PREFIX}runs.csv", RUN_COLUMNS)
-            if r["status"] is not None} if cfg.resume else set()
-    runs = [spec for spec in plan(cfg) if run_hash(cfg, dev, **spec) not in done]
-    tqdm.write(f"{len(runs)} Flower runs to make, {len(plan(cfg)) - len(runs)} already recorded in "
-               f"{Path(cfg.results_dir) / f'{FLOWER_PREFIX}runs.csv'}")
-    if not runs:
+    runs_csv = Path(cfg.results_dir) / f"{FLOWER_PREFIX}runs.csv"
+    done = {r["config_hash"] for r in read_runs(runs_csv, RUN_COLUMNS) if r["status"] is not None} if cfg.resume else set()
+    planned = {run_hash(cfg, dev, **spec): spec for spec in plan(cfg)}
+    todo = {key: spec for key, spec in planned.items() if key not in done}
+    tqdm.write(f"{len(todo)} Flower runs to make, {len(planned) - len(todo)} already recorded in {runs_csv}")
+    if not todo:
         return []
     paths = {key: str(Path(getattr(cfg, key.replace("-", "_"))).resolve()) for key in ("data-dir", "results-dir", "plots-dir")}
     home = Path(tempfile.mkdtemp(prefix="raclora-flwr-"))
     # a run's time: its rounds at most the round timeout each, the nodes' wait, the apps' start
     engine = app_run_config()
     limit = engine["node-timeout"] + (cfg.rounds + 1) * engine["timeout"] + 120
-    rows = []
     try:
         with Flower(home / "home", timeout=limit) as fl:
             fl.simulation(clients=cfg.clients, cpus_per_client=1)
-            for i, spec in enumerate(runs, 1):
+            for i, spec in enumerate(todo.values(), 1):
                 t = time.perf_counter()
-                tqdm.write(f"Flower run {i}/{len(runs)}: {describe(spec)} ({cfg.rounds} rounds, {cfg.clients} SuperNodes)")
+                tqdm.write(f"Flower run {i}/{len(todo)}: {describe(spec)} ({cfg.rounds} rounds, {cfg.clients} SuperNodes)")
                 run = fl.run({**flower_run_config(cfg, spec), **paths})
                 if run["status"] != "finished:completed":
                     why = (run.get("status-details") or "").replace("ServerApp failed with exception: ", "")
                     raise RunFailed(f"Flower run {describe(spec)} ended {run['status']}: {why or 'no reason given'} "
                                     f"(logs kept in {home})")
-                row = next(r for r in read_runs(Path(cfg.results_dir) / f"{FLOWER_PREFIX}runs.csv", RUN_COLUMNS)
-                           if r["config_hash"] == run_hash(cfg, dev, **spec))
-                rows.append(row)
                 tqdm.write(f"  finished in {time.perf_counter() - t:.1f} s")
+    except RunFailed:
+        raise
     except (TimeoutError, RuntimeError) as e:
-        if isinstance(e, RunFailed):
-            raise
         raise RunFailed(f"{one_line(str(e))} (logs kept in {home})") from None
     shutil.rmtree(home, ignore_errors=True)
     tqdm.write(f"Flower study finished in {time.perf_counter() - t0:.1f} s")
-    return rows
+    return [r for r in read_runs(runs_csv, RUN_COLUMNS) if r["config_hash"] in todo]  # what the ServerApps wrote

@@ -185,6 +185,11 @@ class OneLine(logging.Filter):
         return True
 
 
+def _reason(reply) -> str:
+    """A failure reply's reason on one line: the last line of the client's traceback."""
+    return reply.error.reason.strip().splitlines()[-1][:300]
+
+
 class FederatedRound(FedAvg):
     """Flower's FedAvg with the suite's rounds: ``configure_train`` picks the round's clients and seed as
     the in-process server does (fed.simulate.Server.next_round) and sends each the method's "down";
@@ -223,7 +228,7 @@ class FederatedRound(FedAvg):
         asks = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition"})}),
                         message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         replies = list(grid.send_and_receive(asks, timeout=self.timeout))
-        failed = [r.error.reason.strip().splitlines()[-1][:300] for r in replies if r.has_error()]
+        failed = [_reason(r) for r in replies if r.has_error()]
         if failed or len(replies) != len(nodes):
             raise RunFailed(f"{len(nodes) - len(replies) + len(failed)} of {len(nodes)} SuperNodes did not say their "
                             f"partition within timeout {self.timeout:g} s"
@@ -269,7 +274,7 @@ class FederatedRound(FedAvg):
         lost = {}  # partition id -> why its reply is missing
         for r in replies:
             if r.has_error():
-                lost[partition[r.metadata.src_node_id]] = r.error.reason.strip().splitlines()[-1][:300]
+                lost[partition[r.metadata.src_node_id]] = _reason(r)
         for c in chosen:
             if c in self.gone:
                 lost[c] = self.gone[c]
@@ -362,7 +367,7 @@ def server_main(grid, context) -> None:
     strategy = FederatedRound(server, tasks, opts)
     diverged = None
     try:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds,
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(global_state(server)), num_rounds=cfg.rounds,
                        timeout=opts["timeout"], evaluate_fn=strategy.evaluate)
     except Diverged as e:  # recorded as diverged with the rounds before it, as federated.py records one
         diverged = len(strategy.records) + 1
@@ -379,7 +384,7 @@ def server_main(grid, context) -> None:
     if diverged is None:
         saved = model_path(cfg.results_dir, row["config_hash"])
         saved.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_via(saved, lambda f: torch.save(global_model_state(server), f))
+        atomic_write_via(saved, lambda f: torch.save(result.arrays.to_torch_state_dict(), f))  # aggregate_train's
         runs, curves = read_results(cfg.results_dir, FLOWER_PREFIX, RUN_COLUMNS, columns)
         drawn = draw_federated([r for r in runs if r["settings_hash"] == row["settings_hash"]], curves, cfg.plots_dir,
                                figure_prefix(cfg.results_dir, FLOWER_PREFIX))
