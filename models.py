@@ -35,7 +35,9 @@ class SeededDropout(nn.Module):
             return x
         if self.generator is None:
             raise RuntimeError("SeededDropout has no generator: call set_generator(model, g) before training")
-        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) >= self.p
+        # the mask as 1.0 / 0.0 in the draws' own tensor (ge_ in place): x * mask is x * (bool mask) without the bool
+        # tensor and its conversion to x's dtype, forward and backward (the same numbers, bit for bit)
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype).ge_(self.p)
         return x * keep / (1.0 - self.p)
 
     def extra_repr(self) -> str:

@@ -7,8 +7,9 @@ becomes non-finite stops at that step, before the step is taken, and is recorded
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +30,60 @@ class Record:
     status: str = "finished"  # or DIVERGED: the training loss became nan or inf
     diverged_step: int | None = None  # the optimizer step (from 1) whose loss was not finite; None if finished
 
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How both training loops (train below, engine/stack.train_stack) do their work, never what they compute
+    (issue 24): each switch's default is the faster way; the other value is what the loops did before, kept so that
+    bench/ can time before and after side by side in one process (``--before``) and tests/test_speed_paths.py can
+    compare the two paths. Set it for a block with ``with speed(adamw="for-loop"): ...``."""
+    # AdamW's implementation (torch.optim.AdamW): "foreach" (multi-tensor: a few calls for all parameters, the very
+    # arithmetic of the for-loop, bit for bit), "fused" (one kernel per parameter group; rounds differently, within
+    # 1e-10 in float64) or "for-loop" (one call per parameter and operation: torch's CPU default, before)
+    adamw: str = "foreach"
+    # each batch gathered by index_select into one buffer allocated once per epoch (before: x[idx], a new tensor and
+    # advanced indexing every step); bit for bit the same batches
+    gather: bool = True
+
+
+SPEED = Speed()  # what the loops use now
+BEFORE = Speed(adamw="for-loop", gather=False)  # every switch off: the loops as they were before issue 24
+ADAMW = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
+
+
+@contextmanager
+def speed(setting: Speed | None = None, **switches) -> Iterator[Speed]:
+    """Within the block, the loops run with ``setting`` (default: the current one) and ``switches`` (fields of
+    Speed) changed; restored after. ``with speed(BEFORE):`` times the loops as they were."""
+    global SPEED
+    if "adamw" in switches and switches["adamw"] not in ADAMW:
+        raise ValueError(f"unknown AdamW implementation {switches['adamw']!r}; allowed: {', '.join(ADAMW)}")
+    before = SPEED
+    SPEED = replace(setting or SPEED, **switches)
+    try:
+        yield SPEED
+    finally:
+        SPEED = before
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW over ``params`` (parameters or groups), in the implementation SPEED.adamw names."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **ADAMW[SPEED.adamw])
+
+
+def gather_batch(t: torch.Tensor, idx: torch.Tensor, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """``t[idx]``: the rows ``idx`` (int64, (n,)) of ``t``. With SPEED.gather by index_select, into ``buf`` (at least
+    n rows of ``t``'s shape and dtype, see batch_buffer) when given: the next gather overwrites those rows, so gather
+    the next batch only after the last one's backward. Without it, advanced indexing (before)."""
+    if not SPEED.gather:
+        return t[idx]
+    return t.index_select(0, idx) if buf is None else torch.index_select(t, 0, idx, out=buf[:idx.numel()])
+
+
+def batch_buffer(x: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """The buffer gather_batch fills: ``rows`` examples of ``x``'s shape and dtype (None when SPEED.gather is off)."""
+    return x.new_empty(rows, *x.shape[1:]) if SPEED.gather else None
 
 
 class MethodHooks:
@@ -106,7 +161,7 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     group's learning rate (torch's LambdaLR). On return the model holds its best weights.
     """
     device = task.train.x.device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(params, lr, weight_decay)
     hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda)
     record = Record()
     best_state = _snapshot(model)
@@ -115,11 +170,12 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     x, y = task.train.x, task.train.y
     objective = task.spec.objective  # the task's loss and metric (classification: cross-entropy, accuracy)
     dtype = next(model.parameters()).dtype  # of the losses, whatever the inputs are (token ids: int64)
+    buf = batch_buffer(x, batch_size)  # every batch's examples, written in place (gather_batch)
     for epoch in range(1, max_epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=dtype)  # summed on device: no host sync per step
         for idx in batches(len(task.train), batch_size, generator, device):
-            loss = objective.loss(model(x[idx]), y[idx])
+            loss = objective.loss(model(gather_batch(x, idx, buf)), gather_batch(y, idx))
             try:
                 check_loss(loss, hooks.step + 1)
             except Diverged as e:  # stop before the step: the kept weights stay finite

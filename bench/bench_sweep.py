@@ -2,7 +2,7 @@
 against the hardware's matrix-product speed, for the whole Table 3, and in memory.
 
     python bench/bench_sweep.py [--model mlp|vit] [--device auto] [--epochs 3] [--stacks 1 4 16 64]
-                                [--skip-table3] [--quick]
+                                [--skip-table3] [--quick] [--sections 1 2 3 4 5] [--before]
 
 Prints figures; asserts nothing. Sections:
   1. seconds per task-B epoch (rank 1, rac_lora, left): the conventional pipeline (torchvision MNIST,
@@ -11,8 +11,10 @@ Prints figures; asserts nothing. Sections:
      the other; every epoch includes the merge and the validation + test evaluation, in both;
   2. runs per minute (50 epochs a run) for R = 1, 4, 16, 64 stacked in one process, and for the same
      runs split over worker processes (one thread each), as the sweep's `workers` setting does;
-  3. achieved GFLOP/s of a training epoch (matrix products counted by recording them) against the
-     GFLOP/s of the same matrix products, same shapes and layouts, replayed back to back;
+  3. for every stack size: the matrix-product limit of a training epoch (bench/_limit.py: the epoch's matrix
+     products, evaluation included, recorded and replayed back to back, same shapes and layouts) against the
+     epoch's median seconds, and the fraction limit / achieved; with ``--before``, the loops as they were before
+     issue 24 (train.BEFORE) too, their epochs interleaved with today's in this process, and the speed-up;
   4. peak memory of a 64-run stack training (a fresh process; RSS on CPU, CUDA allocator peak on GPU);
   5. (MLP only) wall time of the full Table 3 (every method and sketch at rank 1 plus FPFT, 3 seeds, 50 epochs
      with early stopping) through `python main.py`, with a fresh results folder.
@@ -32,10 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_limit.py, also when imported as a module (the worker processes)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from config import Config  # noqa: E402
 from data import MEAN, STD, load_tasks  # noqa: E402
@@ -43,7 +45,8 @@ from engine.build import build_run, config_model  # noqa: E402
 from raclora.factors import lora_scale  # noqa: E402
 from engine.stack import train_stack  # noqa: E402
 from engine.runner import cpu_count, resolve_device  # noqa: E402
-from train import train  # noqa: E402
+from train import BEFORE, SPEED, Speed, speed, train  # noqa: E402
+from _limit import measure_limit, median, side_by_side, sync as _sync  # noqa: E402
 
 # the benchmarked model: --model sets BENCH_MODEL before any worker or child process starts, so they see it too
 CFG = Config(method="rac_lora", sketch="left", ranks=[1], model=os.environ.get("BENCH_MODEL", "mlp"))
@@ -167,63 +170,36 @@ def workers_runs_per_minute(total_runs: int, workers: int, epochs: int, device) 
     return sum(60.0 * n / (s * CFG.max_epochs) for n, s in zip(sizes, secs))
 
 
-# --- 3. FLOPs -----------------------------------------------------------------------------------
-class MatmulRecorder(TorchDispatchMode):
-    """Records every matrix product that runs under it: (op, shapes and strides of its operands)."""
-    OPS = {"aten::mm": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2), "aten::baddbmm": (1, 2)}
+# --- 3. the matrix-product limit -----------------------------------------------------------------
+def stack_epoch_fn(tasks, device, runs: int, setting: Speed):
+    """A fresh stack of ``runs`` rac_lora rank-1 runs and a function that trains it one more epoch (train_stack, one
+    epoch a call, merge and evaluation included) with the loops' switches ``setting`` (train.Speed)."""
+    gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
+    run = rank1_run(device, gens, stacked=True)
+    kw = dict(lr=CFG.lr, weight_decay=CFG.weight_decay, batch_size=CFG.batch_size, patience=10 ** 6,
+              generators=gens, **run.hooks)
 
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in self.OPS:
-            i, j = self.OPS[name]
-            self.calls.append((func, name, [(tuple(a.shape), tuple(a.stride())) if torch.is_tensor(a) else a
-                                            for a in args], kwargs or {}, (i, j)))
-        return func(*args, **(kwargs or {}))
-
-
-def flops_of(calls) -> float:
-    total = 0.0
-    for _, _, args, _, (i, j) in calls:
-        (a, _), (b, _) = args[i], args[j]
-        batch = a[0] if len(a) == 3 else 1
-        total += 2.0 * batch * a[-2] * a[-1] * b[-1]
-    return total
-
-
-def replay_seconds(calls, device, repeats: int = 3) -> float:
-    """Seconds to run the recorded products back to back (same ops, shapes, strides), best of ``repeats``."""
-    cache = {}
-
-    def tensor(shape, stride):
-        if (shape, stride) not in cache:
-            size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-            cache[shape, stride] = torch.randn(size, device=device).as_strided(shape, stride)
-        return cache[shape, stride]
-
-    prepared = [(func, [tensor(*a) if isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], tuple) else a
-                        for a in args], kw) for func, _, args, kw, _ in calls]
-    best = float("inf")
-    for _ in range(repeats):
+    def one_epoch():
+        with speed(setting):
+            train_stack(run.model, run.params, tasks["B"], max_epochs=1, **kw)
         _sync(device)
-        t0 = time.perf_counter()
-        for func, args, kw in prepared:
-            func(*args, **kw)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return one_epoch
 
 
-def gflops_section(tasks, device, runs: int, epochs: int) -> tuple[float, float, float]:
-    """(training GFLOP/s, replayed-matmul GFLOP/s, epoch seconds) for a stack of ``runs``: the
-    products are recorded during the warm-up epoch, the timed epochs run unrecorded."""
-    rec = MatmulRecorder()
-    secs = stack_epoch_seconds(tasks, device, runs, epochs, warmup=rec)
-    flops = flops_of(rec.calls)
-    return flops / secs / 1e9, flops / replay_seconds(rec.calls, device) / 1e9, secs
+def limit_section(tasks, device, runs: int, epochs: int, before: bool) -> None:
+    """Print the matrix-product limit of one epoch of a ``runs``-run stack (bench/_limit.py: its products recorded
+    in one epoch, replayed back to back) against the epoch's median seconds over ``epochs`` epochs; with
+    ``before``, the loops as they were (train.BEFORE) too, their epochs interleaved with today's."""
+    settings = {"before": BEFORE, "after": SPEED} if before else {"after": SPEED}
+    paths = {name: stack_epoch_fn(tasks, device, runs, s) for name, s in settings.items()}
+    for one_epoch in paths.values():
+        one_epoch()  # warm-up
+    limit = measure_limit(paths["after"], device)
+    secs = {name: median(v) for name, v in side_by_side(paths, epochs).items()}
+    print(f"   R = {runs:3d}: {limit.line(secs['after'])}", flush=True)
+    if before:
+        print(f"            before: {secs['before']:.4f} s -> {100 * limit.fraction(secs['before']):.0f}% of the limit; "
+              f"speed-up {secs['before'] / secs['after']:.2f}x", flush=True)
 
 
 # --- 4. memory ----------------------------------------------------------------------------------
@@ -252,11 +228,6 @@ def memory_child(device_name: str, runs: int) -> None:
     print(json.dumps(out))
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -265,6 +236,9 @@ def main() -> None:
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 4, 16, 64], help="stack sizes R for section 2")
     p.add_argument("--skip-table3", action="store_true", help="leave out section 5 (a few minutes)")
     p.add_argument("--quick", action="store_true", help="one conventional epoch, no loader-workers variant")
+    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="the sections to run")
+    p.add_argument("--before", action="store_true", help="section 3: also time the loops as they were "
+                                                         "(train.BEFORE), interleaved with today's in this process")
     p.add_argument("--memory-child", nargs=2, metavar=("DEVICE", "RUNS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -278,57 +252,60 @@ def main() -> None:
     tasks = load_tasks(DATA, CFG.val_size, CFG.split_seed, device)
     n = len(tasks["B"].train)
 
-    print(f"\n1. seconds per epoch, digits 5-9 ({n} training images), rank 1 rac_lora, with merge and val+test eval")
-    conv = {}
-    for w in ([0] if args.quick else [0, 2]):
-        secs = conventional_epoch_seconds(device, w, 1 if args.quick else 2)
-        conv[w] = min(secs)
-        print(f"   conventional DataLoader pipeline, num_workers={w}: "
-              f"{', '.join(f'{s:.2f}' for s in secs)} s per epoch", flush=True)
-    ours_stack = stack_epoch_seconds(tasks, device, 1, args.epochs)
-    ours_plain = plain_epoch_seconds(tasks, device, args.epochs)
-    best_conv = min(conv.values())
-    print(f"   ours, stacked engine, R = 1: {ours_stack:.3f} s   ours, plain engine (stack_size 1): {ours_plain:.3f} s")
-    print(f"   ratio, fastest conventional / ours: {best_conv / ours_stack:.1f}x (stacked R=1), "
-          f"{best_conv / ours_plain:.1f}x (plain)", flush=True)
+    if 1 in args.sections or 2 in args.sections:
+        print(f"\n1. seconds per epoch, digits 5-9 ({n} training images), rank 1 rac_lora, with merge and val+test eval")
+        conv = {}
+        for w in ([0] if args.quick else [0, 2]):
+            secs = conventional_epoch_seconds(device, w, 1 if args.quick else 2)
+            conv[w] = min(secs)
+            print(f"   conventional DataLoader pipeline, num_workers={w}: "
+                  f"{', '.join(f'{s:.2f}' for s in secs)} s per epoch", flush=True)
+        ours_stack = stack_epoch_seconds(tasks, device, 1, args.epochs)
+        ours_plain = plain_epoch_seconds(tasks, device, args.epochs)
+        best_conv = min(conv.values())
+        print(f"   ours, stacked engine, R = 1: {ours_stack:.3f} s   ours, plain engine (stack_size 1): {ours_plain:.3f} s")
+        print(f"   ratio, fastest conventional / ours: {best_conv / ours_stack:.1f}x (stacked R=1), "
+              f"{best_conv / ours_plain:.1f}x (plain)", flush=True)
 
-    print(f"\n2. runs per minute at {CFG.max_epochs} epochs a run, rank 1 rac_lora")
-    per_epoch = {}
-    for r in args.stacks:
-        per_epoch[r] = stack_epoch_seconds(tasks, device, r, args.epochs)
-        print(f"   R = {r:3d} stacked, one process: {per_epoch[r]:.3f} s per epoch, "
-              f"{60 * r / (per_epoch[r] * CFG.max_epochs):.1f} runs/min", flush=True)
-    print(f"   one after another on the plain engine: {60 / (ours_plain * CFG.max_epochs):.1f} runs/min")
-    if 16 in per_epoch:
-        print(f"   16 stacked vs 16 one after another: {16 * ours_plain / per_epoch[16]:.2f}x (plain engine), "
-              f"{16 * per_epoch.get(1, ours_stack) / per_epoch[16]:.2f}x (stacked R = 1)")
-    if device.type == "cpu" and cpu_count() > 1:
-        w = cpu_count()
-        for r in [r for r in args.stacks if r >= w]:
-            rpm = workers_runs_per_minute(r, w, args.epochs, device)
-            sequential = 60 / (ours_plain * CFG.max_epochs)
-            print(f"   R = {r:3d} split over {w} worker processes ({max(1, cpu_count() // w)} thread each): "
-                  f"{rpm:.1f} runs/min ({rpm / (60 * r / (per_epoch[r] * CFG.max_epochs)):.2f}x one process, "
-                  f"{rpm / sequential:.2f}x one after another on the plain engine)", flush=True)
+    if 2 in args.sections:
+        print(f"\n2. runs per minute at {CFG.max_epochs} epochs a run, rank 1 rac_lora")
+        per_epoch = {}
+        for r in args.stacks:
+            per_epoch[r] = stack_epoch_seconds(tasks, device, r, args.epochs)
+            print(f"   R = {r:3d} stacked, one process: {per_epoch[r]:.3f} s per epoch, "
+                  f"{60 * r / (per_epoch[r] * CFG.max_epochs):.1f} runs/min", flush=True)
+        print(f"   one after another on the plain engine: {60 / (ours_plain * CFG.max_epochs):.1f} runs/min")
+        if 16 in per_epoch:
+            print(f"   16 stacked vs 16 one after another: {16 * ours_plain / per_epoch[16]:.2f}x (plain engine), "
+                  f"{16 * per_epoch.get(1, ours_stack) / per_epoch[16]:.2f}x (stacked R = 1)")
+        if device.type == "cpu" and cpu_count() > 1:
+            w = cpu_count()
+            for r in [r for r in args.stacks if r >= w]:
+                rpm = workers_runs_per_minute(r, w, args.epochs, device)
+                sequential = 60 / (ours_plain * CFG.max_epochs)
+                print(f"   R = {r:3d} split over {w} worker processes ({max(1, cpu_count() // w)} thread each): "
+                      f"{rpm:.1f} runs/min ({rpm / (60 * r / (per_epoch[r] * CFG.max_epochs)):.2f}x one process, "
+                      f"{rpm / sequential:.2f}x one after another on the plain engine)", flush=True)
 
-    print("\n3. GFLOP/s of training (matrix products of a whole epoch, eval included) vs the same products replayed")
-    for r in [r for r in (16, 64) if r in args.stacks] or [max(args.stacks)]:
-        achieved, peak, secs = gflops_section(tasks, device, r, args.epochs)
-        print(f"   R = {r:3d}: training {achieved:.1f} GFLOP/s, replayed products {peak:.1f} GFLOP/s "
-              f"-> {100 * achieved / peak:.0f}% of the matrix-product speed", flush=True)
+    if 3 in args.sections:
+        print("\n3. the matrix-product limit of one epoch (its matrix products, eval included, replayed back to back) "
+              "against the epoch's median seconds; no torch.compile (no compile time)")
+        for r in args.stacks:
+            limit_section(tasks, device, r, args.epochs, args.before)
 
-    print("\n4. peak memory, one epoch of a 64-run stack (fresh process)")
-    out = subprocess.run([sys.executable, __file__, "--memory-child", device.type, "64"], capture_output=True,
-                         text=True, check=True).stdout
-    mem = json.loads(out.strip().splitlines()[-1])
-    line = (f"   resident after importing torch and loading MNIST: {mem['rss_loaded_mib']:.0f} MiB "
-            f"(peak while loading {mem['peak_before_mib']:.0f} MiB); peak while training the 64-run stack: "
-            f"{mem['rss_peak_mib']:.0f} MiB, {mem['rss_peak_mib'] - mem['rss_loaded_mib']:.0f} MiB above the loaded state")
-    if "cuda_peak_mib" in mem:
-        line += f"; CUDA peak allocated {mem['cuda_peak_mib']:.0f} MiB (data alone {mem['cuda_data_mib']:.0f} MiB)"
-    print(line, flush=True)
+    if 4 in args.sections:
+        print("\n4. peak memory, one epoch of a 64-run stack (fresh process)")
+        out = subprocess.run([sys.executable, __file__, "--memory-child", device.type, "64"], capture_output=True,
+                             text=True, check=True).stdout
+        mem = json.loads(out.strip().splitlines()[-1])
+        line = (f"   resident after importing torch and loading MNIST: {mem['rss_loaded_mib']:.0f} MiB "
+                f"(peak while loading {mem['peak_before_mib']:.0f} MiB); peak while training the 64-run stack: "
+                f"{mem['rss_peak_mib']:.0f} MiB, {mem['rss_peak_mib'] - mem['rss_loaded_mib']:.0f} MiB above the loaded state")
+        if "cuda_peak_mib" in mem:
+            line += f"; CUDA peak allocated {mem['cuda_peak_mib']:.0f} MiB (data alone {mem['cuda_data_mib']:.0f} MiB)"
+        print(line, flush=True)
 
-    if not args.skip_table3 and CFG.model == "mlp":
+    if 5 in args.sections and not args.skip_table3 and CFG.model == "mlp":
         print("\n5. full Table 3: python main.py --method all --sketch both --ranks 1 --seeds 0 1 2 (fresh results)")
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, str(ROOT / "main.py"), "--method", "all", "--sketch", "both", "--ranks", "1",

@@ -33,7 +33,7 @@ from lora import _set_submodule
 from models import Positions, SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
 from raclora.errors import DIVERGED
-from train import MethodHooks, Record, logits_of
+from train import MethodHooks, Record, adamw, logits_of
 
 
 class StackedDropout(nn.Module):
@@ -60,7 +60,7 @@ class StackedDropout(nn.Module):
             u = torch.ones_like(h)  # padding is kept (it is masked out of the loss)
             for row, g, n in zip(u, self.generators, self.valid):
                 row[:n].uniform_(generator=g)
-        return h * (u >= self.p) / (1.0 - self.p)
+        return h * u.ge_(self.p) / (1.0 - self.p)  # the mask 1.0 / 0.0 in place, as SeededDropout makes it
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -465,7 +465,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
 
     ``on_epoch_end(epoch, generators)`` and ``on_step_end(step, generators)`` get the generators of
     the runs still training (the model holds just those runs). ``progress(epoch, runs_still_training)`` is called after each epoch.
-    ``make_optimizer(params)`` replaces the default AdamW(params, lr, weight_decay) (an optimizer whose
+    ``make_optimizer(params)`` replaces the default AdamW(params, lr, weight_decay) (train.adamw; an optimizer whose
     state is elementwise or per matrix, so that the runs stay independent). ``epoch_steps`` > 0 makes an epoch
     (an evaluation, a curve entry) that many optimizer steps instead of one pass over the training split: the
     passes run on across epochs, each a fresh permutation drawn when the last one is used up (a long split
@@ -478,7 +478,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
         raise ValueError(f"need one generator per run: {len(generators)} for {runs} runs")
     device = task.train.x.device
     optimizer = (make_optimizer(params) if make_optimizer is not None
-                 else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+                 else adamw(params, lr, weight_decay))
     # every run of the stack steps and merges at the same times: one set of hooks (train.MethodHooks) for all
     hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda)
     merges_at_epoch_start = 0
