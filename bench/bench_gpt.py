@@ -1,7 +1,8 @@
 """The character-level GPT's training speed, one run and stacked, against this machine's matrix-product rate;
 and (``--to_loss``) how long its base model takes to reach a Shakespeare validation loss.
 
-    python bench/bench_gpt.py [--steps 30] [--stacks 1 4 16] [--device auto] [--threads N]
+    python bench/bench_gpt.py [--steps 30] [--stacks 1 4 16] [--device auto] [--threads N] [--before]
+                              [--methods fpft rac_lora]
     python bench/bench_gpt.py --to_loss 1.90 [--max_steps 6000] [--eval_every 250]
 
 Prints figures; asserts nothing. The model is the gpt of models.py at its defaults (nanoGPT's laptop-CPU size:
@@ -13,6 +14,9 @@ sequences of 64 characters per run, AdamW at lr 1e-3, dropout 0 (nanoGPT's CPU r
 - the fraction of the matrix-product rate: the model's matrix-product FLOPs per token (6 x the Linear and head
   weights, plus the attention's 6 x 2 x layers x T x d for QK^T and AV, forward and backward), times the tokens
   per second, over the rate of one float32 (1024 x 1024) @ (1024 x 1024) product on the same threads;
+- the matrix-product limit of the timed steps (bench/_limit.py: their matrix products recorded and replayed back to
+  back at the real shapes) and the fraction limit / achieved; ``--before``: the loops as they were before issue 24
+  (train.BEFORE) too, interleaved with today's in this process, and the speed-up;
 - ``--to_loss L``: one full-training run of the base model from a seeded draw, steps of batch 12 over random
   windows of the training split (nanoGPT samples random offsets), evaluated every ``--eval_every`` steps on the
   whole held-out 10 % (nanoGPT's validation split; data.text_bounds' heldout), until its loss is <= L nats
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_limit.py
 
 import torch  # noqa: E402
 
@@ -36,6 +41,8 @@ from data import load_text, text_bounds, text_task, text_vocabulary, windows  # 
 from engine.build import build_run, config_model  # noqa: E402
 from engine.runner import resolve_device  # noqa: E402
 from models import set_generator  # noqa: E402
+from train import BEFORE, SPEED, Speed, adamw, batch_buffer, gather_batch, speed  # noqa: E402
+from _limit import Limit, measure_limit, median, side_by_side, sync  # noqa: E402
 from raclora.factors import lora_scale  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -47,11 +54,11 @@ def matmul_rate(device: torch.device, n: int = 1024, repeats: int = 20) -> float
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
@@ -63,13 +70,9 @@ def flops_per_token(cfg: Config, vocab: int) -> float:
     return 6 * (weights + attention)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def tokens_per_second(cfg: Config, task, device: torch.device, method: str, runs: int, steps: int) -> float:
-    """Training tokens a second (all runs of the stack together), over ``steps`` steps after 3 warm-up steps."""
+def step_fn(cfg: Config, task, device: torch.device, method: str, runs: int, steps: int, setting: Speed):
+    """A fresh run (or stack of ``runs``) and a function that takes training step ``i`` (forward, backward, AdamW
+    step; train.adamw and train.gather_batch under the loops' switches ``setting``)."""
     g = torch.Generator(device=device).manual_seed(0)
     base = config_model(cfg, g, device, spec=task.spec)
     gens = [torch.Generator(device=device).manual_seed(s) for s in range(runs)]
@@ -83,31 +86,49 @@ def tokens_per_second(cfg: Config, task, device: torch.device, method: str, runs
     else:
         set_generator(model, gens[0])
     model.train()
-    opt = torch.optim.AdamW(run.params, lr=LR)
+    with speed(setting):
+        opt = adamw(run.params, LR, 0.0)
+        buf = batch_buffer(task.train.x, BATCH * runs)
     x, y = task.train.x, task.train.y
     objective = task.spec.objective
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1)).to(device)
 
     def step(i: int) -> None:
-        idx = order[(i * BATCH * runs) % (len(x) - BATCH * runs):][:BATCH * runs]
-        xb, yb = x[idx], y[idx]
-        if runs > 1:
-            xb, yb = xb.view(runs, BATCH, -1), yb.view(runs, BATCH, -1)
-            loss = objective.losses(model(xb), yb).mean(1).sum()
-        else:
-            loss = objective.loss(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with speed(setting):
+            idx = order[(i * BATCH * runs) % (len(x) - BATCH * runs):][:BATCH * runs]
+            xb, yb = gather_batch(x, idx, buf), gather_batch(y, idx)
+            if runs > 1:
+                xb, yb = xb.view(runs, BATCH, -1), yb.view(runs, BATCH, -1)
+                loss = objective.losses(model(xb), yb).mean(1).sum()
+            else:
+                loss = objective.loss(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return step
 
-    for i in range(3):
-        step(i)
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(3 + i)
-    _sync(device)
-    return steps * BATCH * runs * cfg.gpt_context / (time.perf_counter() - t0)
+
+def measure(cfg: Config, task, device: torch.device, method: str, runs: int, steps: int,
+            before: bool) -> tuple[Limit, dict[str, float]]:
+    """(the matrix-product limit of ``steps`` training steps, {path: their seconds}) after 3 warm-up steps; with
+    ``before`` the loops as they were (train.BEFORE) too, the two paths' steps interleaved in this process."""
+    settings = {"before": BEFORE, "after": SPEED} if before else {"after": SPEED}
+    steppers = {name: step_fn(cfg, task, device, method, runs, steps, s) for name, s in settings.items()}
+    for step in steppers.values():
+        for i in range(3):
+            step(i)
+    counter = {name: 3 for name in steppers}
+
+    def span(name: str):  # the next ``steps`` steps of path ``name``, as one piece of work
+        def work():
+            for _ in range(steps):
+                steppers[name](counter[name])
+                counter[name] += 1
+            sync(device)
+        return work
+    limit = measure_limit(span("after"), device)
+    seconds = side_by_side({name: span(name) for name in steppers}, 3)
+    return limit, {name: median(v) for name, v in seconds.items()}
 
 
 def to_loss(cfg: Config, device: torch.device, target: float, max_steps: int, eval_every: int) -> None:
@@ -153,6 +174,9 @@ def main() -> None:
     p.add_argument("--stacks", type=int, nargs="+", default=[1, 4, 16], help="runs per stack (R)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--before", action="store_true", help="also time the loops as they were (train.BEFORE), "
+                                                         "interleaved with today's in this process")
+    p.add_argument("--methods", nargs="+", default=["fpft", "rac_lora"], choices=["fpft", "rac_lora"])
     p.add_argument("--to_loss", type=float, default=None, help="train the base model until this held-out loss")
     p.add_argument("--max_steps", type=int, default=6000)
     p.add_argument("--eval_every", type=int, default=250)
@@ -171,14 +195,24 @@ def main() -> None:
     per_token = flops_per_token(cfg, task.spec.classes)
     print(f"float32 1024^3 matrix product: {rate / 1e9:.1f} GFLOP/s; the gpt's matrix products: "
           f"{per_token / 1e6:.2f} MFLOP per training token")
-    print(f"{'training':<28}{'R':>4}{'tokens/s':>12}{'per run':>10}{'of matmul rate':>16}")
-    for method in ("fpft", "rac_lora"):
+    print(f"{'training':<28}{'R':>4}{'tokens/s':>12}{'per run':>10}{'of 1024^3 rate':>16}{'limit s':>10}"
+          f"{'achieved s':>12}{'of limit':>10}" + (f"{'before s':>10}{'of limit':>10}{'speed-up':>10}" if args.before
+                                                   else ""))
+    for method in args.methods:
         for runs in args.stacks:
-            tps = tokens_per_second(cfg, task, device, method, runs, args.steps)
+            limit, secs = measure(cfg, task, device, method, runs, args.steps, args.before)
+            tps = args.steps * BATCH * runs * cfg.gpt_context / secs["after"]
             label = "full training" if method == "fpft" else "rac_lora r=4, every Linear"
             # an adapter run's backward skips the frozen weights' gradients: its FLOPs per token are about 2/3
             flops = per_token * (1.0 if method == "fpft" else 2 / 3)
-            print(f"{label:<28}{runs:>4}{tps:>12,.0f}{tps / runs:>10,.0f}{tps * flops / rate:>15.1%}", flush=True)
+            line = (f"{label:<28}{runs:>4}{tps:>12,.0f}{tps / runs:>10,.0f}{tps * flops / rate:>15.1%}"
+                    f"{limit.seconds:>10.3f}{secs['after']:>12.3f}{limit.fraction(secs['after']):>10.0%}")
+            if args.before:
+                line += (f"{secs['before']:>10.3f}{limit.fraction(secs['before']):>10.0%}"
+                         f"{secs['before'] / secs['after']:>9.2f}x")
+            print(line, flush=True)
+    print(f"limit: the matrix products of {args.steps} steps recorded and replayed back to back (bench/_limit.py); "
+          f"achieved: the median of 3 spans of {args.steps} steps; no torch.compile (no compile time)")
 
 
 if __name__ == "__main__":
