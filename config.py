@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import models
 from data import (DIGITS, NEXT_TOKEN, TEXTS, Task, TaskSpec, check_val_size, load_tasks, text_examples, text_task,
                   vocabulary)
-from engine.settings import StudyConfig, arg, check_ranks, check_workers, from_argv as parse
+from engine.settings import EXECUTORS, StudyConfig, arg, check_ranks, check_workers, from_argv as parse
 from raclora.errors import ConfigError
 from raclora.factors import RANDOM_INITS, ROLES, SCALINGS
 from raclora.methods import METHODS, methods_reading
 
 SKETCHES = tuple(ROLES)  # left: B random, A zero and trained; right: A random, B trained
 SKETCH_CHOICES = SKETCHES + ("both",)
+RAY_FIELDS = ("ray_address", "ray_cpus", "ray_retries")  # read by --executor ray only
 MAX_WIDTH = 2 ** 20  # a hidden width above this is a typo: one such layer alone would need gigabytes
 
 
@@ -75,8 +76,25 @@ class ModelConfig(StudyConfig):
     dropout: float = arg(0.1, "dropout probability after each hidden layer")
     text_chars: int = arg(0, "gpt: read at most this many characters of each split (train, val, test) of each text; "
                           "0 = all of it (the tests: a few hundred)", range=(0, 10 ** 9), only=TOKEN_MODELS)
+    # --- where the stacks train (engine/runner.py, engine/cluster.py) ---
+    workers: int = arg(0, "processes training stacks side by side, each with cores/workers threads; 0 = one per "
+                       "core on CPU, 1 on a GPU (executor ray: as many as the cluster's CPUs over ray_cpus)", hash=False)
+    executor: str = arg("local", "local: worker processes on this machine (workers); ray: each stack a task on a Ray "
+                        "cluster (ray_address), the results written by this process alone", choices=EXECUTORS,
+                        hash=False)
+    ray_address: str = arg("", "executor ray: '' starts Ray on this machine; auto joins the cluster `ray start` runs "
+                           "here; host:port joins the cluster of that head node", hash=False)
+    ray_cpus: int = arg(1, "executor ray: CPUs each stack's task declares (its torch threads)", range=(1, 1024),
+                        hash=False)
+    ray_retries: int = arg(3, "executor ray: times a stack is trained again when its worker process or node dies",
+                           range=(0, 100), hash=False)
 
     def check(self) -> None:
+        check_workers(self.workers)
+        given = [k for k in RAY_FIELDS if getattr(self, k) != self.__dataclass_fields__[k].default]
+        if self.executor != "ray" and given:
+            raise ConfigError(f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of "
+                              f"--executor ray, not of --executor {self.executor}")
         if not self.hidden or any(not 1 <= h <= MAX_WIDTH for h in self.hidden):
             raise ConfigError(f"hidden must be one or more widths from 1 to {MAX_WIDTH}, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -115,8 +133,6 @@ class AdaptedModelConfig(ModelConfig):
                             "0 = all of it (the studies' budget)", range=(0, 10 ** 9), only=TASK_B_TEXT)
     base_seed: int = arg(0, "seed of the base model (trained once on task A, then cached)",
                          range=(0, 2 ** 63 - 1))
-    workers: int = arg(0, "processes training stacks side by side, each with cores/workers threads; 0 = one per "
-                       "core on CPU, 1 on a GPU", hash=False)
 
     def check(self) -> None:
         super().check()
@@ -124,7 +140,6 @@ class AdaptedModelConfig(ModelConfig):
         if not self.target_modules or any(not t for t in self.target_modules):
             raise ConfigError(f"target_modules must name one or more presets ({', '.join(models.TARGET_PRESETS)}) "
                               f"or layer names, got {self.target_modules}")
-        check_workers(self.workers)
 
     def check_setup(self) -> None:
         """The checks that need the data's and the model's sizes (data.check_val_size, the texts' files and the

@@ -31,7 +31,7 @@ from engine.results import (RECORD_COLUMNS, Index, format_table, git_commit, gro
 from engine.runner import report, resolve_device, run_study as run, Study
 from engine.stack import train_stack
 from galore import GaLoreAdamW, state_numel
-from engine.settings import (arg, check_ranks, check_workers, from_argv, hashed_settings, no_repeats, override,
+from engine.settings import (arg, check_ranks, from_argv, hashed_settings, no_repeats, override,
                              stable_hash)
 from lowrank import FORMS, HEADED, build, build_gpt
 from plots import draw_scratch
@@ -99,7 +99,6 @@ class ScratchConfig(ModelConfig):
     # --- how it runs ---
     stack_size: int = arg(16, "runs of one form and rank (seeds) trained at once as one stacked model",
                           range=(1, 1024), hash=False)
-    workers: int = arg(0, "processes training stacks side by side; 0 = one per core on CPU, 1 on a GPU", hash=False)
 
     RUN_KEYS = {"form": None}  # a run is one form's
     # fields added after results were committed, at the value every older (mlp) run had
@@ -108,7 +107,6 @@ class ScratchConfig(ModelConfig):
     def check(self) -> None:
         super().check()
         check_ranks(self.ranks)
-        check_workers(self.workers)
         if not self.lte_heads or any(not 1 <= h <= MAX_HEADS for h in self.lte_heads):
             raise ConfigError(f"lte_heads must be one or more head counts from 1 to {MAX_HEADS}, got {self.lte_heads}")
         no_repeats("lte_heads", self.lte_heads)

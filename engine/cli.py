@@ -6,6 +6,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import Callable
+from engine.cluster import check_address
 from engine.runner import cpu_count, resolve_device
 from engine.tracking import require
 from raclora.errors import ConfigError, EXPECTED, one_line
@@ -29,6 +30,8 @@ def run_command(parse: Callable[[], object], body: Callable[[object], None], run
         prepare_outputs(cfg)
         check_memory(cfg)
         require(cfg.report_to)  # the tracker's package is installed
+        if getattr(cfg, "executor", "local") == "ray" and not cfg.plots_only:  # a Ray head node is there
+            check_address(cfg.ray_address)
     except EXPECTED as e:
         return fail(e)
 

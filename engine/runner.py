@@ -3,8 +3,9 @@
 A study (the adaptation sweep of sweep.py, the from-scratch study of scratch.py) supplies a ``Study``:
 its plan, what identifies a run, which runs may share a stack, and how to build the object that trains
 one stack. The runner skips the runs already recorded under the same hash, groups the rest into stacks,
-trains them in this process or on worker processes, and writes each finished stack's rows to the
-results store (results.upsert_runs) as soon as it is done.
+trains them in this process, on worker processes or as tasks on a Ray cluster (engine/cluster.py:
+``executor``), and writes each finished stack's rows to the results store (results.upsert_runs), from this
+process alone, as soon as it is done.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raclora.errors import ConfigError, DataError
+from engine import cluster
 from engine.provenance import code_fingerprint, provenance
 from engine.results import Columns, figure_prefix, mixed_code_note, read_results, read_runs, same_code, upsert_runs
 from engine.tracking import catch_up, track
@@ -49,7 +51,8 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     the whole plan: those already recorded, in plan order, then the new ones as they finish. A recorded
     run counts only if the same code made it (its code_fingerprint), unless ``cfg.resume_any_code``.
     Every run recorded is tracked as ``cfg.report_to`` asks (engine.tracking), those recorded before too.
-    Uses cfg.results_dir, stack_size, workers, resume, resume_any_code, progress and report_to."""
+    Uses cfg.results_dir, stack_size, workers, executor (local worker processes, or Ray: engine.cluster and its
+    ray_address, ray_cpus, ray_retries), resume, resume_any_code, progress and report_to."""
     results_dir = Path(cfg.results_dir)
     fingerprint = code_fingerprint(study.code)
     done = recorded_runs(cfg, study.prefix, fingerprint, study.run_columns, study.curve_columns)
@@ -70,32 +73,46 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     if others:
         tqdm.write(f"note: {others} of the recorded runs kept were made by other versions of the code "
                    f"(--resume_any_code)")
-    workers = cfg.workers or (cpu_count() if device.type == "cpu" else 1)
-    jobs = stacks(todo, cfg.stack_size, workers if study.balance else 1, study.stack_key)
-    workers = min(workers, len(jobs))
-    if study.order is not None:
-        jobs.sort(key=study.order)
-    elif workers > 1:
-        jobs.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
+    on_ray = cfg.executor == "ray"
+    gpus = 1 if device.type == "cuda" else 0  # a stack on a GPU takes one (a Ray task declares it)
+    if on_ray and todo:
+        cluster.connect(cfg.ray_address)
+        cluster.announce(cfg.ray_address)
+    try:
+        slots = cluster.slots(cfg.ray_cpus, gpus) if on_ray and todo else (cpu_count() if device.type == "cpu" else 1)
+        workers = cfg.workers or slots
+        jobs = stacks(todo, cfg.stack_size, workers if study.balance else 1, study.stack_key)
+        workers = min(workers, len(jobs))
+        if study.order is not None:
+            jobs.sort(key=study.order)
+        elif workers > 1 or on_ray:
+            jobs.sort(key=len, reverse=True)  # biggest first: the small ones fill the gaps at the end
 
-    def record(results: list[tuple[dict, list[dict]]]) -> None:
-        rows.extend(record_results(results_dir, results, fingerprint, study.prefix, study.run_columns,
-                                   study.curve_columns, cfg.report_to))
+        def record(results: list[tuple[dict, list[dict]]]) -> None:
+            rows.extend(record_results(results_dir, results, fingerprint, study.prefix, study.run_columns,
+                                       study.curve_columns, cfg.report_to))
 
-    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
-    with bar:
-        if workers <= 1:
-            trainer = study.trainer or study.make_trainer(*study.trainer_args, show_epochs=True)
-            for specs in jobs:
-                record(train(trainer, specs))
-                bar.update(len(specs))
-        else:
-            threads = max(1, cpu_count() // workers)
-            tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
-            with worker_pool(workers, threads, _init_worker, (study.make_trainer, study.trainer_args)) as pool:
-                for results in pool.imap_unordered(_work, jobs):
-                    record(results)
-                    bar.update(len(results))
+        bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
+        with bar:
+            if on_ray and jobs:
+                nodes = cluster.run_stacks(jobs, study.make_trainer, study.trainer_args, train, record, bar.update,
+                                           cpus=cfg.ray_cpus, gpus=gpus, retries=cfg.ray_retries)
+                tqdm.write(cluster.summary(nodes))
+            elif workers <= 1:
+                trainer = study.trainer or study.make_trainer(*study.trainer_args, show_epochs=True)
+                for specs in jobs:
+                    record(train(trainer, specs))
+                    bar.update(len(specs))
+            else:
+                threads = max(1, cpu_count() // workers)
+                tqdm.write(f"{workers} worker processes, {threads} thread{'s' if threads > 1 else ''} each")
+                with worker_pool(workers, threads, _init_worker, (study.make_trainer, study.trainer_args)) as pool:
+                    for results in pool.imap_unordered(_work, jobs):
+                        record(results)
+                        bar.update(len(results))
+    finally:
+        if on_ray and todo:
+            cluster.shutdown()
     return rows
 
 

@@ -27,6 +27,7 @@ from raclora.errors import ConfigError
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; seeds are 0..2^63-1
 MAX_WORKERS = 256
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EXECUTORS = ("local", "ray")  # where the runner trains a study's stacks (engine/runner.py, engine/cluster.py)
 REPORT_TO = ("none", "tensorboard")  # experiment trackers of every recorded run (engine/tracking.py)
 _NOTHING = object()
 

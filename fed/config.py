@@ -81,6 +81,9 @@ class FedConfig(AdaptedModelConfig):
             raise ConfigError(f"participation must be in (0, 1], got {self.participation}")
         if not 0.0 < self.target_accuracy <= 1.0:
             raise ConfigError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
+        if self.engine == "flower" and self.executor != "local":
+            raise ConfigError(f"engine flower runs each federated run on a Flower federation of its own; executor "
+                              f"{self.executor!r} is for the in-process engine (give one or the other)")
         self.check_partition()
 
     def check_partition(self) -> None:
@@ -141,7 +144,8 @@ def fed_settings_hash(cfg: FedConfig, device: str, method: str) -> str:
 # --- the same settings as a Flower run config (fed/flower.py; pyproject.toml's [tool.flwr.app.config]) -----------
 # every field but those of how a command runs, with dashes for underscores, and one rank and one seed per run
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"  # in the Flower app's bundle too
-COMMAND_ONLY = ("resume", "resume_any_code", "plots_only", "progress", "report_to", "workers", "engine")
+COMMAND_ONLY = ("resume", "resume_any_code", "plots_only", "progress", "report_to", "workers", "engine", "executor",
+                "ray_address", "ray_cpus", "ray_retries")
 SINGLE = {"ranks": "rank", "seeds": "seed"}
 
 

@@ -54,7 +54,7 @@ def toy_study(plan, trainer=None):
 
 
 def cfg(tmp_path, **kw):
-    return SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=1,
+    return SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=1, executor="local",
                                      stack_size=3, progress=False, report_to="none"), **kw})
 
 

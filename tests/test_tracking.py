@@ -139,7 +139,7 @@ def toy(tmp_path, offset=0.5, **kw):
     study = Study(plan=plan, run_hash=lambda s: f"{s['name']}-{s['seed']}", stack_key=lambda s: (s["name"],),
                   make_trainer=ToyTrainer, trainer_args=(offset,), trainer=ToyTrainer(offset), prefix="toy_",
                   code=__name__, run_columns=RUNS, curve_columns=CURVES)
-    cfg = SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=1,
+    cfg = SimpleNamespace(**{**dict(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=1, executor="local",
                                     stack_size=3, progress=False, report_to="tensorboard"), **kw})
     return run_study(study, cfg, torch.device("cpu"))
 
