@@ -160,6 +160,7 @@ class GlueConfig(StudyConfig):
 
     workers = 1  # not settings: one run at a time (a transformer uses every core, or the GPU)
     stack_size = 1
+    executor = "local"  # in this process (Ray's tasks are for the stacked studies)
     RUN_KEYS = {"kind": "adapter", "method": None}  # a run is full fine-tuning or a LoRA method's
     HASHED_CONTEXT = ("method",)
     ADDED_LATER = {"gradient_accumulation_steps": 1, "bf16": False, "fp16": False}  # (StudyConfig.ADDED_LATER)
