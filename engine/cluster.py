@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -59,6 +60,23 @@ def connect(address: str) -> None:
     except ConnectionError as e:
         raise ConfigError(f"no Ray cluster to join at ray_address {address!r}: "
                           f"{' '.join(str(e).split())[:200]}") from None
+
+
+@contextmanager
+def session(address: str) -> Iterator[None]:
+    """Ray for the block (connect), said in one line (its nodes, CPUs and GPUs); this driver disconnects after it,
+    however it ends (a cluster it joined keeps running; one it started on this machine stops)."""
+    import ray
+
+    connect(address)
+    try:
+        have, alive = ray.cluster_resources(), sum(n["Alive"] for n in ray.nodes())
+        where = f"the Ray cluster at {address}" if address else "a Ray instance started on this machine"
+        tqdm.write(f"executor: {where}, {alive} node{'s' if alive != 1 else ''}, {int(have.get('CPU', 0))} CPUs, "
+                   f"{int(have.get('GPU', 0))} GPUs")
+        yield
+    finally:
+        ray.shutdown()
 
 
 def slots(cpus: int, gpus: int) -> int:
@@ -107,13 +125,6 @@ def run_stacks(jobs: list[list[dict]], make_trainer: Callable, trainer_args: tup
     return nodes
 
 
-def shutdown() -> None:
-    """Disconnect this driver (a cluster it joined keeps running; one it started on this machine stops)."""
-    import ray
-
-    ray.shutdown()
-
-
 _TRAINER: tuple[str, object] | None = None  # this Ray worker's trainer, with the id of the args it was built from
 
 
@@ -131,15 +142,7 @@ def _train_stack(make_trainer: Callable, args_box: list, work: Callable, specs: 
 
 
 def summary(nodes: Counter) -> str:
-    return (f"ray: {sum(nodes.values())} stack{'s' if sum(nodes.values()) != 1 else ''} trained on "
-            f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} ({', '.join(str(n) for n in nodes.values())})")
-
-
-def announce(address: str) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    alive = sum(n["Alive"] for n in ray.nodes())
-    where = "a Ray instance started on this machine" if not address else f"the Ray cluster at {address}"
-    tqdm.write(f"executor: {where}, {alive} node{'s' if alive != 1 else ''}, {int(have.get('CPU', 0))} CPUs, "
-               f"{int(have.get('GPU', 0))} GPUs")
+    """"ray: N stacks trained on K nodes (n1, n2, ...)": how the cluster shared the work."""
+    total = sum(nodes.values())
+    return (f"ray: {total} stack{'s' if total != 1 else ''} trained on {len(nodes)} node{'s' if len(nodes) != 1 else ''} "
+            f"({', '.join(str(n) for n in nodes.values())})")

@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -73,13 +73,10 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
     if others:
         tqdm.write(f"note: {others} of the recorded runs kept were made by other versions of the code "
                    f"(--resume_any_code)")
-    on_ray = cfg.executor == "ray"
+    on_ray = cfg.executor == "ray" and bool(todo)  # Ray is started (or joined) only when there is work for it
     gpus = 1 if device.type == "cuda" else 0  # a stack on a GPU takes one (a Ray task declares it)
-    if on_ray and todo:
-        cluster.connect(cfg.ray_address)
-        cluster.announce(cfg.ray_address)
-    try:
-        slots = cluster.slots(cfg.ray_cpus, gpus) if on_ray and todo else (cpu_count() if device.type == "cpu" else 1)
+    with cluster.session(cfg.ray_address) if on_ray else nullcontext():
+        slots = cluster.slots(cfg.ray_cpus, gpus) if on_ray else (cpu_count() if device.type == "cpu" else 1)
         workers = cfg.workers or slots
         jobs = stacks(todo, cfg.stack_size, workers if study.balance else 1, study.stack_key)
         workers = min(workers, len(jobs))
@@ -94,7 +91,7 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
 
         bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not cfg.progress)
         with bar:
-            if on_ray and jobs:
+            if on_ray:
                 nodes = cluster.run_stacks(jobs, study.make_trainer, study.trainer_args, train, record, bar.update,
                                            cpus=cfg.ray_cpus, gpus=gpus, retries=cfg.ray_retries)
                 tqdm.write(cluster.summary(nodes))
@@ -110,9 +107,6 @@ def run_study(study: Study, cfg, device: torch.device) -> list[dict]:
                     for results in pool.imap_unordered(_work, jobs):
                         record(results)
                         bar.update(len(results))
-    finally:
-        if on_ray and todo:
-            cluster.shutdown()
     return rows
 
 

@@ -2,8 +2,8 @@
 writer killed mid-write leaves a temporary file that the next run removes (and only that one).
 
 Linux-only where it reads /proc. The base model trains once, in the module fixture (its checkpoint in
-the shared results folder is reused by every main.py below); the workers then train runs of 30 epochs,
-far longer than any test waits.
+the shared results folder is reused by every main.py below); the workers then train runs of 10 epochs,
+three each, far longer than any test waits.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
 
-# The workers' runs: 30 epochs each, about 10 s of CPU per run or more, and more runs than workers, so
-# that killing the parent always finds both workers training the first of them.
+# The workers' runs: 10 epochs each, about 5 s of CPU per run or more, three a worker, so that killing the
+# parent always finds both workers training (the base model trains 10 epochs too: 30 took 140 s in CI).
 SWEEP = ["--workers", "2", "--stack_size", "1", "--method", "lora", "--ranks", "1", "--seeds", *map(str, range(6)),
-         "--run_fpft", "false", "--max_epochs", "30", "--progress", "false"]
+         "--run_fpft", "false", "--max_epochs", "10", "--progress", "false"]
 # A worker's start-up before the pool's initializer runs (spawn: import torch and this project) costs
 # about 2 s of CPU, loading the data about 3 s more. Past this much CPU time each, both are training.
 TRAINING_CPU_S = 5.0

@@ -26,6 +26,7 @@ from fed.config import FedConfig
 from fed.deploy import free_port, live_in_groups
 from raclora.errors import ConfigError
 from tests.conftest import ROOT
+from tests.ray_toy import Failing
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
 
@@ -207,3 +208,32 @@ def test_ray_settings_are_refused_in_one_line_before_any_compute(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "results" / "checkpoints").exists()  # refused before the base model was trained
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["raise", "die"])
+def test_a_failing_stack_ends_the_ray_sweep_in_one_line_and_keeps_the_finished_ones(tmp_path, how):
+    """On a Ray instance of this process: the study's own error arrives as itself (not retried: it is no system
+    failure); a worker that dies past ray_retries is a RunFailed line. The stacks that returned are recorded."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.results import read_rows
+    from engine.runner import Study, run_study
+    from raclora.errors import RunFailed
+
+    columns = {"name": str, "seed": int, "test_acc": float, "config_hash": str, "code_fingerprint": str,
+               "device": str}
+    study = Study(plan=[dict(name="toy", seed=s) for s in range(3)], run_hash=lambda s: f"toy-{s['seed']}",
+                  stack_key=lambda s: (), make_trainer=Failing, code=__name__, trainer_args=(how,),
+                  run_columns=columns, curve_columns={"config_hash": str, "epoch": int, "test_acc": float},
+                  order=lambda specs: specs[0]["seed"])  # seed 0 first: recorded before seed 1 fails
+    cfg = SimpleNamespace(results_dir=str(tmp_path), resume=True, resume_any_code=False, workers=3, stack_size=1,
+                          progress=False, report_to="none", executor="ray", ray_address="", ray_cpus=1,
+                          ray_retries=1)
+    expected = (ConfigError, "the study's own one-line error") if how == "raise" else (
+        RunFailed, "a stack of 1 run failed on Ray after 1 retry (WorkerCrashedError)")
+    with pytest.raises(expected[0], match=expected[1].replace("(", r"\(").replace(")", r"\)")):
+        run_study(study, cfg, torch.device("cpu"))
+    assert 0 in [r["seed"] for r in read_rows(tmp_path / "runs.csv", columns)]
