@@ -32,10 +32,14 @@ CONNECT_TIMEOUT_S = 3.0  # a host:port that does not accept a TCP connection in 
 
 
 def check_address(address: str) -> None:
-    """ConfigError in one line, before any compute, for a ``ray_address`` that is malformed or where no head node
-    accepts a TCP connection ("" and "auto" are checked when Ray starts: connect)."""
-    if address in ("", "auto"):
+    """ConfigError in one line, before any compute, for a ``ray_address`` that is malformed, or where no head node
+    accepts a TCP connection; "auto" where no cluster runs on this machine ("" starts one: nothing to check)."""
+    if address == "":
         return
+    if address == "auto":
+        address = running_cluster()
+        if address is None:
+            return  # this Ray has no way to tell without starting: connect says it, in one line
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"ray_address must be '', 'auto' or host:port, got {address!r}")
@@ -44,6 +48,21 @@ def check_address(address: str) -> None:
     except OSError as e:
         raise ConfigError(f"no Ray head node answers at {address} ({type(e).__name__}); start one there with "
                           f"`ray start --head --port {port}`, or give --ray_address auto or ''") from None
+
+
+def running_cluster() -> str | None:
+    """The head node's address of the cluster ``ray start`` started on this machine (what "auto" joins), by Ray's
+    own lookup (RAY_ADDRESS, its address file, its running GCS processes); ConfigError if there is none. None when
+    this Ray version lacks that lookup (a private function of Ray's): then ray.init finds out."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die as lookup
+    except ImportError:
+        return None
+    try:
+        return lookup("auto")
+    except ConnectionError:
+        raise ConfigError("ray_address auto joins the Ray cluster running on this machine, and none runs here; "
+                          "start one with `ray start --head`, or give --ray_address host:port or ''") from None
 
 
 def connect(address: str) -> None:
@@ -112,10 +131,13 @@ def run_stacks(jobs: list[list[dict]], make_trainer: Callable, trainer_args: tup
                 results, node = ray.get(ref)
             except RayTaskError as e:  # the study's code raised on the worker: its own error, as run locally
                 raise (e.cause if isinstance(e.cause, BaseException) else e) from None
-            except RayError as e:  # the worker or its node died more often than ray_retries allow
-                raise RunFailed(f"a stack of {len(specs)} run{'s' if len(specs) != 1 else ''} failed on Ray after "
-                                f"{retries} retr{'ies' if retries != 1 else 'y'} ({type(e).__name__}); the "
-                                f"finished stacks are recorded, run again to resume") from None
+            except RayError as e:  # the worker or its node died more often than ray_retries allow, or Ray could not
+                # run the task at all (a node without this project's modules: the first line says which)
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise RunFailed(f"a stack of {len(specs)} run{'s' if len(specs) != 1 else ''} failed on Ray "
+                                f"({type(e).__name__}: {first}), with up to {retries} retr"
+                                f"{'ies' if retries != 1 else 'y'}; the finished stacks are recorded, run again to "
+                                f"resume") from None
             record(results)
             progress(len(results))
             nodes[node] += 1

@@ -86,7 +86,7 @@ def test_federated_py_with_a_huge_learning_rate_records_diverged_runs(tmp_path):
     from tests.test_federated import _run
 
     proc = _run("--method", "fed_rac_lora", "--sketch", "left", "--clients", "4", "--rounds", "2", "--seeds", "0",
-                "--hidden", "16", "--workers", "1", "--progress", "false", "--lr", "1e30",
+                "--hidden", "16", "--workers", "1", "--progress", "false", "--lr", "1e30", "--base_max_epochs", "2",
                 "--results_dir", tmp_path / "r", "--plots_dir", tmp_path / "p")
     assert proc.returncode == 0, proc.stderr
     assert "diverged in round 1" in proc.stdout + proc.stderr and "0 +1 diverged" in proc.stdout

@@ -34,7 +34,8 @@ def test_failures_end_runs_in_bounded_time_with_one_line(tmp_path):
     tolerate=0, the node it lost ends the next run naming the round and the client. Nothing is left running."""
     from fed.deploy import Flower
 
-    rc, _ = _setup(tmp_path, rounds=3, timeout=30, **{"node-timeout": 5})
+    # a round waits 45 s for its replies: with the whole suite on 2 cores, a ClientApp's start-up alone took 30 s
+    rc, _ = _setup(tmp_path, rounds=3, timeout=45, **{"node-timeout": 5})
     with Flower(tmp_path / "flwr", timeout=240) as fl:
         fl.deployment(clients=2)
         groups = [p.pid for p in fl.procs]
