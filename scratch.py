@@ -36,6 +36,7 @@ from engine.settings import (arg, check_ranks, from_argv, hashed_settings, no_re
 from lowrank import FORMS, HEADED, build, build_gpt
 from plots import draw_scratch
 from raclora.errors import DIVERGED, ConfigError
+from train import adamw
 
 OPTIMIZERS = ("sgd", "adamw")
 MODELS = ("mlp", "gpt")  # of models.MODELS, those the study trains (the mlp: its own stacked form, lowrank.build)
@@ -283,7 +284,7 @@ class ScratchTrainer:
             elif cfg.optimizer == "sgd":
                 opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             else:
-                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                opt = adamw(params, cfg.lr, cfg.weight_decay)  # the training loops' AdamW (train.adamw)
             made.append(opt)
             return opt
 

@@ -25,6 +25,7 @@ from data import Objective
 from engine.stack import StackedModel, _keep_rows
 from models import set_generator
 from raclora.errors import check_loss
+from train import adamw
 
 
 def client_steps(shard_size: int, batch_size: int, epochs: int) -> int:
@@ -37,7 +38,7 @@ def train_client(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, 
     """Train ``params`` of ``model`` on x[shard] under the task's ``objective``, every draw (batch order,
     dropout masks) from ``generator``; returns the mean training loss of the last epoch. A loss that is not
     finite stops it before that step is taken (raclora.errors.Diverged, with the client's step)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(params, lr, weight_decay)  # the training loops' AdamW (train.adamw)
     set_generator(model, generator)
     model.train()
     shard = shard.to(x.device)
@@ -68,7 +69,7 @@ def train_clients(model: StackedModel, params: list[nn.Parameter], x: torch.Tens
     runs = model.runs
     if not len(shards) == len(generators) == runs:
         raise ValueError(f"need one shard and one generator per run: {len(shards)}, {len(generators)} for {runs}")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(params, lr, weight_decay)  # the training loops' AdamW (train.adamw)
     model.train()
     shards = [s.to(x.device) for s in shards]
     sizes = [s.numel() for s in shards]
