@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from statistics import median  # noqa: F401  (the benches' median, imported from here)
 from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from train import BEFORE, SPEED  # the benches put the project's folder on the path before importing this module
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -117,7 +120,8 @@ def side_by_side(paths: dict[str, Callable[[], object]], rounds: int) -> dict[st
     return seconds
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+def speed_paths(before: bool, now=None) -> dict:
+    """{path name: train.Speed} that a bench times: today's ("after": ``now``, default train.SPEED) and, with
+    ``before``, the loops as they were before issue 24 (train.BEFORE) first."""
+    now = SPEED if now is None else now
+    return {"before": BEFORE, "after": now} if before else {"after": now}

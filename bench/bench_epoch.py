@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from _limit import measure_limit, median, side_by_side, sync  # noqa: E402
+from _limit import measure_limit, median, side_by_side, speed_paths, sync  # noqa: E402
 from config import Config  # noqa: E402
 from data import load_tasks  # noqa: E402
 from engine.build import build_run, config_model  # noqa: E402
 from engine.runner import resolve_device  # noqa: E402
 from raclora.factors import lora_scale  # noqa: E402
-from train import BEFORE, SPEED, Speed, speed, train  # noqa: E402
+from train import SPEED, Speed, speed, train  # noqa: E402
 
 
 def epoch_of(cfg: Config, task, device: torch.device, setting: Speed):
@@ -73,7 +73,7 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     task = tasks["B"]
     now = SPEED if args.adamw is None else replace(SPEED, adamw=args.adamw)
-    settings = {"before": BEFORE, "after": now} if args.before else {"after": now}
+    settings = speed_paths(args.before, now)
     paths = {name: epoch_of(cfg, task, device, s) for name, s in settings.items()}
     warm = {}
     for name, one_epoch in paths.items():

@@ -41,8 +41,8 @@ from data import load_text, text_bounds, text_task, text_vocabulary, windows  # 
 from engine.build import build_run, config_model  # noqa: E402
 from engine.runner import resolve_device  # noqa: E402
 from models import set_generator  # noqa: E402
-from train import BEFORE, SPEED, Speed, adamw, batch_buffer, gather_batch, speed  # noqa: E402
-from _limit import Limit, measure_limit, median, side_by_side, sync  # noqa: E402
+from train import Speed, adamw, batch_buffer, gather_batch, speed  # noqa: E402
+from _limit import Limit, measure_limit, median, side_by_side, speed_paths, sync  # noqa: E402
 from raclora.factors import lora_scale  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -112,7 +112,7 @@ def measure(cfg: Config, task, device: torch.device, method: str, runs: int, ste
             before: bool) -> tuple[Limit, dict[str, float]]:
     """(the matrix-product limit of ``steps`` training steps, {path: their seconds}) after 3 warm-up steps; with
     ``before`` the loops as they were (train.BEFORE) too, the two paths' steps interleaved in this process."""
-    settings = {"before": BEFORE, "after": SPEED} if before else {"after": SPEED}
+    settings = speed_paths(before)
     steppers = {name: step_fn(cfg, task, device, method, runs, steps, s) for name, s in settings.items()}
     for step in steppers.values():
         for i in range(3):

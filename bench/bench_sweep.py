@@ -45,8 +45,8 @@ from engine.build import build_run, config_model  # noqa: E402
 from raclora.factors import lora_scale  # noqa: E402
 from engine.stack import train_stack  # noqa: E402
 from engine.runner import cpu_count, resolve_device  # noqa: E402
-from train import BEFORE, SPEED, Speed, speed, train  # noqa: E402
-from _limit import measure_limit, median, side_by_side, sync as _sync  # noqa: E402
+from train import Speed, speed, train  # noqa: E402
+from _limit import measure_limit, median, side_by_side, speed_paths, sync as _sync  # noqa: E402
 
 # the benchmarked model: --model sets BENCH_MODEL before any worker or child process starts, so they see it too
 CFG = Config(method="rac_lora", sketch="left", ranks=[1], model=os.environ.get("BENCH_MODEL", "mlp"))
@@ -190,7 +190,7 @@ def limit_section(tasks, device, runs: int, epochs: int, before: bool) -> None:
     """Print the matrix-product limit of one epoch of a ``runs``-run stack (bench/_limit.py: its products recorded
     in one epoch, replayed back to back) against the epoch's median seconds over ``epochs`` epochs; with
     ``before``, the loops as they were (train.BEFORE) too, their epochs interleaved with today's."""
-    settings = {"before": BEFORE, "after": SPEED} if before else {"after": SPEED}
+    settings = speed_paths(before)
     paths = {name: stack_epoch_fn(tasks, device, runs, s) for name, s in settings.items()}
     for one_epoch in paths.values():
         one_epoch()  # warm-up

@@ -9,11 +9,9 @@ import torch
 import models
 from engine import stack
 from engine.build import build_run
-from conftest import mlp
-from test_stack import KW, METHOD_KW, SCALE, SEEDS, assert_run_is_alone, noisy_task
+from test_stack import KW, METHOD_KW, SCALE, SEEDS, assert_run_is_alone, base, task  # noqa: F401  (fixtures)
 from train import BEFORE, SPEED, speed, train
 
-DT = torch.float64
 
 
 def old_seeded_dropout(self, x):
@@ -41,16 +39,6 @@ def before(monkeypatch):
     monkeypatch.setattr(stack.StackedDropout, "forward", old_stacked_dropout)
     with speed(BEFORE):
         yield
-
-
-@pytest.fixture(scope="module")
-def task():
-    return noisy_task()
-
-
-@pytest.fixture(scope="module")
-def base():
-    return mlp([64, 64], 0.1, torch.Generator().manual_seed(11), "cpu").to(DT)
 
 
 def alone(base, task, method="rac_lora", rank=2, seed=3, lr=3e-2):
