@@ -2,7 +2,8 @@
 
 It knows nothing about adapters. A method that merges does so through ``on_epoch_end``, which
 the loop calls after each epoch's training and before its evaluation. A run whose training loss
-becomes non-finite stops at that step, before the step is taken, and is recorded as diverged.
+becomes non-finite is recorded as diverged at that step, keeps the weights of its best epoch and stops; the
+loop sees it at the end of the epoch (one transfer of the epoch's losses) or, with Speed.check "step", at the step.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from data import Objective, Split, Task, batches
-from raclora.errors import check_loss, DIVERGED, Diverged
+from raclora.errors import check_loss, DIVERGED, Diverged, first_divergence
 
 
 @dataclass
@@ -45,11 +46,19 @@ class Speed:
     # each batch gathered by index_select into one buffer allocated once per epoch (before: x[idx], a new tensor and
     # advanced indexing every step); bit for bit the same batches
     gather: bool = True
+    # when the loops test the training loss for divergence (raclora.errors): "epoch" keeps every step's loss on
+    # the device and reads them back once, at the epoch's end (no host sync in the step: on CUDA the host queues
+    # steps ahead of the device), "step" reads each step's loss back before its backward (before). The same
+    # records and kept weights either way: a run is recorded as diverged at its first non-finite step, its epoch
+    # is not recorded, and it ends with the weights of its best epoch; on "epoch" the epoch's later steps are
+    # taken on weights that are then dropped (a stack zeroes a non-finite row's loss and gradients at each step)
+    check: str = "epoch"
 
 
 SPEED = Speed()  # what the loops use now
-BEFORE = Speed(adamw="for-loop", gather=False)  # every switch off: the loops as they were before issue 24
+BEFORE = Speed(adamw="for-loop", gather=False, check="step")  # every switch off: the loops as they were before issue 24
 ADAMW = {"foreach": dict(foreach=True), "fused": dict(fused=True), "for-loop": dict(foreach=False)}
+CHECKS = ("epoch", "step")  # Speed.check's values
 
 
 @contextmanager
@@ -59,12 +68,19 @@ def speed(setting: Speed | None = None, **switches) -> Iterator[Speed]:
     global SPEED
     if "adamw" in switches and switches["adamw"] not in ADAMW:
         raise ValueError(f"unknown AdamW implementation {switches['adamw']!r}; allowed: {', '.join(ADAMW)}")
+    if "check" in switches and switches["check"] not in CHECKS:
+        raise ValueError(f"unknown divergence check {switches['check']!r}; allowed: {', '.join(CHECKS)}")
     before = SPEED
     SPEED = replace(setting or SPEED, **switches)
     try:
         yield SPEED
     finally:
         SPEED = before
+
+
+def speed_setting() -> Speed:
+    """The switches the loops run with now (SPEED, as ``speed`` sets it for a block)."""
+    return SPEED
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -152,7 +168,8 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     the weights of the lowest validation loss.
 
     Stops after ``patience`` epochs without a lower validation loss, or at ``max_epochs``, or at once
-    when a batch's loss is not finite (``record.status`` DIVERGED; the unfinished epoch is not recorded).
+    when a batch's loss is not finite (``record.status`` DIVERGED; the unfinished epoch is not recorded; SPEED.check:
+    whether that is seen at the step or at the epoch's end).
     ``generator`` supplies the batch order (and the model's dropout masks, if it was given the same
     one). ``on_epoch_end(epoch)`` may change the model (merge) as long as it keeps its function; it
     returns True when it merged, and then the optimizer state is cleared if
@@ -171,21 +188,30 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     objective = task.spec.objective  # the task's loss and metric (classification: cross-entropy, accuracy)
     dtype = next(model.parameters()).dtype  # of the losses, whatever the inputs are (token ids: int64)
     buf = batch_buffer(x, batch_size)  # every batch's examples, written in place (gather_batch)
+    per_step = SPEED.check == "step"  # test the loss for divergence at every step (else once an epoch)
     for epoch in range(1, max_epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device, dtype=dtype)  # summed on device: no host sync per step
+        losses, first_step = [], hooks.step + 1  # this epoch's losses on the device (SPEED.check "epoch")
         for idx in batches(len(task.train), batch_size, generator, device):
             loss = objective.loss(model(gather_batch(x, idx, buf)), gather_batch(y, idx))
-            try:
-                check_loss(loss, hooks.step + 1)
-            except Diverged as e:  # stop before the step: the kept weights stay finite
-                record.status, record.diverged_step = DIVERGED, e.step
-                break
+            if per_step:
+                try:
+                    check_loss(loss, hooks.step + 1)
+                except Diverged as e:  # stop before the step: the kept weights stay finite
+                    record.status, record.diverged_step = DIVERGED, e.step
+                    break
+            else:
+                losses.append(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * idx.numel()
             hooks.after_step()
+        if losses:  # one transfer an epoch; the weights after a non-finite step are never kept
+            (bad,) = first_divergence(torch.stack(losses).unsqueeze(1).tolist(), first_step)
+            if bad is not None:
+                record.status, record.diverged_step = DIVERGED, bad.step
         if record.status == DIVERGED:
             break
         hooks.after_epoch(epoch)

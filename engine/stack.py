@@ -32,8 +32,8 @@ from raclora.factors import ROLES, FactorRoles, init_factor_
 from lora import _set_submodule
 from models import Positions, SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
-from raclora.errors import DIVERGED
-from train import MethodHooks, Record, adamw, logits_of
+from raclora.errors import DIVERGED, Diverged, first_divergence
+from train import MethodHooks, Record, adamw, logits_of, speed_setting
 
 
 class StackedDropout(nn.Module):
@@ -494,12 +494,30 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     dtype = next(model.parameters()).dtype  # of the losses, whatever the inputs are (token ids: int64)
     steps = epoch_steps or -(-n // batch_size)  # optimizer steps an epoch: by default one pass over the split
     at, train_s = n, 0.0  # where the next batch of the pass starts (n: draw a new pass); training seconds so far
+    per_step = speed_setting().check == "step"  # test the losses for divergence at every step (else once an epoch)
+
+    def leave(found: list[Diverged | None]) -> bool:
+        """As train.train: the live rows with a Diverged in ``found`` are recorded as diverged at its step (their
+        unfinished epoch not recorded) and leave the stack; False when no run is left."""
+        nonlocal active, gens, perms, loss_sum
+        keep = [r for r, d in enumerate(found) if d is None]
+        for row, d in enumerate(found):
+            if d is not None:
+                records[active[row]].status, records[active[row]].diverged_step = DIVERGED, d.step
+        active, gens = [active[r] for r in keep], [gens[r] for r in keep]
+        if active and len(keep) < len(found):
+            _keep_rows(model, optimizer, torch.tensor(keep, device=device))
+            model.set_generators(gens)
+            perms, loss_sum = perms[keep], loss_sum[keep]
+        return bool(active)
+
     for epoch in range(1, max_epochs + 1):
         t_epoch = time.perf_counter()
         model.train()
         model.set_generators(gens)
         loss_sum = torch.zeros(len(active), device=device, dtype=dtype)
         seen = 0  # examples of each run's batches this epoch
+        losses_seen, first_step = [], hooks.step + 1  # this epoch's (live,) losses on the device (SPEED.check)
         # one buffer for every batch (no allocation per step), of the inputs' dtype: floats or int64 token ids
         buf = x.new_empty(len(active) * batch_size, *x.shape[1:])
         for _ in range(steps):
@@ -514,25 +532,23 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
             losses = objective.losses(logits.flatten(0, 1), y.index_select(0, flat))
             per_run = losses.view(idx.shape).mean(1)  # (live,): each run's mean loss over its batch
             bad = ~torch.isfinite(per_run)
-            diverged = bad.nonzero().flatten().tolist() if bad.any() else []
+            if per_step:  # one transfer a step (before)
+                found = first_divergence([per_run.tolist()], hooks.step + 1)
+                bad = bad if any(found) else None
+            else:
+                losses_seen.append(per_run.detach())
             optimizer.zero_grad(set_to_none=True)
-            (per_run.where(~bad, 0.0) if diverged else per_run).sum().backward()
-            if diverged:  # its row steps on a zero gradient and leaves the stack below; rows never mix,
+            (per_run if bad is None else per_run.where(~bad, 0.0)).sum().backward()
+            if bad is not None:  # a non-finite row steps on a zero gradient; rows never mix,
                 _zero_rows(optimizer, bad)  # so the other runs take exactly the step they take alone
             optimizer.step()
             loss_sum += per_run.detach() * idx.shape[1]
             seen += idx.shape[1]
             hooks.after_step(gens)
-            if diverged:  # as train.train: recorded as diverged at this step, its unfinished epoch not recorded
-                for row in diverged:
-                    records[active[row]].status, records[active[row]].diverged_step = DIVERGED, hooks.step
-                keep = [r for r in range(len(active)) if r not in diverged]
-                active, gens = [active[r] for r in keep], [gens[r] for r in keep]
-                if not active:
-                    break
-                _keep_rows(model, optimizer, torch.tensor(keep, device=device))
-                model.set_generators(gens)
-                perms, loss_sum = perms[keep], loss_sum[keep]
+            if per_step and any(found) and not leave(found):
+                break
+        if losses_seen:  # SPEED.check "epoch": every step's losses read back at once
+            leave(first_divergence(torch.stack(losses_seen).tolist(), first_step))
         if not active:
             break
         live = len(active)
@@ -578,11 +594,12 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
 
 @torch.no_grad()
 def _zero_rows(optimizer: torch.optim.Optimizer, rows: torch.Tensor) -> None:
-    """Zero the gradient of the runs ``rows`` (a (live,) bool mask) in every stacked parameter."""
+    """Zero the gradient of the runs ``rows`` (a (live,) bool mask) in every stacked parameter, on the device (no
+    host sync: a filled mask, where ``grad[rows] = 0`` would read the mask back)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is not None:
-                p.grad[rows] = 0.0
+                p.grad.masked_fill_(rows.view(-1, *[1] * (p.grad.dim() - 1)), 0.0)
 
 
 @torch.no_grad()

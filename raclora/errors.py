@@ -68,5 +68,17 @@ def check_loss(loss, step: int, what: str = "training loss") -> None:
         raise Diverged(step, bad, what)
 
 
+def first_divergence(losses: list[list[float]], first_step: int, what: str = "training loss") -> list[Diverged | None]:
+    """The same test as check_loss, made once for many steps: ``losses[k][j]`` is run j's loss at optimizer step
+    ``first_step + k`` (the rows of a tensor of the steps' losses, read back in one transfer). For each run j, the
+    Diverged of its first step whose loss is not finite, or None."""
+    found: list[Diverged | None] = [None] * (len(losses[0]) if losses else 0)
+    for k, row in enumerate(losses):
+        for j, v in enumerate(row):
+            if found[j] is None and not math.isfinite(v):
+                found[j] = Diverged(first_step + k, v, what)
+    return found
+
+
 # the expected failures of a command: reported in one line, never as a traceback
 EXPECTED = (ConfigError, DataError, CheckpointError, ResultsError, OutputError, RunFailed)

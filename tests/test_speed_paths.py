@@ -3,6 +3,8 @@ step, batches gathered into one buffer, dropout masks made in place), to 1e-10 i
 AdamW); and a stack still trains each run as it trains alone on every path."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -123,3 +125,98 @@ def test_a_gathered_batch_is_overwritten_only_after_its_backward():
     assert short.shape == (1, 2) and short.tolist() == [[10, 11]]
     with speed(gather=False):
         assert batch_buffer(x, 3) is None and gather_batch(x, torch.tensor([1]), buf).data_ptr() != buf.data_ptr()
+
+
+# --- divergence seen at the epoch's end (Speed.check "epoch"): no host read in the step -----------------------------
+def poisoned_stack(base, task, poison_step=7, poisoned=(1,)):
+    """A stack of three runs whose run(s) ``poisoned`` get a nan in their first layer after step ``poison_step``
+    (the middle of epoch 2: 5 steps an epoch), so that the next step's loss is nan."""
+    from engine.stack import StackedModel
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS[:3]]
+    model = StackedModel(base, len(gens))
+    marked = [gens[i] for i in poisoned]
+
+    def poison(step, live):
+        if step == poison_step:
+            for g in marked:
+                if g in live:
+                    model.linears[0].weight.data[live.index(g)] = float("nan")
+        return False
+
+    records = stack.train_stack(model, list(model.parameters()), task, generators=gens, lr=3e-3, on_step_end=poison,
+                                **KW)
+    return model, records
+
+
+@pytest.mark.parametrize("poisoned", [(1,), (0, 1, 2)])
+def test_divergence_seen_at_the_epoch_end_records_what_the_step_check_records(base, task, poisoned):
+    """The same records (status, step, epochs, curves) and the same kept weights, bit for bit, whether each step's
+    loss is read back at once or the epoch's losses at its end; also when every run of the stack diverges."""
+    with speed(check="step"):
+        old_model, old = poisoned_stack(base, task, poisoned=poisoned)
+    new_model, new = poisoned_stack(base, task, poisoned=poisoned)
+    assert [(r.status, r.diverged_step) for r in new] == [(r.status, r.diverged_step) for r in old]
+    assert [r.diverged_step for r in new] == [8 if i in poisoned else None for i in range(3)]
+    assert curves(new) == curves(old) and [r.epochs for r in new] == [r.epochs for r in old]
+    for (k, a), b in zip(new_model.state_dict().items(), old_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_plain_run_that_diverges_is_recorded_alike_on_both_checks():
+    from tests.test_train import fit, synthetic_task
+    runs = {}
+    for check in ("step", "epoch"):
+        with speed(check=check):
+            runs[check] = fit(synthetic_task(), lr=1e30, weight_decay=0.0, max_epochs=20)
+    (old_model, old), (new_model, new) = runs["step"], runs["epoch"]
+    assert new.status == old.status == "diverged" and new.diverged_step == old.diverged_step
+    assert (new.epochs, new.curve, new.best_epoch) == (old.epochs, old.curve, old.best_epoch) == (0, [], 0)
+    for (k, a), b in zip(new_model.state_dict().items(), old_model.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="unknown divergence check"):
+        with speed(check="never"):
+            pass
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Counts the tensor reads that make the host wait for the device: .item(), .tolist(), bool(tensor); not those
+    of torch.optim (AdamW reads its step counts, which stay on the host unless ``capturable``, also on CUDA)."""
+    import sys
+    count = [0]
+    for name in ("item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            if f"torch{os.sep}optim{os.sep}" not in sys._getframe(1).f_code.co_filename:
+                count[0] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+@pytest.mark.parametrize("stacked_engine", [False, True])
+def test_the_steps_read_nothing_back(base, host_reads, stacked_engine):
+    """An epoch of twice the steps reads back from the device as often as one of half: nothing in the step does
+    (on "step", the divergence test reads every step's loss)."""
+    from engine.stack import StackedModel
+    from models import set_generator
+    from test_stack import noisy_task, plain_copy
+
+    def reads(n, check):
+        task = noisy_task(n=n)
+        with speed(check=check):
+            host_reads[0] = 0
+            if stacked_engine:
+                gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+                model = StackedModel(base, len(gens))
+                stack.train_stack(model, list(model.parameters()), task, generators=gens, lr=3e-3,
+                                  **{**KW, "max_epochs": 1})
+            else:
+                g = torch.Generator().manual_seed(0)
+                model = plain_copy(base)
+                set_generator(model, g)
+                train(model, list(model.parameters()), task, lr=3e-3, generator=g, **{**KW, "max_epochs": 1})
+            return host_reads[0]
+    assert reads(320, "epoch") == reads(640, "epoch")  # 5 and 10 steps of 64
+    assert reads(640, "step") - reads(320, "step") == 5
