@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from models import target_linears
-from raclora.factors import ROLES, FactorRoles, init_factor_
+import torch.nn.functional as F
+
+from raclora.factors import ROLES, FactorRoles, init_factor_, principal_factors, row_norms
 
 
 class LoRALinear(FactorRoles, nn.Module):
@@ -66,27 +68,81 @@ class LoRALinear(FactorRoles, nn.Module):
         if resample_random:
             init_factor_(self.random_factor, self.random_init, generator)
 
+    @torch.no_grad()
+    def principal_init_(self) -> None:
+        """PiSSA: A and B from the top-``rank`` singular vectors of the base weight, the base weight replaced by the
+        residual (raclora.factors.principal_factors); the function is unchanged (up to float rounding)."""
+        a, b, residual = principal_factors(self.base.weight, self.rank, self.scale)
+        self.A.copy_(a)
+        self.B.copy_(b)
+        self.base.weight.copy_(residual)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, sketch={self.sketch}, random_init={self.random_init}"
 
 
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al., 2024): ``m * (W0 + scale * B @ A) / ||W0 + scale * B @ A||`` applied to x, plus the bias,
+    with the trained magnitude m (out,) and the norm of each output's row (raclora.factors.row_norms) treated as a
+    constant (detached, the paper's section 4.3 and PEFT's DoraLinearLayer). m starts as the base weight's row
+    norms, so the layer starts as the base.
+
+    ``merge()`` puts the whole adapted weight into W0; ``reset()`` then re-zeroes the zero factor, re-draws the
+    random one and re-starts m as the new W0's row norms: the function is unchanged, and a chain of DoRA links
+    (COLA-style) is defined.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, sketch: str = "left",
+                 random_init: str = "gaussian"):
+        super().__init__(base, rank, scale, sketch, random_init)
+        self.m = nn.Parameter(row_norms(base.weight.detach()).clone())  # (out,)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.A, self.B, self.m
+
+    def weight_now(self) -> torch.Tensor:  # (out, in): the weight the layer applies
+        w = self.base.weight + super().delta_weight()
+        return (self.m / row_norms(w).detach()).unsqueeze(1) * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
+        return F.linear(x, self.weight_now(), self.base.bias)
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in): what a merge adds to W0
+        return self.weight_now() - self.base.weight
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- m * (W0 + scale * B @ A) / ||W0 + scale * B @ A||. Call reset() next."""
+        self.base.weight.copy_(self.weight_now())
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None:
+        super().reset(generator, resample_random)
+        self.m.copy_(row_norms(self.base.weight))
+
+
+LAYERS = {"lora": LoRALinear, "dora": DoRALinear}  # a method's ``adapter`` -> its layer (RandLoRA's: randlora.py)
+
+
 def wrap_linears(model: nn.Module, rank: int, scale: float, sketch: str, random_init: str,
-                 generator: torch.Generator | None, targets: list[str] | None = None) -> list[LoRALinear]:
+                 generator: torch.Generator | None, targets: list[str] | None = None,
+                 layer: str = "lora") -> list[LoRALinear]:
     """Replace every nn.Linear in ``model`` that ``targets`` selects (models.targeted: presets or module
-    names, PEFT's ``target_modules``; None = every one), in place, by a LoRALinear around it, freeze all
-    other parameters, draw the random factors from ``generator`` and return the adapters in module order."""
+    names, PEFT's ``target_modules``; None = every one), in place, by a LoRALinear (``layer`` "dora": a DoRALinear)
+    around it, freeze all other parameters, draw the random factors from ``generator`` and return the adapters in
+    module order."""
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = []
     for name, linear in target_linears(model, targets):
-        adapter = LoRALinear(linear, rank, scale, sketch, random_init)
+        adapter = LAYERS[layer](linear, rank, scale, sketch, random_init)
         adapter.reset(generator)
         _set_submodule(model, name, adapter)
         adapters.append(adapter)
     return adapters
 
 
-def adapters_of(model: nn.Module) -> list[LoRALinear]:
+def adapters_of(model: nn.Module) -> list[LoRALinear]:  # DoRALinear layers too
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 

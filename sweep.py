@@ -352,7 +352,7 @@ def run_sweep(cfg: Config, commit: str) -> list[dict]:
     shapes = [(m.in_features, m.out_features) for _, m in
               target_linears(meta_model(cfg.model, model_settings(cfg), spec.shape, spec.classes), cfg.targets())]
     narrowest = min(shapes, key=lambda io: min(io))
-    low_rank = any(get_method(m).adapter == "lora" for m in cfg.selected_methods())  # RandLoRA is full rank
+    low_rank = any(get_method(m).low_rank for m in cfg.selected_methods())  # RandLoRA is full rank
     if low_rank and max(cfg.ranks) > min(narrowest):  # legal (the published sweep uses 8 on the 64->5 layer): say so once
         tqdm.write(LAYER_DIMS_NOTE.format(r=max(cfg.ranks), m=min(narrowest), i=narrowest[0], o=narrowest[1]))
     base = sweep.base_model()

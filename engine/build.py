@@ -57,12 +57,14 @@ def build_run(base: nn.Module, method: str, sketch: str | None, ranks: list[int 
     if method == "fpft":
         return Run(model, list(model.parameters()), {})
     m = get_method(method)
+    if m.init != "sketch":  # PiSSA's factors come from the base weight (Method.initialise), whatever the sketch drew
+        sketch = "left"
     if stacked:
         adapters = (model.wrap_randlora(ranks[0], scales, generators, targets) if m.adapter == "randlora"
-                    else model.wrap(ranks, scales, sketch, random_init, generators, targets))
+                    else model.wrap(ranks, scales, sketch, random_init, generators, targets, layer=m.adapter))
     else:
         g = generators[0]
         adapters = (wrap_randlora(model, ranks[0], scales[0], g, targets) if m.adapter == "randlora"
-                    else wrap_linears(model, ranks[0], scales[0], sketch, random_init, g, targets))
+                    else wrap_linears(model, ranks[0], scales[0], sketch, random_init, g, targets, layer=m.adapter))
     params, hooks = m.training(adapters, None if stacked else generators[0], **method_kw)
     return Run(model, params, hooks)

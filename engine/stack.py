@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Objective, Split, Task
-from raclora.factors import ROLES, FactorRoles, init_factor_
+from raclora.factors import ROLES, FactorRoles, init_factor_, principal_factors, row_norms
 from lora import _set_submodule
 from models import Positions, SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
@@ -265,6 +265,12 @@ class StackedLoRALinear(FactorRoles, _StackedAdapter):
             else:
                 factor[i, :, :rank] = init_factor_(torch.empty_like(factor[i, :, :rank]), self.random_init, g)
 
+    @torch.no_grad()
+    def principal_init_(self) -> None:
+        """PiSSA, run by run as lora.LoRALinear.principal_init_ makes it (each run's own rank; padding stays 0)."""
+        for i, r in enumerate(self.ranks):
+            self.A[i, :r], self.B[i, :, :r], self.weight[i] = principal_factors(self.weight[i], r, float(self.scale[i]))
+
     def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
         """Run i's tensors under the names lora.LoRALinear gives them (padding cut off)."""
         r = self.ranks[i]
@@ -274,6 +280,41 @@ class StackedLoRALinear(FactorRoles, _StackedAdapter):
     def trainable_count(self, i: int) -> int:
         r_max, r = self.A.shape[1], self.ranks[i]
         return sum(p[i].numel() // r_max * r for p in (self.A, self.B) if p.requires_grad)
+
+
+class StackedDoRALinear(StackedLoRALinear):
+    """lora.DoRALinear for R runs: the magnitudes m (R, out) beside the factors; each run's layer applies
+    ``m_i * (W_i + delta_i) / ||W_i + delta_i||`` (row norms, detached), in one product."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, ranks: list[int], scales: list[float], sketch: str,
+                 random_init: str, generators: list[torch.Generator]):
+        super().__init__(weight, bias, ranks, scales, sketch, random_init, generators)
+        self.m = nn.Parameter(row_norms(self.weight.detach()).clone())  # (R, out)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.A, self.B, self.m
+
+    def weight_now(self) -> torch.Tensor:  # (R, out, in)
+        w = self.weight + super().delta_weight()
+        return (self.m / row_norms(w).detach()).unsqueeze(2) * w
+
+    def _forward3(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, in) -> (R, N, out)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight_now().transpose(1, 2))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.weight_now() - self.weight
+
+    @torch.no_grad()
+    def reset(self, generators: list[torch.Generator], resample_random: bool = True) -> None:
+        super().reset(generators, resample_random)
+        if getattr(self, "m", None) is not None:  # (StackedLoRALinear.__init__ resets before m exists)
+            self.m.copy_(row_norms(self.weight))
+
+    def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        return {**super().run_state(i, prefix), prefix + "m": self.m[i]}
+
+    def trainable_count(self, i: int) -> int:
+        return super().trainable_count(i) + (self.m.shape[1] if self.m.requires_grad else 0)
 
 
 class StackedRandLoRALinear(_StackedAdapter):
@@ -328,6 +369,8 @@ def _expand(p: torch.Tensor, runs: int) -> nn.Parameter:
     """R copies of a plain parameter, trainable as p is."""
     return nn.Parameter(_copies(p, runs), requires_grad=p.requires_grad)
 
+
+STACKED_LAYERS = {"lora": StackedLoRALinear, "dora": StackedDoRALinear}  # lora.LAYERS' stacked forms
 
 # plain layer type -> its stacked form (a layer with parameters that is not here cannot be stacked)
 STACKED = {
@@ -394,10 +437,12 @@ class StackedModel(nn.Module):
         return made
 
     def wrap(self, ranks: list[int], scales: list[float], sketch: str, random_init: str,
-             generators: list[torch.Generator], targets: list[str] | None = None) -> list[StackedLoRALinear]:
-        """Adapters on the targeted layers, drawn layer by layer as lora.wrap_linears draws them; returns them."""
-        made = self._replace_linears(lambda w, b: StackedLoRALinear(w, b, ranks, scales, sketch, random_init,
-                                                                   generators), targets)
+             generators: list[torch.Generator], targets: list[str] | None = None,
+             layer: str = "lora") -> list[StackedLoRALinear]:
+        """Adapters on the targeted layers (``layer``: "lora", or "dora" for DoRA's), drawn layer by layer as
+        lora.wrap_linears draws them; returns them."""
+        kind = STACKED_LAYERS[layer]
+        made = self._replace_linears(lambda w, b: kind(w, b, ranks, scales, sketch, random_init, generators), targets)
         for m in made:
             m.fold = self.fold_adapters
         return made

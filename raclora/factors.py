@@ -65,3 +65,22 @@ class FactorRoles:
     @property
     def random_factor(self) -> nn.Parameter:
         return getattr(self, self.random_name)
+
+
+def principal_factors(weight: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA's initialisation (Meng et al., 2024) of a (out, in) weight W, as PEFT's ``init_lora_weights="pissa"``
+    makes it: W = U S V^T (torch.linalg.svd), A = diag(sqrt(S_r / scale)) V_r^T (r, in), B = U_r diag(sqrt(S_r /
+    scale)) (out, r), so that scale * B @ A is W's best rank-r approximation; returns (A, B, the residual W - scale *
+    B @ A, the frozen base). No random draw. (PEFT computes it in float32 whatever the weight's dtype; here in it.)"""
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    k = min(rank, s.numel())  # a rank above min(out, in): the factors' extra rows stay zero (PEFT cuts them off)
+    root = (s[:k] / scale).sqrt()
+    a, b = weight.new_zeros(rank, weight.shape[1]), weight.new_zeros(weight.shape[0], rank)
+    a[:k], b[:, :k] = root.unsqueeze(1) * vh[:k], u[:, :k] * root
+    return a, b, weight - scale * b @ a
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """DoRA's norm (Liu et al., 2024) of a (..., out, in) weight: the L2 norm of each output's row, (..., out), as
+    PEFT's ``DoraLinearLayer.get_weight_norm`` takes it (``torch.linalg.norm(W, dim=1)`` of a Linear's weight)."""
+    return torch.linalg.norm(weight, dim=-1)

@@ -7,6 +7,8 @@ A strategy says three things, and the adapter layer never asks which method it i
 - ``merges``: whether the adapter is merged into the base weight every ``merge_every`` epochs;
 - what a merge re-draws: the zero factor is always re-zeroed (so the function is unchanged) and
   the random factor is re-sampled. Methods that never merge never re-sample;
+- how the factors start (``init``): one zero and one random (the sketch), or PiSSA's principal singular
+  vectors of the base weight, which a merge re-computes from the merged weight;
 - and, for the optimizer: per-factor learning rates (``b_lr_ratio``, LoRA+), merges every so many
   optimizer steps instead of epochs with the optimizer state reset and a re-warming learning-rate
   schedule (``step_merges``, ReLoRA).
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
 class Adapter(Protocol):
     """What a method drives: two factors ``A`` (r, in) and ``B`` (out, r) with their roles (factors.FactorRoles),
-    ``merge()`` (the delta into the base weight) and ``reset()`` (zero factor re-zeroed, random one re-drawn).
+    ``merge()`` (the delta into the base weight), ``reset()`` (zero factor re-zeroed, random one re-drawn) and, for
+    PiSSA, ``principal_init_()`` (A, B from the base weight's top singular vectors).
     lora.LoRALinear, engine/stack.py's stacked layer and peft_chain.PeftFactors are such adapters."""
     A: nn.Parameter
     B: nn.Parameter
@@ -52,14 +55,24 @@ class Method:
     merges: bool  # merge + reset every merge_every epochs (or every relora_every steps if step_merges)
     reference: str  # where it comes from
     b_lr_ratio: bool = False  # LoRA+: factor B learns at loraplus_ratio x the learning rate of A
-    adapter: str = "lora"  # the layer it needs: "lora" (A, B) or "randlora" (the lab's randlora.py)
+    # the layer it needs: "lora" (A, B: lora.LoRALinear), "dora" (A, B and the magnitude m: lora.DoRALinear) or
+    # "randlora" (the lab's randlora.py)
+    adapter: str = "lora"
+    # how A and B start: "sketch" (the zero and the random factor, factors.ROLES) or "pissa" (both from the base
+    # weight's top singular vectors, the base replaced by the residual: factors.principal_factors; no sketch)
+    init: str = "sketch"
     step_merges: bool = False  # ReLoRA: merge every relora_every steps, reset AdamW, re-warm the learning rate
     settings: tuple[str, ...] = ()  # the config fields only this method reads: they enter its runs' hashes only
 
     @property
     def uses_sketch(self) -> bool:
         """Whether ``sketch`` (which of A, B is random) means anything for this method."""
-        return self.adapter == "lora"
+        return self.adapter in ("lora", "dora") and self.init == "sketch"
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether the update has the rank the run asks for (RandLoRA's is full rank)."""
+        return self.adapter != "randlora"
 
     def trainable_factors(self, adapter: Adapter) -> list[nn.Parameter]:
         roles = {"zero": lambda: adapter.zero_factor, "random": lambda: adapter.random_factor}
@@ -94,13 +107,32 @@ class Method:
         """Called after epoch ``epoch`` (1-based). Merges and resets when due; returns whether it did."""
         if not self.merges or self.step_merges or epoch % merge_every != 0:
             return False
-        return merge_and_reset(adapters, generator)
+        return self.merge_and_reset(adapters, generator)
 
     def after_step(self, adapters: list[Adapter], step: int, every: int, generator: torch.Generator) -> bool:
         """Called after optimizer step ``step`` (1-based, counted over the whole run); ReLoRA merges here."""
         if not self.step_merges or step % every != 0:
             return False
-        return merge_and_reset(adapters, generator)
+        return self.merge_and_reset(adapters, generator)
+
+    def initialise(self, adapters: list[Adapter]) -> None:
+        """Give the factors this method's start (``init``): PiSSA's re-computes them from each base weight; the
+        sketch's were drawn when the adapters were made."""
+        if self.init == "pissa":
+            for ad in adapters:
+                ad.principal_init_()
+
+    def merge_and_reset(self, adapters: list[Adapter], generator) -> bool:
+        """Every adapter's update into its base weight, then a fresh start (the function is unchanged): the zero
+        factor re-zeroed and the random one re-drawn from ``generator`` (PiSSA: the factors re-computed from the
+        merged weight); returns True."""
+        for ad in adapters:
+            ad.merge()
+            if self.init == "pissa":
+                ad.principal_init_()
+            else:
+                ad.reset(generator, resample_random=True)
+        return True
 
     def training(self, adapters, generator: torch.Generator | None, *, lr: float, total_steps: int,
                  merge_every: int = 1, loraplus_ratio: float = 16.0, relora_every: int = 200,
@@ -112,6 +144,7 @@ class Method:
         def bind(hook):
             return (lambda n: hook(n, generator)) if generator is not None else hook
 
+        self.initialise(adapters)
         hooks = dict(on_epoch_end=bind(lambda e, g: self.end_of_epoch(adapters, e, merge_every, g)),
                      reset_optimizer_on_merge=reset_optimizer_on_merge or self.resets_optimizer,
                      lr_lambda=self.lr_lambda(total_steps, relora_every, relora_warmup))
@@ -131,15 +164,6 @@ class Method:
             cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
             return warm * (0.1 + 0.9 * cosine)
         return factor
-
-
-def merge_and_reset(adapters, generator) -> bool:
-    """Every adapter's delta into its base weight, its zero factor re-zeroed and its random factor re-drawn
-    from ``generator`` (the function is unchanged); returns True."""
-    for ad in adapters:
-        ad.merge()
-        ad.reset(generator, resample_random=True)
-    return True
 
 
 METHODS: dict[str, Method] = {
@@ -162,6 +186,16 @@ METHODS: dict[str, Method] = {
                settings=("relora_every", "relora_warmup"), reference="Lialin et al., ICLR 2024 (ReLoRA)"),
         Method("randlora", "RandLoRA", trains=("lam", "gam"), merges=False, adapter="randlora",
                reference="Albert et al., ICLR 2025 (RandLoRA)"),
+        Method("pissa", "PiSSA", trains=("A", "B"), merges=False, init="pissa",
+               reference="Meng et al., NeurIPS 2024 (PiSSA)"),
+        Method("cola_pissa", "COLA-PiSSA", trains=("A", "B"), merges=True, init="pissa",
+               reference="PiSSA chained COLA-style: merge, then the factors re-computed from the merged weight"),
+        Method("dora", "DoRA", trains=("zero", "random", "m"), merges=False, adapter="dora",
+               reference="Liu et al., ICML 2024 (DoRA)"),
+        Method("cola_dora", "COLA-DoRA", trains=("zero", "random", "m"), merges=True, adapter="dora",
+               reference="DoRA chained COLA-style: merge, the zero factor re-zeroed, m re-started as the row norms"),
+        Method("rac_dora", "RAC-DoRA", trains=("zero", "m"), merges=True, adapter="dora",
+               reference="DoRA chained RAC-style: the random factor frozen and re-drawn at each merge"),
     ]
 }
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from raclora.factors import RANDOM_INITS, ROLES, FactorRoles, init_factor_
 from raclora.files import atomic_write
-from raclora.methods import METHODS, get_method, merge_and_reset
+from raclora.methods import METHODS, get_method
 
 CONFIG_NAME = "chain_config.json"  # ChainConfig, beside PEFT's adapter_config.json
 STATE_NAME = "chain_state.json"  # merges so far, their steps, the generator that draws the next random factors
@@ -52,8 +52,9 @@ class ChainError(ValueError):
 
 
 def lora_methods() -> list[str]:
-    """The registry's methods that act on LoRA's two factors (RandLoRA, with its own layer, does not)."""
-    return [name for name, m in METHODS.items() if m.adapter == "lora"]
+    """The registry's methods that act on LoRA's two factors as a sketch starts them (RandLoRA and DoRA, with layers
+    of their own, and PiSSA, whose factors start from the base weight, do not)."""
+    return [name for name, m in METHODS.items() if m.adapter == "lora" and m.init == "sketch"]
 
 
 @dataclass
@@ -83,8 +84,13 @@ class ChainConfig:
         if self.method not in METHODS:
             raise ChainError(f"unknown method {self.method!r}; allowed: {', '.join(allowed)}")
         if self.method not in allowed:
-            raise ChainError(f"method {self.method!r} does not act on LoRA's two factors (it has its own layer); "
-                             f"allowed: {', '.join(allowed)}")
+            why = {"dora": "DoRA's magnitudes are not driven by this controller yet: use PEFT's LoraConfig(use_dora="
+                           "True) without it",
+                   "randlora": "it has its own layer"}.get(METHODS[self.method].adapter,
+                                                             "its factors start from the base weight: use PEFT's "
+                                                             "LoraConfig(init_lora_weights='pissa') without it")
+            raise ChainError(f"method {self.method!r} does not act on LoRA's two factors as a sketch starts them "
+                             f"({why}); allowed: {', '.join(allowed)}")
         if self.sketch not in ROLES:
             raise ChainError(f"unknown sketch {self.sketch!r}; allowed: {', '.join(ROLES)}")
         if self.random_init not in RANDOM_INITS:
@@ -320,7 +326,7 @@ class ChainController:
             return False
         for f in self.factors:  # a layer PEFT merged meanwhile (merge_adapter) is refused
             _refuse_merged(f.name, f.layer)
-        merge_and_reset(self.factors, self.generator)
+        self.method.merge_and_reset(self.factors, self.generator)
         self.merge_log.append((step, epoch))
         if optimizer is not None and (clear_optimizer or self.resets_optimizer):
             optimizer.state.clear()

@@ -13,13 +13,18 @@ from raclora.factors import lora_scale
 from raclora.methods import METHODS
 from models import count_trainable, set_generator
 
-ALL = [(m, s) for m in METHODS for s in ("left", "right") if METHODS[m].adapter == "lora"]  # LoRALinear methods
+# the methods on LoRALinear and DoRALinear, with each sketch where the method has one
+ALL = [(m, s) for m in METHODS if METHODS[m].adapter in ("lora", "dora")
+       for s in (("left", "right") if METHODS[m].uses_sketch else (None,))]
+SKETCHED = [(m, s) for m, s in ALL if s is not None]
 
 
 def adapt(model, method, sketch, rank=2, scale=1.0, random_init="gaussian", seed=0):
     g = torch.Generator().manual_seed(seed)
-    adapters = wrap_linears(model, rank, scale, sketch, random_init, g)
-    params = METHODS[method].prepare(adapters)
+    m = METHODS[method]
+    adapters = wrap_linears(model, rank, scale, sketch or "left", random_init, g, layer=m.adapter)
+    m.initialise(adapters)
+    params = m.prepare(adapters)
     return adapters, params, g
 
 
@@ -31,7 +36,7 @@ def perturb_trained(params, seed=5):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("method,sketch", ALL)
+@pytest.mark.parametrize("method,sketch", SKETCHED)  # exactly: the zero factor adds 0 (PiSSA: tests/test_pissa_dora.py)
 @pytest.mark.parametrize("random_init", ["gaussian", "kaiming"])
 def test_output_equals_base_at_init(base_model, inputs, method, sketch, random_init):
     expected = base_model(inputs)
@@ -50,12 +55,10 @@ def test_merge_then_reset_keeps_outputs(base_model, inputs, method, sketch, scal
     perturb_trained(params)
     before = model(inputs)
     assert not torch.allclose(before, base_model.double()(inputs), atol=1e-3)  # the adapters do something
-    for ad in adapters:
-        ad.merge()
-        ad.reset(g)
+    METHODS[method].merge_and_reset(adapters, g)
     torch.testing.assert_close(model(inputs), before, rtol=1e-10, atol=1e-10)
     for ad in adapters:
-        assert torch.count_nonzero(ad.zero_factor) == 0
+        assert sketch is None or torch.count_nonzero(ad.zero_factor) == 0
 
 
 @pytest.mark.parametrize("method,sketch", ALL)
@@ -70,14 +73,15 @@ def test_one_step_changes_only_declared_factors(base_model, inputs, method, sket
     opt.step()
     after = model.state_dict()
     # written out independently of the registry: which factor each method/sketch must train
-    both = {"lora", "cola", "lora_plus", "cola_plus", "relora"}
-    factors = "AB" if method in both else {"left": "A", "right": "B"}[sketch]
+    both = {"lora", "cola", "lora_plus", "cola_plus", "relora", "pissa", "cola_pissa", "dora", "cola_dora"}
+    factors = ["A", "B"] if method in both else [{"left": "A", "right": "B"}[sketch]]
+    factors += ["m"] if method in {"dora", "cola_dora", "rac_dora"} else []  # DoRA's magnitudes
     expected = {f"net.{i}.{f}" for i in (0, 3, 6) for f in factors}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == expected
 
 
-@pytest.mark.parametrize("method,sketch", ALL)
+@pytest.mark.parametrize("method,sketch", SKETCHED)  # (a PiSSA merge also re-computes the residual: test_pissa_dora)
 def test_base_weights_change_only_by_merges(base_model, method, sketch):
     model = copy.deepcopy(base_model)
     adapters, params, g = adapt(model, method, sketch)

@@ -46,8 +46,9 @@ def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     runs = read_rows(out / "results" / "runs.csv", RUN_COLUMNS)
     assert set(RUN_COLUMNS) <= set(runs[0])
     methods = sorted((r["method"], r["sketch"]) for r in runs)
-    assert methods == sorted([("base", None), ("fpft", None), ("randlora", None)] +
-                             [(m, s) for m in METHODS if m != "randlora" for s in ("left", "right")])
+    assert methods == sorted([("base", None), ("fpft", None), ("randlora", None), ("pissa", None),
+                              ("cola_pissa", None)] +
+                             [(m, s) for m in METHODS if METHODS[m].uses_sketch for s in ("left", "right")])
     for r in runs:
         assert 0.0 <= r["test_acc_b"] <= 1.0 and 0.0 <= r["test_acc_a"] <= 1.0
         assert r["git_commit"] and r["config_hash"] and r["epochs"] == 1
@@ -99,7 +100,7 @@ def test_runs_alone_or_on_two_workers_give_the_same_rows(tiny_sweep, tmp_path, e
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--method", "dora"], "unknown method 'dora'; allowed:"),
+    (["--method", "vera"], "unknown method 'vera'; allowed:"),
     (["--ranks", "0"], "rank 0 is out of range"),
     (["--ranks", "-1"], "rank -1 is out of range"),
     (["--learning_rate", "0.1"], "unknown option --learning_rate; allowed:"),

@@ -23,12 +23,12 @@ def test_overrides_parse_types_and_lists():
     assert c.method == "all" and c.ranks == [1, 4] and c.seeds == [0, 1, 2] and c.max_epochs == 5
     assert c.lr == 1e-3 and c.reset_optimizer_on_merge is True and c.plots_only is True
     assert c.selected_methods() == ["lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus",
-                                    "relora", "randlora"]
+                                    "relora", "randlora", "pissa", "cola_pissa", "dora", "cola_dora", "rac_dora"]
     assert from_argv(["--sketch", "both"]).selected_sketches() == ["left", "right"]
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--method", "dora"], "unknown method 'dora'; allowed: lora, cola, asymmetric_lora, rac_lora, lora_plus, cola_plus, relora, randlora, all"),
+    (["--method", "vera"], "unknown method 'vera'; allowed: lora, cola, asymmetric_lora, rac_lora, lora_plus, cola_plus, relora, randlora, pissa, cola_pissa, dora, cola_dora, rac_dora, all"),
     (["--ranks", "0"], "rank 0 is out of range"),
     (["--ranks", "-2"], "rank -2 is out of range"),
     (["--ranks", "65"], "from 1 to 64"),
