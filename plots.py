@@ -33,7 +33,9 @@ from engine.results import group, mean_std, safe_name, split_diverged  # noqa: E
 
 SKETCH_LABEL = {"left": "(Zero, Gaussian)", "right": "(Gaussian, Zero)"}  # the paper's (A init, B init)
 SKETCH_STYLE = {"left": "-", "right": "--"}
-COLORS = {name: f"C{i}" for i, name in enumerate(METHODS)}
+# the default cycle's ten colours, then Dark2's for the registry's methods after the tenth (C10 would be C0 again)
+COLORS = {name: f"C{i}" if i < 10 else matplotlib.colors.to_hex(matplotlib.colormaps["Dark2"](i - 10))
+          for i, name in enumerate(METHODS)}
 FPFT_COLOR, BASE_COLOR = "black", "grey"
 
 
@@ -55,7 +57,8 @@ def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike,
     tag, stem = model_tag(runs), prefix + model_stem(runs)
     written = [rank_vs_accuracy(runs, plots_dir / f"{stem}_rank_vs_accuracy.png", tag),
                accuracy_vs_epoch(runs, curves, plots_dir / f"{stem}_accuracy_vs_epoch.png", tag),
-               methods_rank1(runs, plots_dir / f"{stem}_methods_rank1.png", tag)]
+               methods_rank1(runs, plots_dir / f"{stem}_methods_rank1.png", tag),
+               params_vs_accuracy(runs, plots_dir / f"{stem}_params_vs_accuracy.png", tag)]
     return [p for p in written if p is not None]
 
 
@@ -296,6 +299,40 @@ def rank_vs_accuracy(runs: list[dict], path: Path, tag: str = "") -> Path | None
         more = twin.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     # right of the twin axis's label
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.09 if twin else 1.01, 1.0))
+    return _save(fig, path)
+
+
+def params_vs_accuracy(runs: list[dict], path: Path, tag: str = "") -> Path | None:
+    """Task B's score against the trainable parameters (log scale), one line per method and sketch through its
+    ranks: methods compared at an equal trainable count rather than an equal rank. Drawn when some method has
+    two ranks or more (else methods_rank1 shows it)."""
+    rows = [r for r in _adapter_rows(runs) if r.get("trainable_params")]
+    score = score_of(runs)
+    lines = {}
+    for (method, sketch), rs in sorted(group(rows, ("method", "sketch")).items(), key=_method_order):
+        stats = {k[0]: mean_std([r.get(score.b) for r in v]) for k, v in group(rs, ("trainable_params",)).items()}
+        points = sorted((n, m, d) for n, (m, d) in stats.items() if not math.isnan(m))
+        if points:
+            lines[(method, sketch)] = points
+    if not any(len(points) > 1 for points in lines.values()):
+        return _skip(path, "no method has runs of two or more sizes")
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for (method, sketch), points in lines.items():
+        ax.errorbar([n for n, _, _ in points], [score.scale * m for _, m, _ in points],
+                    yerr=[0 if math.isnan(d) else score.scale * d for _, _, d in points], color=COLORS.get(method),
+                    ls=SKETCH_STYLE.get(sketch, "-"), marker="o", capsize=3, label=label(method, sketch))
+    twin = _reference_lines(ax, runs, score)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale; each point one rank)")
+    ax.set_ylabel(score.b_label)
+    ax.set_title(_titled(tag, f"{'Accuracy' if score is ACCURACY else 'Test loss'} on task B by trainable "
+                              f"parameters (mean ± std over seeds)"))
+    ax.grid(alpha=0.3, which="both")
+    handles, labels = ax.get_legend_handles_labels()
+    if twin is not None:
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.09 if twin else 1.01, 1.0))
     return _save(fig, path)
 

@@ -104,7 +104,7 @@ def test_mlp_and_vit_figures_land_side_by_side(tmp_path):
     mlp_paths, mlp = draw(plots.draw_all, runs, curves, tmp_path)
     vit_paths, vit = draw(plots.draw_all, shared + vit_all, vit_curves, tmp_path)
     att_paths, att = draw(plots.draw_all, shared + vit_attention, vit_curves, tmp_path)
-    kinds = ["rank_vs_accuracy.png", "accuracy_vs_epoch.png", "methods_rank1.png"]
+    kinds = ["rank_vs_accuracy.png", "accuracy_vs_epoch.png", "methods_rank1.png", "params_vs_accuracy.png"]
     assert [p.name for p in mlp_paths] == [f"mlp_{k}" for k in kinds]
     assert [p.name for p in vit_paths] == [f"vit_{k}" for k in kinds]
     assert [p.name for p in att_paths] == [f"vit_attention_{k}" for k in kinds]
@@ -188,12 +188,13 @@ def test_every_studys_figures_land_side_by_side_in_one_plots_folder(tmp_path, ca
                {r["settings_hash"] for r in runs}, summary, draw, run_columns, curve_columns, prefix)
 
     mlp = ("rank_vs_accuracy.png", "accuracy_vs_epoch.png", "methods_rank1.png")
-    for folder, name, args in (("results", "default", []),
-                               ("table3", "table3", ["--method", "all", "--sketch", "both", "--ranks", "1"])):
+    for folder, name, args, more in (("results", "default", [], ("params_vs_accuracy.png",)),  # ranks 1 2 4 8
+                                     ("table3", "table3", ["--method", "all", "--sketch", "both", "--ranks", "1"],
+                                      ())):  # rank 1 only: no line of two sizes
         results = results_folder(tmp_path / folder, "", name)
         assert main.main(["--plots_only", *args, "--device", "cpu", "--results_dir", str(results),
                           "--plots_dir", str(plots_dir)]) == 0
-        landed({("" if folder == "results" else f"{folder}_") + f"mlp_{k}" for k in mlp})
+        landed({("" if folder == "results" else f"{folder}_") + f"mlp_{k}" for k in mlp + more})
     shared = tmp_path / "results"  # one results folder for every study, as by default
     plots_only(results_folder(shared, fed_study.PREFIX, "fed_dirichlet"), fed_study.PREFIX, fed_study.RUN_COLUMNS,
                fed_study.CURVE_COLUMNS, plots.draw_federated)
@@ -207,7 +208,7 @@ def test_every_studys_figures_land_side_by_side_in_one_plots_folder(tmp_path, ca
         upsert_runs(tmp_path / folder, rows, curves, glue.PREFIX, glue.RUN_COLUMNS, glue.CURVE_COLUMNS)
         plots_only(tmp_path / folder, glue.PREFIX, glue.RUN_COLUMNS, glue.CURVE_COLUMNS, glue.draw, glue.summary)
         landed({f"glue_{'' if folder == 'results' else folder + '_'}{k}.png" for k in ("dev_metric", "dev_by_epoch")})
-    assert len(written) == 2 * 3 + 3 + 4 + 2 * 2
+    assert len(written) == 4 + 3 + 3 + 4 + 2 * 2
     out = capsys.readouterr().out
     assert out.count("wrote ") == len(written) and "rte (accuracy)" in out
 
@@ -256,8 +257,10 @@ def test_a_curve_of_many_epochs_stays_a_line_with_its_band(tmp_path):
 def test_a_figure_with_nothing_to_draw_is_skipped_with_a_note(tmp_path, capsys):
     runs, _ = mnist("default")
     paths, _ = draw(plots.draw_all, runs, [], tmp_path)  # no curve rows for these runs
-    assert [p.name for p in paths] == ["mlp_rank_vs_accuracy.png", "mlp_methods_rank1.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_methods_rank1.png", "mlp_rank_vs_accuracy.png"]
+    assert [p.name for p in paths] == ["mlp_rank_vs_accuracy.png", "mlp_methods_rank1.png",
+                                       "mlp_params_vs_accuracy.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp_methods_rank1.png", "mlp_params_vs_accuracy.png",
+                                                          "mlp_rank_vs_accuracy.png"]
     assert "no mlp_accuracy_vs_epoch.png: " in capsys.readouterr().out
     fed_runs, _ = fed("fed_iid")
     assert draw(plots.draw_federated, fed_runs, [], tmp_path / "f", fed_study.PREFIX)[0] == []
@@ -438,3 +441,18 @@ def test_error_bars_stay_mean_and_std_over_seeds(tmp_path):
         m, s = mean_std([r["test_acc_b"] for r in runs if r["method"] == "rac_lora" and r["rank"] == rank])
         assert math.isclose(seg[1][1] - seg[0][1], 2 * 100 * s, rel_tol=1e-6)
         assert math.isclose((seg[1][1] + seg[0][1]) / 2, 100 * m, rel_tol=1e-6)
+
+
+def test_params_vs_accuracy_puts_each_method_at_its_trainable_counts(tmp_path):
+    """The equal-trainable-count view: one line per method and sketch, a point per trainable count (its rank) at
+    the mean over seeds, on a log x axis with labelled axes; FPFT's reference line beside them."""
+    runs, curves = mnist("default")
+    _, figures = draw(plots.draw_all, runs, curves, tmp_path)
+    ax = panels(by_name(figures, "mlp_params_vs_accuracy.png"))[0]
+    assert ax.get_xscale() == "log" and "trainable parameters" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    adapters = [r for r in runs if r["method"] not in ("base", "fpft")]
+    line = next(c.lines[0] for c in ax.containers if c.get_label() == plots.label("rac_lora", "left"))
+    counts = sorted({r["trainable_params"] for r in adapters})
+    assert list(line.get_xdata()) == counts == [912 * r for r in (1, 2, 4, 8)]
+    want = [100 * mean_std([r["test_acc_b"] for r in adapters if r["trainable_params"] == n])[0] for n in counts]
+    assert list(line.get_ydata()) == pytest.approx(want)

@@ -109,7 +109,7 @@ def test_fpft_stacked_equals_alone(base, task):
     assert_same_runs(base, task, "fpft", None, lr=3e-3)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].adapter == "lora"])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].adapter in ("lora", "dora")])
 def test_rank_padding_stays_zero(base, task, method):
     model, _ = stacked(base, task, method, "left", [1, 3], [0, 1], lr=3e-2)
     for lin in model.linears:

@@ -194,7 +194,7 @@ def test_main_runs_the_vit_end_to_end(tmp_path):
     assert all('"model": "vit"' in r["config"] for r in rows)
     assert int(rows[2]["trainable_params"]) == 49 + 4 * 8 + 8 + 16 + 8  # rank 1, left sketch: r * in per layer
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [  # r_: the results folder's name (figure_prefix)
-        "r_vit_accuracy_vs_epoch.png", "r_vit_methods_rank1.png", "r_vit_rank_vs_accuracy.png"]
+        "r_vit_accuracy_vs_epoch.png", "r_vit_methods_rank1.png", "r_vit_rank_vs_accuracy.png"]  # (one rank: no params_vs_accuracy)
 
 
 @pytest.mark.parametrize("argv,needle", [
