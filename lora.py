@@ -19,7 +19,7 @@ from torch import nn
 from models import target_linears
 import torch.nn.functional as F
 
-from raclora.factors import ROLES, FactorRoles, init_factor_, principal_factors, row_norms
+from raclora.factors import ROLES, FactorRoles, init_factor_, magnitude_scaled, principal_factors, row_norms
 
 
 class LoRALinear(FactorRoles, nn.Module):
@@ -101,8 +101,7 @@ class DoRALinear(LoRALinear):
         return self.A, self.B, self.m
 
     def weight_now(self) -> torch.Tensor:  # (out, in): the weight the layer applies
-        w = self.base.weight + super().delta_weight()
-        return (self.m / row_norms(w).detach()).unsqueeze(1) * w
+        return magnitude_scaled(self.base.weight + super().delta_weight(), self.m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
         return F.linear(x, self.weight_now(), self.base.bias)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Objective, Split, Task
-from raclora.factors import ROLES, FactorRoles, init_factor_, principal_factors, row_norms
+from raclora.factors import ROLES, FactorRoles, init_factor_, magnitude_scaled, principal_factors, row_norms
 from lora import _set_submodule
 from models import Positions, SeededDropout, Tokens, targeted
 from randlora import draw_bases, num_bases, shared_dims, small_update
@@ -295,8 +295,7 @@ class StackedDoRALinear(StackedLoRALinear):
         return self.A, self.B, self.m
 
     def weight_now(self) -> torch.Tensor:  # (R, out, in)
-        w = self.weight + super().delta_weight()
-        return (self.m / row_norms(w).detach()).unsqueeze(2) * w
+        return magnitude_scaled(self.weight + super().delta_weight(), self.m)
 
     def _forward3(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, in) -> (R, N, out)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight_now().transpose(1, 2))

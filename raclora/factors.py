@@ -84,3 +84,9 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
     """DoRA's norm (Liu et al., 2024) of a (..., out, in) weight: the L2 norm of each output's row, (..., out), as
     PEFT's ``DoraLinearLayer.get_weight_norm`` takes it (``torch.linalg.norm(W, dim=1)`` of a Linear's weight)."""
     return torch.linalg.norm(weight, dim=-1)
+
+
+def magnitude_scaled(weight: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """DoRA's applied weight: each output row of ``weight`` (..., out, in) re-scaled to the magnitude ``m`` (...,
+    out), the norm treated as a constant (detached, as the paper's section 4.3 and PEFT do)."""
+    return (m / row_norms(weight).detach()).unsqueeze(-1) * weight
