@@ -1,6 +1,7 @@
 """The Ray executor (engine/cluster.py): main.py's sweep as Ray tasks on a cluster the test starts on this machine
-(a head node and one worker node, each `ray start --block` in a process group of its own, in a private Ray temp
-folder, stopped by the test), against the local executor's rows; a worker node killed while it trains a stack;
+(a head node without CPUs and two worker nodes, each `ray start --block` in a process group of its own, in a
+private Ray temp folder, stopped by the test), against the local executor's rows; a worker node killed while it
+trains a stack;
 and the settings' one-line refusals.
 
 Ray advertises a node by the machine's own address even when told 127.0.0.1 (ray._private.services.
@@ -31,7 +32,7 @@ from tests.ray_toy import Failing
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
 
-# 6 runs of 4 epochs, one a stack, on 2 slots: each node trains about 3 stacks of a few seconds each
+# 6 runs of 4 epochs, one a stack of a few seconds, 2 at a time (as the local executor's 2 workers)
 SWEEP = ["--method", "lora", "--ranks", "1", "--seeds", *map(str, range(6)), "--stack_size", "1", "--workers", "2",
          "--run_fpft", "false", "--max_epochs", "4", "--progress", "false"]
 # what a run's result is, as the runs and curves files record it (when, where and how long are left out)
@@ -77,24 +78,35 @@ def title(pid: int) -> str:
 
 
 class RayCluster:
-    """A head node and one worker node on this machine, one CPU each; stop() ends both process groups."""
+    """A head node without CPUs (it schedules, it trains nothing) and worker nodes of one CPU each, added by
+    add_worker(), on this machine; stop() ends every node's process group."""
 
     def __init__(self, temp: Path, logs: Path):
         self.port, self.temp, self.logs = free_port(), temp, logs
-        env = {**os.environ, **RAY_ENV}
-        common = ["--block", "--num-cpus", "1", "--object-store-memory", str(100 * 2 ** 20), "--disable-usage-stats"]
+        self.env = {**os.environ, **RAY_ENV}
+        self.common = ["--block", "--object-store-memory", str(100 * 2 ** 20), "--disable-usage-stats"]
         self.head = subprocess.Popen(ray_cli("start", "--head", "--port", str(self.port), "--include-dashboard",
-                                             "false", "--temp-dir", str(temp), *common), start_new_session=True,
-                                     stdout=open(self.logs / "head.log", "w"), stderr=subprocess.STDOUT, env=env)
-        self.worker = None
+                                             "false", "--temp-dir", str(temp), "--num-cpus", "0", *self.common),
+                                     start_new_session=True, stdout=open(self.logs / "head.log", "w"),
+                                     stderr=subprocess.STDOUT, env=self.env)
+        self.workers: list[subprocess.Popen] = []
         self._wait(lambda: self._accepts(), "the head node")
-        self.worker = subprocess.Popen(ray_cli("start", "--address", self.address, *common), start_new_session=True,
-                                       stdout=open(self.logs / "worker.log", "w"), stderr=subprocess.STDOUT, env=env)
-        self._wait(lambda: self.alive_nodes() == 2, "the worker node")
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def add_worker(self) -> subprocess.Popen:
+        """Start a worker node of one CPU (without waiting for it: wait_nodes does)."""
+        n = len(self.workers)
+        self.workers.append(subprocess.Popen(ray_cli("start", "--address", self.address, "--num-cpus", "1",
+                                                     *self.common), start_new_session=True,
+                                             stdout=open(self.logs / f"worker{n}.log", "w"),
+                                             stderr=subprocess.STDOUT, env=self.env))
+        return self.workers[-1]
+
+    def wait_nodes(self, n: int) -> None:
+        self._wait(lambda: self.alive_nodes() == n, f"{n} nodes")
 
     def _accepts(self) -> bool:
         try:
@@ -106,37 +118,41 @@ class RayCluster:
     def _wait(self, ready, what: str) -> None:
         t0 = time.monotonic()
         while not ready():
-            if time.monotonic() - t0 > START_S or any(p is not None and p.poll() is not None
-                                                       for p in (self.head, self.worker)):
+            if time.monotonic() - t0 > START_S or any(p.poll() is not None for p in self.nodes):
                 self.stop()
                 pytest.fail(f"{what} did not start: {(self.logs / 'head.log').read_text()[-2000:]}")
             time.sleep(0.5)
 
+    @property
+    def nodes(self) -> list[subprocess.Popen]:
+        return [self.head, *self.workers]
+
     def alive_nodes(self) -> int:
         proc = subprocess.run(ray_cli("status", "--address", self.address), capture_output=True, text=True,
-                              timeout=60, env={**os.environ, **RAY_ENV})
+                              timeout=60, env=self.env)
         return proc.stdout.count("node_") if proc.returncode == 0 else 0
 
-    def worker_tasks(self) -> list[int]:
-        """The worker node's processes that are training a stack now (Ray titles them after the task)."""
-        return [pid for pid in live_in_groups([self.worker.pid]) if title(pid).startswith("ray::_train_stack")]
+    @staticmethod
+    def training(node: subprocess.Popen) -> list[int]:
+        """The node's processes that are training a stack now (Ray titles them after the task)."""
+        return [pid for pid in live_in_groups([node.pid]) if title(pid).startswith("ray::_train_stack")]
 
-    def kill_worker(self) -> None:
-        os.killpg(self.worker.pid, signal.SIGKILL)
-        self.worker.wait(30)
+    @staticmethod
+    def kill(node: subprocess.Popen) -> None:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(30)
 
     def stop(self) -> None:
-        for p in (self.worker, self.head):
-            if p is not None and p.poll() is None:
+        for p in reversed(self.nodes):
+            if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in (self.worker, self.head):
-            if p is not None:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(30)
-        groups = [p.pid for p in (self.head, self.worker) if p is not None]
+        for p in reversed(self.nodes):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(30)
+        groups = [p.pid for p in self.nodes]
         deadline = time.monotonic() + 30
         while live_in_groups(groups) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -147,7 +163,8 @@ class RayCluster:
 @pytest.mark.slow
 def test_sweep_on_two_ray_nodes_equals_the_local_executor_and_survives_a_worker_node_killed(tmp_path):
     """The same sweep three ways would cost a minute more: the Ray sweep that loses a worker node mid-stack must give
-    the local executor's rows (same stacks, one thread per stack in both), each run once, trained on both nodes."""
+    the local executor's rows (same stacks, one thread per stack in both), each run once, trained on both worker
+    nodes."""
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     proc = main_py(local)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,6 +173,8 @@ def test_sweep_on_two_ray_nodes_equals_the_local_executor_and_survives_a_worker_
     t0 = time.monotonic()
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
     cluster = RayCluster(temp, tmp_path)
+    first = cluster.add_worker()
+    cluster.wait_nodes(2)
     started_s = time.monotonic() - t0
     try:
         log = open(tmp_path / "driver.log", "w")
@@ -163,16 +182,21 @@ def test_sweep_on_two_ray_nodes_equals_the_local_executor_and_survives_a_worker_
                                    "--plots_dir", str(on_ray / "plots"), "--executor", "ray", "--ray_address",
                                    cluster.address], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, **RAY_ENV})
-        # kill the worker node while it trains a stack, once half the stacks are recorded: the stacks cost the same,
-        # so by then each node has returned one at least (checked below: trained on 2 nodes)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            if recorded(on_ray) >= 3 and cluster.worker_tasks():
-                break
-            time.sleep(0.1)
-        assert driver.poll() is None and cluster.worker_tasks(), "the sweep ended before the worker node was killed"
+
+        def wait_for(ready, what: str) -> None:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and driver.poll() is None and not ready():
+                time.sleep(0.1)
+            assert driver.poll() is None and ready(), f"the sweep ended (or stalled) before {what}"
+
+        # the first worker node is the only one with a CPU: the first stack recorded is its own. It is killed while it
+        # trains the next; then a second worker node joins, and the killed stack is retried there with the rest (so
+        # "trained on 2 nodes" does not hang on which node is quicker)
+        wait_for(lambda: recorded(on_ray) >= 1, "the first worker node returned a stack")
+        wait_for(lambda: recorded(on_ray) < 6 and cluster.training(first), "the first worker node trained again")
         killed_at = time.monotonic() - t0
-        cluster.kill_worker()
+        cluster.kill(first)
+        cluster.add_worker()  # the driver waits for it: Ray keeps the retried task until a node has a CPU
         code = driver.wait(300)
         log.close()
         out = (tmp_path / "driver.log").read_text()
@@ -182,7 +206,7 @@ def test_sweep_on_two_ray_nodes_equals_the_local_executor_and_survives_a_worker_
     finally:
         cluster.stop()
         shutil.rmtree(temp, ignore_errors=True)
-    assert not live_in_groups([cluster.head.pid, cluster.worker.pid]), "a Ray process outlived the test"
+    assert not live_in_groups([p.pid for p in cluster.nodes]), "a Ray process outlived the test"
     with open(on_ray / "results" / "runs.csv", newline="") as f:
         hashes = [r["config_hash"] for r in csv.DictReader(f) if r["method"] == "lora"]
     assert len(hashes) == len(set(hashes)) == 6  # every run once: none lost, none written twice
