@@ -430,7 +430,7 @@ def methods_rank1(runs: list[dict], path: Path, tag: str = "") -> Path | None:
 
 # --- the from-scratch study (scratch.py): drawn from results/scratch_runs.csv and scratch_curves.csv ---
 FORM_LABEL = {"full": "full rank", "lowrank": "low-rank, U(±1/√r) init", "lowrank_ae": "low-rank, two default Linears",
-              "lte": "LTE, {h} heads of rank r", "lora": "one LoRA head of rank {h}·r", "galore": "GaLore (rank-r Adam)"}
+              "lte": "LTE, {h} of rank r", "lora": "one LoRA head of rank {n}·r", "galore": "GaLore (rank-r Adam)"}
 FORM_STYLE = {"lowrank": "-", "lowrank_ae": ":", "lte": "-", "lora": "--", "galore": "-."}
 
 
@@ -465,7 +465,12 @@ def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathL
 
 
 def _form_label(form: str, heads) -> str:
-    return FORM_LABEL.get(form, form).format(h=heads)
+    return FORM_LABEL.get(form, form).format(h=_heads(heads), n=heads)
+
+
+def _heads(n) -> str:
+    """"1 head", "4 heads", "N heads": a head count as the legends say it."""
+    return f"{n} head" if str(n) == "1" else f"{n} heads"
 
 
 def _run_heads(row: dict):
@@ -484,7 +489,7 @@ def _gpt_config_label(form: str, rank, heads) -> str:
     if form == "full":
         return "full rank"
     if form == "lte":
-        return f"LTE, {heads} heads of rank {rank}"
+        return f"LTE, {_heads(heads)} of rank {rank}"
     if form == "lora":
         return f"one LoRA head of rank {heads}·{rank}"
     return f"{FORM_LABEL.get(form, form)}, r={rank}"
@@ -536,7 +541,7 @@ def _scratch_gpt(rows, by_run, text: str, stem: Path) -> list[Path]:
             by_rank = group(rs, ("rank",))
             ranks = sorted(k[0] for k in by_rank)
             stats = [mean_std([r["final_test_loss"] for r in by_rank[(k,)]]) for k in ranks]
-            what = {"lte": f"LTE, {heads} heads", "lora": f"one LoRA head of rank {heads}·r"}.get(
+            what = {"lte": f"LTE, {_heads(heads)}", "lora": f"one LoRA head of rank {heads}·r"}.get(
                 form, FORM_LABEL.get(form, form))
             ax.errorbar(ranks, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
                         color=f"C{i % 10}", ls=FORM_STYLE.get(form, "-"), marker="o", capsize=3, label=what)

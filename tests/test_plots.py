@@ -456,3 +456,13 @@ def test_params_vs_accuracy_puts_each_method_at_its_trainable_counts(tmp_path):
     assert list(line.get_xdata()) == counts == [912 * r for r in (1, 2, 4, 8)]
     want = [100 * mean_std([r["test_acc_b"] for r in adapters if r["trainable_params"] == n])[0] for n in counts]
     assert list(line.get_ydata()) == pytest.approx(want)
+
+
+def test_scratch_legends_count_heads_in_the_singular_for_one():
+    from plots import _form_label, _gpt_config_label
+
+    assert _form_label("lte", 1) == "LTE, 1 head of rank r"
+    assert _form_label("lte", 4) == "LTE, 4 heads of rank r"
+    assert _form_label("lte", "N") == "LTE, N heads of rank r"
+    assert _form_label("lora", 4) == "one LoRA head of rank 4·r"
+    assert _gpt_config_label("lte", 8, 1) == "LTE, 1 head of rank 8"
