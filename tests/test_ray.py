@@ -82,7 +82,7 @@ class RayCluster:
     add_worker(), on this machine; stop() ends every node's process group."""
 
     def __init__(self, temp: Path, logs: Path):
-        self.port, self.temp, self.logs = free_port(), temp, logs
+        self.port, self.logs = free_port(), logs
         self.env = {**os.environ, **RAY_ENV}
         self.common = ["--block", "--object-store-memory", str(100 * 2 ** 20), "--disable-usage-stats"]
         self.head = subprocess.Popen(ray_cli("start", "--head", "--port", str(self.port), "--include-dashboard",
