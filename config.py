@@ -17,7 +17,7 @@ from data import (DIGITS, NEXT_TOKEN, TEXTS, Task, TaskSpec, check_val_size, loa
 from engine.settings import EXECUTORS, StudyConfig, arg, check_ranks, check_workers, from_argv as parse
 from raclora.errors import ConfigError
 from raclora.factors import RANDOM_INITS, ROLES, SCALINGS
-from raclora.methods import METHODS, methods_reading
+from raclora.methods import ADALORA_INIT_RATIO, METHODS, methods_reading
 
 SKETCHES = tuple(ROLES)  # left: B random, A zero and trained; right: A random, B trained
 SKETCH_CHOICES = SKETCHES + ("both",)
@@ -221,6 +221,22 @@ class Config(AdaptedModelConfig):
                             range=(1, 10 ** 9), only={**ADAPTER, "method": methods_reading("relora_every")})
     relora_warmup: int = arg(20, "relora: steps of linear learning-rate warm-up at the start and after each merge",
                              range=(1, 10 ** 9), only={**ADAPTER, "method": methods_reading("relora_warmup")})
+    adalora_init_ratio: float = arg(ADALORA_INIT_RATIO, "adalora: each layer starts at rank ceil(ratio x rank), the "
+                                    "budget then falling to rank per layer on average (PEFT's init_r / target_r)",
+                                    positive=True, only={**ADAPTER, "method": methods_reading("adalora_init_ratio")})
+    adalora_warmup: float = arg(0.1, "adalora: fraction of the run's optimizer steps before the first pruning "
+                                "(PEFT's tinit / total_step)", only={**ADAPTER, "method": methods_reading("adalora_warmup")})
+    adalora_final: float = arg(0.3, "adalora: fraction of the run's optimizer steps at the final budget, its rank "
+                               "pattern fixed (tfinal / total_step)",
+                               only={**ADAPTER, "method": methods_reading("adalora_final")})
+    adalora_interval: int = arg(10, "adalora: optimizer steps between two prunings while the budget falls (deltaT)",
+                                range=(1, 10 ** 9), only={**ADAPTER, "method": methods_reading("adalora_interval")})
+    adalora_beta1: float = arg(0.85, "adalora: smoothing of the importance scores' sensitivity, in (0, 1)",
+                               only={**ADAPTER, "method": methods_reading("adalora_beta1")})
+    adalora_beta2: float = arg(0.85, "adalora: smoothing of the importance scores' uncertainty, in (0, 1)",
+                               only={**ADAPTER, "method": methods_reading("adalora_beta2")})
+    adalora_orth_weight: float = arg(0.5, "adalora: weight of the orthogonality penalty on P and Q in the loss (0 = "
+                                     "none)", only={**ADAPTER, "method": methods_reading("adalora_orth_weight")})
     # --- optimisation (base model, FPFT and adapters alike) ---
     max_epochs: int = arg(50, "upper limit on epochs per run", range=(1, 100_000))
     patience: int = arg(10, "early stopping: epochs without a lower validation loss before stopping",
@@ -239,6 +255,10 @@ class Config(AdaptedModelConfig):
     # fields added after results were committed (see StudyConfig.ADDED_LATER)
     ADDED_LATER = {"model": "mlp", "target_modules": ["all"]}
 
+    def check(self) -> None:
+        super().check()
+        check_adalora(self)
+
     def check_setup(self) -> None:
         super().check_setup()
         if self.takes_tokens() and self.sample_chars:
@@ -254,6 +274,26 @@ class Config(AdaptedModelConfig):
 
     def selected_methods(self) -> list[str]:
         return list(METHODS) if self.method == "all" else [self.method]
+
+
+def check_adalora(cfg) -> None:
+    """ConfigError unless the adalora_ settings of ``cfg`` make a schedule (checked whatever the method: a bad value is
+    refused before it is used; arg's own checks have refused non-finite numbers)."""
+    for name in ("adalora_warmup", "adalora_final"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be a fraction in [0, 1), got {getattr(cfg, name)}")
+    if cfg.adalora_warmup + cfg.adalora_final >= 1.0:
+        raise ConfigError(f"adalora_warmup + adalora_final must be below 1 (steps left to prune in), got "
+                          f"{cfg.adalora_warmup} + {cfg.adalora_final}")
+    for name in ("adalora_beta1", "adalora_beta2"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in (0, 1), got {getattr(cfg, name)}")
+    if cfg.adalora_orth_weight < 0.0:
+        raise ConfigError(f"adalora_orth_weight must be a number >= 0, got {cfg.adalora_orth_weight}")
+    ratio = cfg.adalora_init_ratio
+    if not all(METHODS["adalora"].layer_rank(r, ratio) > r for r in cfg.ranks):
+        raise ConfigError(f"adalora_init_ratio must make each initial rank ceil(ratio x rank) exceed its rank (a "
+                          f"finite ratio above 1), got {cfg.adalora_init_ratio}")
 
 
 def from_argv(argv: list[str] | None = None) -> Config:

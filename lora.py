@@ -19,6 +19,7 @@ from torch import nn
 from models import target_linears
 import torch.nn.functional as F
 
+from raclora import adalora
 from raclora.factors import ROLES, FactorRoles, init_factor_, magnitude_scaled, principal_factors, row_norms
 
 
@@ -120,7 +121,43 @@ class DoRALinear(LoRALinear):
         self.m.copy_(row_norms(self.base.weight))
 
 
-LAYERS = {"lora": LoRALinear, "dora": DoRALinear}  # a method's ``adapter`` -> its layer (RandLoRA's: randlora.py)
+class AdaLoRALinear(LoRALinear):
+    """AdaLoRA (Zhang et al., 2023; raclora.adalora): ``base(x) + scale * x @ (A * E).T @ B.T`` with Q = A (r, in),
+    the singular values E (r,) and P = B (out, r), as PEFT's SVDLinear (its ``scaling / (ranknum + 1e-5)`` is
+    ``scale``). ``reset`` draws A and B from N(0, 0.02^2) (A first, then B) and zeroes E, so the layer starts as the
+    base. The buffers ``avg_*``, ``unc_*`` and ``kept`` are the rank allocator's (adalora.score_buffers); the
+    allocator (``rank_allocator``) masks E's entries to the budget during training."""
+
+    rank_allocator = adalora.RankAllocator  # what Method.training builds over these layers
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, sketch: str = "left",
+                 random_init: str = "gaussian"):
+        super().__init__(base, rank, scale, sketch, random_init)
+        self.E = nn.Parameter(self.A.new_zeros(rank))  # (r,)
+        adalora.score_buffers(self)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.A, self.E, self.B
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
+        return self.base(x) + self.scale * ((x @ (self.A * self.E.unsqueeze(-1)).T) @ self.B.T)
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        return adalora.delta(self.A, self.E, self.B, self.scale)
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None:
+        """E zeroed (the function becomes the base's); A and B re-drawn from ``generator`` if asked."""
+        self.E.zero_()
+        if resample_random:
+            self.A.normal_(0.0, adalora.INIT_STD, generator=generator)
+            self.B.normal_(0.0, adalora.INIT_STD, generator=generator)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}, kept={int(self.kept.sum())}"
+
+
+LAYERS = {"lora": LoRALinear, "dora": DoRALinear, "adalora": AdaLoRALinear}  # a method's ``adapter`` -> its layer (RandLoRA's: randlora.py)
 
 
 def wrap_linears(model: nn.Module, rank: int, scale: float, sketch: str, random_init: str,

@@ -58,7 +58,8 @@ def draw_all(runs: list[dict], curves: list[dict], plots_dir: str | os.PathLike,
     written = [rank_vs_accuracy(runs, plots_dir / f"{stem}_rank_vs_accuracy.png", tag),
                accuracy_vs_epoch(runs, curves, plots_dir / f"{stem}_accuracy_vs_epoch.png", tag),
                methods_rank1(runs, plots_dir / f"{stem}_methods_rank1.png", tag),
-               params_vs_accuracy(runs, plots_dir / f"{stem}_params_vs_accuracy.png", tag)]
+               params_vs_accuracy(runs, plots_dir / f"{stem}_params_vs_accuracy.png", tag),
+               adalora_ranks(runs, curves, plots_dir / f"{stem}_adalora_ranks.png", tag)]
     return [p for p in written if p is not None]
 
 
@@ -425,6 +426,63 @@ def methods_rank1(runs: list[dict], path: Path, tag: str = "") -> Path | None:
     n_seeds = [len([v for v in vals if v is not None and not math.isnan(v)]) for _, vals, _ in bars]
     ax.set_title(_titled(tag, f"Rank 1, every method and sketch (mean ± std over {_counted(n_seeds, 'seed')})"))
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _layer_ranks(curve: dict) -> list[int] | None:
+    """An epoch's ranks kept per adapted layer (the curves' ``ranks``: a count per layer, in module order)."""
+    text = curve.get("ranks")
+    try:
+        return [int(v) for v in text.split()] if text else None
+    except ValueError:  # (the store never gives such a cell: its row would fail its check)
+        return None
+
+
+def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "") -> Path | None:
+    """Where AdaLoRA's rank went: per target rank a panel, per adapted layer a line of the rank it keeps after each
+    epoch (mean ± std over the seeds still training), beside the initial rank and the target (the budget's mean)."""
+    rows = [r for r in _adapter_rows(runs) if r["method"] == "adalora"]
+    if not rows:
+        return None
+    by_run = group([c for c in curves if c["config_hash"] in {r["config_hash"] for r in rows}], ("config_hash",))
+    ranks = sorted({r["rank"] for r in rows})
+    ncols = min(len(ranks), 2)
+    nrows = math.ceil(len(ranks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False)
+    drawn, initial = False, {}
+    for ax, rank in zip(axes.flat, ranks):
+        per_run = [[(c["epoch"], _layer_ranks(c)) for c in sorted(by_run.get((r["config_hash"],), []),
+                                                                   key=lambda c: c["epoch"])]
+                   for r in rows if r["rank"] == rank]
+        per_run = [[(e, k) for e, k in run if k is not None] for run in per_run]
+        layers = max((len(k) for run in per_run for _, k in run), default=0)
+        ratio = _config(next(r for r in rows if r["rank"] == rank)).get("adalora_init_ratio")
+        if ratio is not None:
+            initial[rank] = METHODS["adalora"].layer_rank(rank, ratio)
+            ax.axhline(initial[rank], color="grey", ls=":", lw=1, label="initial rank")
+        for layer in range(layers):
+            runs_layer = [[{"epoch": e, "kept": k[layer]} for e, k in run if len(k) > layer] for run in per_run]
+            epochs, m, s = _mean_curve(runs_layer, "kept")
+            if rank in initial:  # every layer starts at the initial rank (epoch 0)
+                epochs, m, s = np.r_[0, epochs], np.r_[initial[rank], m], np.r_[0, s]
+            drawn |= _curve(ax, epochs, m, s, color=f"C{layer}", label=f"layer {layer + 1}", marker=".")
+        ax.axhline(rank, color="black", ls="--", lw=1, label="target (mean over layers)")
+        ax.set_title(f"target rank {rank}" + (f", initial {initial[rank]}" if rank in initial else ""))
+        _integer_ticks(ax.xaxis)
+        _integer_ticks(ax.yaxis)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("rank kept (triplets unmasked)")
+        ax.set_ylim(bottom=-0.2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return _skip(path, "the curves file has no AdaLoRA ranks per epoch for these runs")
+    for ax in list(axes.flat)[len(ranks):]:
+        ax.set_visible(False)
+    fig.suptitle(_titled(tag, "Where AdaLoRA's rank went: rank kept per adapted layer (module order), mean ± std "
+                              "over the seeds"))
+    fig.tight_layout()
     return _save(fig, path)
 
 

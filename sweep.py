@@ -46,7 +46,7 @@ RUN_COLUMNS = {"method": str, "sketch": str, "rank": int, "seed": int, "status":
                **RECORD_COLUMNS}
 CURVE_COLUMNS = {"config_hash": str, "method": str, "sketch": str, "rank": int, "seed": int,
                  "epoch": Index("epochs"), "train_loss": float, "val_loss": float, "val_acc": float, "test_acc_b": float,
-                 "merged": bool}
+                 "merged": bool, "ranks": str}  # ranks: AdaLoRA's kept per adapted layer (module order), else empty
 
 LAYER_DIMS_NOTE = "note: rank {r} exceeds min(in, out) = {m} of the {i}->{o} layer; its update there has rank at most {m}"
 
@@ -203,7 +203,10 @@ class Trainer:
         cfg = self.cfg
         gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
         ranks = [s["rank"] for s in specs]
-        scales = [None if r is None else lora_scale(cfg.scaling, cfg.lora_alpha, r) for r in ranks]
+        method = None if specs[0]["method"] == "fpft" else get_method(specs[0]["method"])
+        # the scale of the layer's rank (AdaLoRA's initial rank, as PEFT's scaling / ranknum)
+        scales = [None if r is None else lora_scale(cfg.scaling, cfg.lora_alpha,
+                                                    method.layer_rank(r, **method_settings(cfg))) for r in ranks]
         steps = cfg.max_epochs * math.ceil(len(self.tasks["B"].train) / cfg.batch_size)
         run = build_run(self.base, specs[0]["method"], specs[0]["sketch"], ranks, gens, scales,
                         random_init=cfg.random_init, stacked=stacked, targets=cfg.targets(), lr=cfg.lr,
@@ -262,7 +265,7 @@ def result_rows(cfg: Config, device: str, commit: str, spec: dict, record: Recor
                                                "batch_size", "max_epochs", "patience")})
     curve = [dict(config_hash=key, method=method, sketch=sketch, rank=rank, seed=seed, epoch=c["epoch"],
                   train_loss=c["train_loss"], val_loss=c["val_loss"], val_acc=c["val_acc"],
-                  test_acc_b=c["test_acc"] if method != "base" else None, merged=c["merged"])
+                  test_acc_b=c["test_acc"] if method != "base" else None, merged=c["merged"], ranks=c.get("ranks"))
              for c in record.curve]
     return row, curve
 
@@ -334,9 +337,9 @@ def _span(values: list[int]) -> str:
 
 
 def stack_key(spec: dict) -> tuple:
-    """Runs of one method and sketch share a stack (ranks and seeds mixed); RandLoRA's layers differ in
-    shape by rank, so its stacks hold one rank."""
-    one_rank = spec["method"] != "fpft" and get_method(spec["method"]).adapter == "randlora"
+    """Runs of one method and sketch share a stack (ranks and seeds mixed), but a method whose stacks hold one rank
+    (Method.one_rank_stacks: RandLoRA, AdaLoRA) gets a stack per rank."""
+    one_rank = spec["method"] != "fpft" and get_method(spec["method"]).one_rank_stacks
     return (spec["method"], spec["sketch"]) + ((spec["rank"],) if one_rank else ())
 
 

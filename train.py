@@ -108,12 +108,17 @@ class MethodHooks:
     (``lr_lambda`` of the steps taken, torch's LambdaLR); after every epoch, ``on_epoch_end(epoch, *args)`` (the
     chains' merges). A hook returns True when it merged, and then AdamW's moments are cleared if
     ``reset_optimizer_on_merge``. ``args``: what the loop passes on (the stack: its live runs' generators).
+    ``penalty()`` is added to the loss before each backward (AdaLoRA's orthogonality: a scalar, or one per run of a
+    stack); the recorded training loss stays the task's. ``report()`` gives each epoch's curve entry more columns:
+    one dict per run (one for a plain model, one per live run of a stack).
     Both loops call it at the same points, so that the arithmetic of a merge is written once."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, on_epoch_end: Callable[..., bool] | None = None,
                  on_step_end: Callable[..., bool] | None = None, reset_optimizer_on_merge: bool = False,
-                 lr_lambda: Callable[[int], float] | None = None):
+                 lr_lambda: Callable[[int], float] | None = None,
+                 penalty: Callable[[], torch.Tensor] | None = None, report: Callable[[], list[dict]] | None = None):
         self.optimizer, self.on_epoch_end, self.on_step_end = optimizer, on_epoch_end, on_step_end
+        self.penalty, self.report = penalty, report
         self.reset_optimizer_on_merge = reset_optimizer_on_merge
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
         self.step = 0  # optimizer steps taken, over the whole run
@@ -129,6 +134,15 @@ class MethodHooks:
     def after_epoch(self, epoch: int, *args) -> None:
         if self.on_epoch_end is not None and self.on_epoch_end(epoch, *args):
             self._merged()
+
+    def objective(self, loss: torch.Tensor) -> torch.Tensor:
+        """What the backward differentiates: ``loss`` plus the method's penalty, if it has one."""
+        return loss if self.penalty is None else loss + self.penalty()
+
+    def columns(self, runs: int = 1) -> list[dict]:
+        """The method's extra curve columns of the epoch, one dict for each of the ``runs`` runs (empty ones when it
+        reports none)."""
+        return [{} for _ in range(runs)] if self.report is None else self.report()
 
     def _merged(self) -> None:
         self.merges += 1
@@ -163,6 +177,7 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
           batch_size: int, max_epochs: int, patience: int, generator: torch.Generator,
           on_epoch_end: Callable[[int], bool] | None = None, reset_optimizer_on_merge: bool = False,
           on_step_end: Callable[[int], bool] | None = None, lr_lambda: Callable[[int], float] | None = None,
+          penalty: Callable[[], torch.Tensor] | None = None, report: Callable[[], list[dict]] | None = None,
           progress: Callable[[dict], None] | None = None) -> Record:
     """Train ``params`` of ``model`` on ``task.train`` under the task's objective (``task.spec.objective``); keep
     the weights of the lowest validation loss.
@@ -175,11 +190,12 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
     returns True when it merged, and then the optimizer state is cleared if
     ``reset_optimizer_on_merge``; ``on_step_end(step)`` is the same after every optimizer step
     (steps counted from 1 over the whole run). ``lr_lambda(steps_taken)`` multiplies every
-    group's learning rate (torch's LambdaLR). On return the model holds its best weights.
+    group's learning rate (torch's LambdaLR); ``penalty`` and ``report``: MethodHooks'. On return the model holds
+    its best weights.
     """
     device = task.train.x.device
     optimizer = adamw(params, lr, weight_decay)
-    hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda)
+    hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda, penalty, report)
     record = Record()
     best_state = _snapshot(model)
     stale = 0  # epochs since the validation loss last improved
@@ -204,7 +220,7 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
             else:
                 losses.append(loss.detach())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            hooks.objective(loss).backward()
             optimizer.step()
             loss_sum += loss.detach() * idx.numel()
             hooks.after_step()
@@ -220,7 +236,7 @@ def train(model: nn.Module, params: list[nn.Parameter], task: Task, *, lr: float
         val_loss, val_acc = evaluate(model, task.val, objective)
         _, test_acc = evaluate(model, task.test, objective)
         row = {"epoch": epoch, "train_loss": loss_sum.item() / len(task.train), "val_loss": val_loss,
-               "val_acc": val_acc, "test_acc": test_acc, "merged": merged}
+               "val_acc": val_acc, "test_acc": test_acc, "merged": merged, **hooks.columns()[0]}
         record.curve.append(row)
         record.epochs = epoch
         if val_loss < record.best_val_loss:

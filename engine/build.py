@@ -57,14 +57,18 @@ def build_run(base: nn.Module, method: str, sketch: str | None, ranks: list[int 
     if method == "fpft":
         return Run(model, list(model.parameters()), {})
     m = get_method(method)
-    if m.init != "sketch":  # PiSSA's factors come from the base weight (Method.initialise), whatever the sketch drew
+    if not m.uses_sketch:  # PiSSA's factors come from the base weight (Method.initialise), AdaLoRA's are its own
         sketch = "left"
+    if m.one_rank_stacks and len(set(ranks)) != 1:
+        raise ValueError(f"a stack of {method} holds one rank, got {sorted(set(ranks))}")
+    layer_ranks = [m.layer_rank(r, **method_kw) for r in ranks]  # AdaLoRA's layers start above the run's rank
     if stacked:
         adapters = (model.wrap_randlora(ranks[0], scales, generators, targets) if m.adapter == "randlora"
-                    else model.wrap(ranks, scales, sketch, random_init, generators, targets, layer=m.adapter))
+                    else model.wrap(layer_ranks, scales, sketch, random_init, generators, targets, layer=m.adapter))
     else:
         g = generators[0]
         adapters = (wrap_randlora(model, ranks[0], scales[0], g, targets) if m.adapter == "randlora"
-                    else wrap_linears(model, ranks[0], scales[0], sketch, random_init, g, targets, layer=m.adapter))
-    params, hooks = m.training(adapters, None if stacked else generators[0], **method_kw)
+                    else wrap_linears(model, layer_ranks[0], scales[0], sketch, random_init, g, targets,
+                                      layer=m.adapter))
+    params, hooks = m.training(adapters, None if stacked else generators[0], target_rank=ranks[0], **method_kw)
     return Run(model, params, hooks)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import Objective, Split, Task
+from raclora import adalora
 from raclora.factors import ROLES, FactorRoles, init_factor_, magnitude_scaled, principal_factors, row_norms
 from lora import _set_submodule
 from models import Positions, SeededDropout, Tokens, targeted
@@ -316,6 +317,49 @@ class StackedDoRALinear(StackedLoRALinear):
         return super().trainable_count(i) + (self.m.shape[1] if self.m.requires_grad else 0)
 
 
+class StackedAdaLoRALinear(StackedLoRALinear):
+    """lora.AdaLoRALinear for R runs of one rank (an AdaLoRA stack holds one rank: the budget is per run, across
+    layers): E (R, r) beside A (R, r, in) and B (R, out, r), the allocator's buffers with the run dimension first
+    (keep_runs slices them with the rest); each run's A and B drawn from its generator as the plain layer draws them."""
+
+    rank_allocator = adalora.RankAllocator
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, ranks: list[int], scales: list[float], sketch: str,
+                 random_init: str, generators: list[torch.Generator]):
+        if len(set(ranks)) != 1:
+            raise ValueError(f"an AdaLoRA stack holds one rank, got {sorted(set(ranks))}")
+        super().__init__(weight, bias, ranks, scales, sketch, random_init, generators)  # draws A and B (reset)
+        self.E = nn.Parameter(self.A.new_zeros(self.runs, ranks[0]))
+        adalora.score_buffers(self)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        return self.A, self.E, self.B
+
+    def _forward3(self, x: torch.Tensor) -> torch.Tensor:  # (R, N, in) -> (R, N, out)
+        h = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return h + self.scale * ((x @ (self.A * self.E.unsqueeze(-1)).transpose(1, 2)) @ self.B.transpose(1, 2))
+
+    def delta_weight(self) -> torch.Tensor:  # (R, out, in)
+        return adalora.delta(self.A, self.E, self.B, self.scale)
+
+    @torch.no_grad()
+    def reset(self, generators: list[torch.Generator], resample_random: bool = True) -> None:
+        if hasattr(self, "E"):  # (StackedLoRALinear.__init__ draws A and B before E exists)
+            self.E.zero_()
+        if resample_random:
+            for i, g in enumerate(generators):  # run i draws A then B from its generator, as it would alone
+                self.A[i] = torch.empty_like(self.A[i]).normal_(0.0, adalora.INIT_STD, generator=g)
+                self.B[i] = torch.empty_like(self.B[i]).normal_(0.0, adalora.INIT_STD, generator=g)
+
+    def run_state(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Run i's tensors under the names lora.AdaLoRALinear gives them, its allocator's buffers included."""
+        return {**super().run_state(i, prefix), prefix + "E": self.E[i],
+                **{prefix + name: b[i] for name, b in self.named_buffers(recurse=False) if name != "scale"}}
+
+    def trainable_count(self, i: int) -> int:
+        return sum(p[i].numel() for p in self.adapter_parameters() if p.requires_grad)
+
+
 class StackedRandLoRALinear(_StackedAdapter):
     """R frozen Linear layers with RandLoRA (one rank for the stack): slices of each run's shared bases,
     a_shared (R, r, D_min) and b_shared (R, D_max, N_max, r), as randlora.RandLoRALinear takes them, and
@@ -369,7 +413,7 @@ def _expand(p: torch.Tensor, runs: int) -> nn.Parameter:
     return nn.Parameter(_copies(p, runs), requires_grad=p.requires_grad)
 
 
-STACKED_LAYERS = {"lora": StackedLoRALinear, "dora": StackedDoRALinear}  # lora.LAYERS' stacked forms
+STACKED_LAYERS = {"lora": StackedLoRALinear, "dora": StackedDoRALinear, "adalora": StackedAdaLoRALinear}  # lora.LAYERS' stacked forms
 
 # plain layer type -> its stacked form (a layer with parameters that is not here cannot be stacked)
 STACKED = {
@@ -502,6 +546,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
                 reset_optimizer_on_merge: bool = False,
                 on_step_end: Callable[[int, list[torch.Generator]], bool] | None = None,
                 lr_lambda: Callable[[int], float] | None = None,
+                penalty: Callable[[], torch.Tensor] | None = None, report: Callable[[], list[dict]] | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
                 epoch_steps: int = 0) -> list[Record]:
@@ -524,7 +569,7 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
     optimizer = (make_optimizer(params) if make_optimizer is not None
                  else adamw(params, lr, weight_decay))
     # every run of the stack steps and merges at the same times: one set of hooks (train.MethodHooks) for all
-    hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda)
+    hooks = MethodHooks(optimizer, on_epoch_end, on_step_end, reset_optimizer_on_merge, lr_lambda, penalty, report)
     merges_at_epoch_start = 0
     records = [Record() for _ in range(runs)]
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}  # every run, at its best so far
@@ -582,7 +627,8 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
             else:
                 losses_seen.append(per_run.detach())
             optimizer.zero_grad(set_to_none=True)
-            (per_run if bad is None else per_run.where(~bad, 0.0)).sum().backward()
+            total = hooks.objective(per_run)  # (live,): each run's loss and its method's penalty
+            (total if bad is None else total.where(~bad, 0.0)).sum().backward()
             if bad is not None:  # a non-finite row steps on a zero gradient; rows never mix,
                 _zero_rows(optimizer, bad)  # so the other runs take exactly the step they take alone
             optimizer.step()
@@ -605,11 +651,12 @@ def train_stack(model: StackedModel, params: list[nn.Parameter], task: Task, *, 
         improved, stopped = [], []
         merged = hooks.merges > merges_at_epoch_start
         merges_at_epoch_start = hooks.merges
+        extra = hooks.columns(live)
         for row, (run, tl, vl, va, ta, tel) in enumerate(zip(active, *columns)):
             rec = records[run]
             rec.curve.append({"epoch": epoch, "train_loss": tl, "val_loss": vl, "val_acc": va,
                               "test_acc": ta, "merged": merged, "step": hooks.step, "wall_s": train_s / runs,
-                              "test_loss": tel})
+                              "test_loss": tel, **extra[row]})
             rec.epochs, rec.merges = epoch, hooks.merges
             if vl < rec.best_val_loss:
                 rec.best_val_loss, rec.best_epoch, stale[run] = vl, epoch, 0

@@ -12,6 +12,10 @@ A strategy says three things, and the adapter layer never asks which method it i
 - and, for the optimizer: per-factor learning rates (``b_lr_ratio``, LoRA+), merges every so many
   optimizer steps instead of epochs with the optimizer state reset and a re-warming learning-rate
   schedule (``step_merges``, ReLoRA).
+- AdaLoRA's (``adapter`` "adalora"): its layer starts each run at ``layer_rank`` (above the run's rank), a penalty
+  joins the loss (``penalty``: the orthogonality of P and Q), and a rank allocator (raclora/adalora.py, which the
+  layer names: ``rank_allocator``) masks triplets after every step down to the run's rank per layer on average;
+  each epoch's curve entry gets the ranks kept per layer (``report``).
 
 Every engine (the lab's train.py one run at a time and engine/stack.py many at once, and peft_chain.py on
 PEFT's layers) drives the same strategy, through ``optimizer_groups``, ``end_of_epoch``, ``after_step`` and
@@ -47,6 +51,9 @@ class Adapter(Protocol):
     def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None: ...
 
 
+ADALORA_INIT_RATIO = 1.5  # AdaLoRA's initial rank / its target rank (PEFT's defaults init_r 12, target_r 8)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -55,8 +62,8 @@ class Method:
     merges: bool  # merge + reset every merge_every epochs (or every relora_every steps if step_merges)
     reference: str  # where it comes from
     b_lr_ratio: bool = False  # LoRA+: factor B learns at loraplus_ratio x the learning rate of A
-    # the layer it needs: "lora" (A, B: lora.LoRALinear), "dora" (A, B and the magnitude m: lora.DoRALinear) or
-    # "randlora" (the lab's randlora.py)
+    # the layer it needs: "lora" (A, B: lora.LoRALinear), "dora" (A, B and the magnitude m: lora.DoRALinear),
+    # "adalora" (P = B, Lambda = E, Q = A: lora.AdaLoRALinear) or "randlora" (the lab's randlora.py)
     adapter: str = "lora"
     # how A and B start: "sketch" (the zero and the random factor, factors.ROLES) or "pissa" (both from the base
     # weight's top singular vectors, the base replaced by the residual: factors.principal_factors; no sketch)
@@ -68,6 +75,20 @@ class Method:
     def uses_sketch(self) -> bool:
         """Whether ``sketch`` (which of A, B is random) means anything for this method."""
         return self.adapter in ("lora", "dora") and self.init == "sketch"
+
+    @property
+    def one_rank_stacks(self) -> bool:
+        """Whether a stack of this method holds runs of one rank only (RandLoRA's layers differ in shape by rank;
+        AdaLoRA's budget is a run's rank across all layers), where other stacks mix ranks by zero-padding."""
+        return self.adapter in ("randlora", "adalora")
+
+    def layer_rank(self, rank: int, adalora_init_ratio: float = ADALORA_INIT_RATIO, **_) -> int:
+        """The rank a run of rank ``rank`` gives its layers: AdaLoRA's initial rank ceil(ratio x rank), the
+        budget then falling to ``rank`` per layer on average (PEFT's init_r beside target_r: its defaults 12 and 8
+        are the ratio 1.5); ``rank`` for the rest. Other keywords (a method's settings) are ignored."""
+        if self.adapter != "adalora":
+            return rank
+        return math.ceil(round(adalora_init_ratio * rank, 9))  # (1.1 x 10 is 11.000000000000002 in floats)
 
     @property
     def low_rank(self) -> bool:
@@ -136,11 +157,15 @@ class Method:
 
     def training(self, adapters, generator: torch.Generator | None, *, lr: float, total_steps: int,
                  merge_every: int = 1, loraplus_ratio: float = 16.0, relora_every: int = 200,
-                 relora_warmup: int = 20, reset_optimizer_on_merge: bool = False) -> tuple[list[dict], dict]:
+                 relora_warmup: int = 20, reset_optimizer_on_merge: bool = False, target_rank: int | None = None,
+                 adalora_init_ratio: float = ADALORA_INIT_RATIO, adalora_warmup: float = 0.1, adalora_final: float = 0.3,
+                 adalora_interval: int = 10, adalora_beta1: float = 0.85, adalora_beta2: float = 0.85,
+                 adalora_orth_weight: float = 0.5) -> tuple[list[dict], dict]:
         """Everything a training loop needs to apply this method: (AdamW parameter groups, keyword
         arguments of train.train / stack.train_stack). ``generator``: the run's generator for the
         plain engine; None for the stacked engine, whose loop passes each call the generators of the
-        runs still training."""
+        runs still training. ``target_rank``: the run's rank (AdaLoRA's budget per layer; its layers hold
+        ``layer_rank`` of it); the ``adalora_`` settings are AdaLoraConfig's (config.py says what each is)."""
         def bind(hook):
             return (lambda n: hook(n, generator)) if generator is not None else hook
 
@@ -150,7 +175,24 @@ class Method:
                      lr_lambda=self.lr_lambda(total_steps, relora_every, relora_warmup))
         if self.step_merges:
             hooks["on_step_end"] = bind(lambda s, g: self.after_step(adapters, s, relora_every, g))
+        if self.adapter == "adalora":
+            hooks.update(self._allocation(adapters, target_rank, total_steps, adalora_warmup, adalora_final,
+                                          adalora_interval, adalora_beta1, adalora_beta2, adalora_orth_weight))
         return self.optimizer_groups(adapters, lr, loraplus_ratio), hooks
+
+    @staticmethod
+    def _allocation(adapters, target_rank, total_steps, warmup, final, interval, beta1, beta2, orth_weight) -> dict:
+        """AdaLoRA's hooks: the rank allocator after every step, the orthogonality penalty in the loss, the ranks
+        kept per layer in every curve entry (a text of one count per adapted layer, in module order)."""
+        if target_rank is None:
+            raise ValueError("AdaLoRA needs the run's target rank")
+        allocator = type(adapters[0]).rank_allocator.of_settings(adapters, target_rank, total_steps, warmup, final,
+                                                                  interval, beta1, beta2)
+        hooks = dict(on_step_end=allocator.after_step,
+                     report=lambda: [{"ranks": " ".join(map(str, r))} for r in allocator.ranks()])
+        if orth_weight > 0:
+            hooks["penalty"] = lambda: orth_weight * allocator.orthogonality()
+        return hooks
 
     def lr_lambda(self, total_steps: int, every: int, warmup: int) -> Callable[[int], float] | None:
         """ReLoRA's jagged schedule, as a LambdaLR multiplier of the step count: a cosine decay to 10 %
@@ -196,6 +238,10 @@ METHODS: dict[str, Method] = {
                reference="DoRA chained COLA-style: merge, the zero factor re-zeroed, m re-started as the row norms"),
         Method("rac_dora", "RAC-DoRA", trains=("zero", "m"), merges=True, adapter="dora",
                reference="DoRA chained RAC-style: the random factor frozen and re-drawn at each merge"),
+        Method("adalora", "AdaLoRA", trains=("A", "E", "B"), merges=False, adapter="adalora",
+               settings=("adalora_init_ratio", "adalora_warmup", "adalora_final", "adalora_interval", "adalora_beta1",
+                         "adalora_beta2", "adalora_orth_weight"),
+               reference="Zhang et al., ICLR 2023 (AdaLoRA)"),
     ]
 }
 

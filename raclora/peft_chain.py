@@ -86,7 +86,9 @@ class ChainConfig:
         if self.method not in allowed:
             why = {"dora": "DoRA's magnitudes are not driven by this controller yet: use PEFT's LoraConfig(use_dora="
                            "True) without it",
-                   "randlora": "it has its own layer"}.get(METHODS[self.method].adapter,
+                   "randlora": "it has its own layer",
+                   "adalora": "it has its own layers and rank allocator: use PEFT's AdaLoraConfig and "
+                              "AdaLoraModel.update_and_allocate without it"}.get(METHODS[self.method].adapter,
                                                              "its factors start from the base weight: use PEFT's "
                                                              "LoraConfig(init_lora_weights='pissa') without it")
             raise ChainError(f"method {self.method!r} does not act on LoRA's two factors as a sketch starts them "

@@ -13,8 +13,8 @@ from raclora.factors import lora_scale
 from raclora.methods import METHODS
 from models import count_trainable, set_generator
 
-# the methods on LoRALinear and DoRALinear, with each sketch where the method has one
-ALL = [(m, s) for m in METHODS if METHODS[m].adapter in ("lora", "dora")
+# the methods on LoRALinear, DoRALinear and AdaLoRALinear, with each sketch where the method has one
+ALL = [(m, s) for m in METHODS if METHODS[m].adapter in ("lora", "dora", "adalora")
        for s in (("left", "right") if METHODS[m].uses_sketch else (None,))]
 SKETCHED = [(m, s) for m, s in ALL if s is not None]
 
@@ -74,7 +74,8 @@ def test_one_step_changes_only_declared_factors(base_model, inputs, method, sket
     after = model.state_dict()
     # written out independently of the registry: which factor each method/sketch must train
     both = {"lora", "cola", "lora_plus", "cola_plus", "relora", "pissa", "cola_pissa", "dora", "cola_dora"}
-    factors = ["A", "B"] if method in both else [{"left": "A", "right": "B"}[sketch]]
+    factors = (["A", "E", "B"] if method == "adalora"  # Q, Lambda and P
+               else ["A", "B"] if method in both else [{"left": "A", "right": "B"}[sketch]])
     factors += ["m"] if method in {"dora", "cola_dora", "rac_dora"} else []  # DoRA's magnitudes
     expected = {f"net.{i}.{f}" for i in (0, 3, 6) for f in factors}
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -14,7 +14,8 @@ from sweep import CURVE_COLUMNS, RUN_COLUMNS
 from tests.conftest import ROOT
 from tests.test_data import NO_NETWORK, _copy_raw
 
-PLOTS = {"mlp_rank_vs_accuracy.png", "mlp_accuracy_vs_epoch.png", "mlp_methods_rank1.png"}
+# the tiny sweep's figures: one rank (no params_vs_accuracy), AdaLoRA among the methods (where its rank went)
+PLOTS = {"mlp_rank_vs_accuracy.png", "mlp_accuracy_vs_epoch.png", "mlp_methods_rank1.png", "mlp_adalora_ranks.png"}
 
 
 def run_main(*args, env=None, cwd=ROOT):
@@ -46,9 +47,9 @@ def test_end_to_end_writes_csvs_plots_and_table(tiny_sweep):
     runs = read_rows(out / "results" / "runs.csv", RUN_COLUMNS)
     assert set(RUN_COLUMNS) <= set(runs[0])
     methods = sorted((r["method"], r["sketch"]) for r in runs)
-    assert methods == sorted([("base", None), ("fpft", None), ("randlora", None), ("pissa", None),
-                              ("cola_pissa", None)] +
-                             [(m, s) for m in METHODS if METHODS[m].uses_sketch for s in ("left", "right")])
+    assert methods == sorted([("base", None), ("fpft", None)] + [(m, None) for m in METHODS if not METHODS[m].uses_sketch]
+                             + [(m, s) for m in METHODS if METHODS[m].uses_sketch for s in ("left", "right")])
+    assert {m for m, _ in methods} == {"base", "fpft", "randlora", "pissa", "cola_pissa", "adalora", *METHODS}
     for r in runs:
         assert 0.0 <= r["test_acc_b"] <= 1.0 and 0.0 <= r["test_acc_a"] <= 1.0
         assert r["git_commit"] and r["config_hash"] and r["epochs"] == 1

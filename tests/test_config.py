@@ -23,12 +23,13 @@ def test_overrides_parse_types_and_lists():
     assert c.method == "all" and c.ranks == [1, 4] and c.seeds == [0, 1, 2] and c.max_epochs == 5
     assert c.lr == 1e-3 and c.reset_optimizer_on_merge is True and c.plots_only is True
     assert c.selected_methods() == ["lora", "cola", "asymmetric_lora", "rac_lora", "lora_plus", "cola_plus",
-                                    "relora", "randlora", "pissa", "cola_pissa", "dora", "cola_dora", "rac_dora"]
+                                    "relora", "randlora", "pissa", "cola_pissa", "dora", "cola_dora", "rac_dora",
+                                    "adalora"]
     assert from_argv(["--sketch", "both"]).selected_sketches() == ["left", "right"]
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--method", "vera"], "unknown method 'vera'; allowed: lora, cola, asymmetric_lora, rac_lora, lora_plus, cola_plus, relora, randlora, pissa, cola_pissa, dora, cola_dora, rac_dora, all"),
+    (["--method", "vera"], "unknown method 'vera'; allowed: lora, cola, asymmetric_lora, rac_lora, lora_plus, cola_plus, relora, randlora, pissa, cola_pissa, dora, cola_dora, rac_dora, adalora, all"),
     (["--ranks", "0"], "rank 0 is out of range"),
     (["--ranks", "-2"], "rank -2 is out of range"),
     (["--ranks", "65"], "from 1 to 64"),
@@ -64,6 +65,17 @@ def test_overrides_parse_types_and_lists():
     (["--lr", "1e-3", "--lr=2e-3"], "--lr is given more than once"),
     (["--plots-only", "--plots_only", "false"], "--plots_only is given more than once"),
     (["--no_such_key", "1"], "unknown option --no_such_key"),
+    # AdaLoRA's schedule (AdaLoraConfig's checks, and the lab's fractions)
+    (["--adalora_warmup", "1.5"], "adalora_warmup must be a fraction in [0, 1), got 1.5"),
+    (["--adalora_final", "nan"], "adalora_final must be a finite number, got nan"),
+    (["--adalora_warmup", "0.6", "--adalora_final", "0.4"], "adalora_warmup + adalora_final must be below 1"),
+    (["--adalora_beta1", "1"], "adalora_beta1 must be in (0, 1), got 1.0"),
+    (["--adalora_beta2", "0"], "adalora_beta2 must be in (0, 1), got 0.0"),
+    (["--adalora_orth_weight", "-0.1"], "adalora_orth_weight must be a number >= 0, got -0.1"),
+    (["--adalora_orth_weight", "inf"], "adalora_orth_weight must be a finite number, got inf"),
+    (["--adalora_init_ratio", "1"], "adalora_init_ratio must make each initial rank ceil(ratio x rank) exceed"),
+    (["--adalora_init_ratio", "inf"], "adalora_init_ratio must be a finite number, got inf"),
+    (["--adalora_interval", "0"], "adalora_interval must be an integer from 1 to"),
 ])
 def test_bad_values_are_rejected_with_what_is_allowed(argv, needle):
     with pytest.raises(ConfigError) as e:
@@ -122,7 +134,8 @@ def test_method_settings_are_config_fields_and_enter_only_their_methods_hashes()
     for m in REGISTRY.values():
         assert set(m.settings) <= fields, m.name
         for name in m.settings:
-            changed = Config(**{name: getattr(Config(), name) * 2})
+            value = getattr(Config(), name)  # another valid value: a fraction halved, the rest doubled
+            changed = Config(**{name: value / 2 if isinstance(value, float) and value < 1 else value * 2})
             assert settings_hash(changed, "cpu", kind="adapter", method=m.name) != settings_hash(Config(), "cpu", kind="adapter", method=m.name)
             others = [o for o in REGISTRY if name not in REGISTRY[o].settings]
             assert all(settings_hash(changed, "cpu", kind="adapter", method=o) == settings_hash(Config(), "cpu", kind="adapter", method=o)

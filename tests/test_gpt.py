@@ -30,7 +30,8 @@ TINY = dict(dim=16, depth=2, heads=2, context=T, dropout=0.1)  # fc1: 16 -> 64
 # 96 training sequences, batch 32: 3 steps an epoch; ReLoRA merges every 2 steps, so mid-epoch and at epoch ends.
 # Noisy sequences and a large step: most methods' runs stop early at different epochs and leave the stack
 KW = dict(weight_decay=0.01, batch_size=32, max_epochs=6, patience=1)
-METHOD_KW = dict(total_steps=18, merge_every=1, loraplus_ratio=4.0, relora_every=2, relora_warmup=1)
+METHOD_KW = dict(total_steps=18, merge_every=1, loraplus_ratio=4.0, relora_every=2, relora_warmup=1,
+                 adalora_interval=2)
 SEEDS, RANKS, SCALE = [3, 4, 5], [1, 2, 4], 0.5
 
 
@@ -207,13 +208,15 @@ def rate(method: str, sketch: str | None) -> float:
     past the tolerance."""
     m = METHODS.get(method)
     slow = m is not None and bool(m.step_merges or m.b_lr_ratio)
+    if method == "adalora":  # its factors start at N(0, 0.02^2) and E at 0: a larger step, or no run stops early
+        return 3e-1
     return 3e-2 / 3 ** (slow + (sketch == "right"))
 
 
 @pytest.mark.parametrize("method,sketch", [("fpft", None)] + [
     (m, s) for m in METHODS for s in (["left", "right"] if METHODS[m].uses_sketch else [None])])
 def test_every_method_stacked_equals_alone(base, task, method, sketch):
-    ranks = [None] * 3 if method == "fpft" else [2] * 3 if method == "randlora" else RANKS
+    ranks = [None] * 3 if method == "fpft" else [2] * 3 if METHODS[method].one_rank_stacks else RANKS
     lr = rate(method, sketch)
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     run = build_run(base, method, sketch, ranks, gens, [None if r is None else SCALE * r for r in ranks],

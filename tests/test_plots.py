@@ -466,3 +466,25 @@ def test_scratch_legends_count_heads_in_the_singular_for_one():
     assert _form_label("lte", "N") == "LTE, N heads of rank r"
     assert _form_label("lora", 4) == "one LoRA head of rank 4·r"
     assert _gpt_config_label("lte", 8, 1) == "LTE, 1 head of rank 8"
+
+
+def test_where_adalora_s_rank_went_is_a_line_per_layer_from_the_initial_rank(tmp_path, capsys):
+    """One panel per target rank; per adapted layer a line from the initial rank (epoch 0) through the mean over
+    seeds of the rank it kept after each epoch (the curves' ranks); none without AdaLoRA curves."""
+    config = json.dumps({"adalora_init_ratio": 1.5})
+    kept = {0: ["2 3 3", "1 3 2", "1 3 2"], 1: ["3 2 3", "3 1 2", "2 1 3"]}  # seed -> per epoch, layers 1-3
+    runs = [dict(method="adalora", sketch=None, rank=2, seed=s, config_hash=f"h{s}", config=config) for s in kept]
+    curves = [dict(config_hash=f"h{s}", epoch=e + 1, ranks=text) for s, texts in kept.items()
+              for e, text in enumerate(texts)]
+    (path,), figures = draw(lambda *a: [plots.adalora_ranks(*a)], runs, curves, tmp_path / "ranks.png")
+    (ax,) = panels(figures[path])
+    assert ax.get_title() == "target rank 2, initial 3" and "rank kept" in ax.get_ylabel()
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["layer 1"].get_xdata()) == [0, 1, 2, 3]
+    assert list(lines["layer 1"].get_ydata()) == [3, 2.5, 2, 1.5]
+    assert list(lines["layer 2"].get_ydata()) == [3, 2.5, 2, 2]
+    assert {"initial rank", "target (mean over layers)"} <= set(lines)
+    no_ranks = [dict(c, ranks=None) for c in curves]
+    assert plots.adalora_ranks(runs, no_ranks, tmp_path / "none.png") is None
+    assert "no none.png" in capsys.readouterr().out
+    assert plots.adalora_ranks([dict(r, method="lora") for r in runs], curves, tmp_path / "lora.png") is None

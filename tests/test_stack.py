@@ -16,7 +16,9 @@ DT = torch.float64  # float64, so that agreement can be asked to 1e-10 after sev
 KW = dict(weight_decay=0.01, batch_size=64, max_epochs=6, patience=2)
 SEEDS, RANKS, SCALE = [3, 4, 5, 6], [1, 2, 4, 2], 0.5
 # 5 steps an epoch (300 examples, batch 64): ReLoRA merges every 3 steps, so mid-epoch and at epoch ends
-METHOD_KW = dict(total_steps=30, merge_every=1, loraplus_ratio=4.0, relora_every=3, relora_warmup=2)
+# AdaLoRA prunes every 2 steps from step 4 to 21 (warm-up 3 steps, the final 9)
+METHOD_KW = dict(total_steps=30, merge_every=1, loraplus_ratio=4.0, relora_every=3, relora_warmup=2,
+                 adalora_interval=2)
 
 
 def noisy_task(seed=0, n=300):
@@ -65,7 +67,7 @@ def stacked(base, task, method, sketch, ranks, seeds, lr):
 
 
 def assert_same_runs(base, task, method, sketch, lr):
-    ranks = [2] * len(SEEDS) if method == "randlora" else RANKS  # a RandLoRA stack holds one rank
+    ranks = [2] * len(SEEDS) if method != "fpft" and METHODS[method].one_rank_stacks else RANKS  # RandLoRA, AdaLoRA
     model, records = stacked(base, task, method, sketch, ranks, SEEDS, lr)
     assert len({r.epochs for r in records}) > 1, "the runs should stop at different epochs"
     assert min(r.epochs for r in records) < KW["max_epochs"]

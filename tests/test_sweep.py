@@ -18,8 +18,9 @@ def test_stacks_keep_one_method_and_sketch_and_respect_the_size():
         assert len({(s["method"], s["sketch"]) for s in g}) == 1
         assert 1 <= len(g) <= 4
     # 6 runs per adapter (method, sketch) at most 4 a stack: two stacks of 3 (7 methods with both sketches, DoRA's
-    # three too; PiSSA's two have none); fpft's 3 seeds: one stack; randlora: no sketch, one rank per stack: two of 3
-    assert sorted(map(len, groups)) == [3] * (2 * 2 * (7 + 3) + 2 * 2 + 1 + 2)
+    # three too; PiSSA's two have none); fpft's 3 seeds: one stack; randlora and adalora: no sketch, one rank per
+    # stack: two of 3 each
+    assert sorted(map(len, groups)) == [3] * (2 * 2 * (7 + 3) + 2 * 2 + 1 + 2 + 2)
 
 
 def test_stack_size_one_is_one_run_at_a_time_and_workers_split_stacks():

@@ -23,7 +23,8 @@ from tests.conftest import assert_stack_forward_equals_each_copy
 
 TINY = dict(patch=7, dim=8, depth=1, heads=2, mlp_dim=16, dropout=0.1)  # 16 patches of 7x7, 17 tokens
 KW = dict(weight_decay=0.01, batch_size=64, max_epochs=4, patience=2)
-METHOD_KW = dict(total_steps=20, merge_every=1, loraplus_ratio=4.0, relora_every=3, relora_warmup=2)
+METHOD_KW = dict(total_steps=20, merge_every=1, loraplus_ratio=4.0, relora_every=3, relora_warmup=2,
+                 adalora_interval=2)
 SEEDS, RANKS, SCALE = [3, 4, 5], [1, 2, 4], 0.5
 
 
@@ -75,7 +76,7 @@ def alone(base, task, method, sketch, rank, seed, lr, targets):
 
 
 def assert_same_runs(base, task, method, sketch, lr, targets=None):
-    ranks = [None] * 3 if method == "fpft" else [2] * 3 if method == "randlora" else RANKS
+    ranks = [None] * 3 if method == "fpft" else [2] * 3 if METHODS[method].one_rank_stacks else RANKS
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     run = build_run(base, method, sketch, ranks, gens, [None if r is None else SCALE * r for r in ranks],
                     stacked=True, targets=targets, lr=lr, **METHOD_KW)
