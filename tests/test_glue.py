@@ -95,7 +95,8 @@ def _glue(args, cwd=ROOT):
 
 @pytest.mark.slow
 def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
-    """Table 2's five methods on three tasks (2 chains x 2 epochs, seed 0): every run lands with its dev
+    """Table 2's five methods on two tasks (2 chains x 2 epochs, seed 0; a classification and the regression: SST-2's
+    accuracy alone adds nothing MRPC's does not check): every run lands with its dev
     metric per epoch, and MRPC's runs with F1 beside accuracy, STS-B's with Spearman beside Pearson (issue 21),
     the merging methods merged after each chain, the trainable counts follow the formula, the figures are drawn,
     and a second invocation trains nothing."""
@@ -103,7 +104,7 @@ def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
     from engine.results import read_results
 
     model, data = sources
-    args = ["--model", str(model), "--data_dir", str(data), "--tasks", "sst2", "mrpc", "stsb", "--seeds", "0",
+    args = ["--model", str(model), "--data_dir", str(data), "--tasks", "mrpc", "stsb", "--seeds", "0",
             "--chains", "2", "--epochs_per_chain", "2", "--rank", "2", "--lr", "3e-3", "--fpft_lr", "1e-3",
             "--max_length", str(MAX_LENGTH), "--batch_size", "8", "--warmup_ratio", "0",
             "--results_dir", str(tmp_path / "results"), "--plots_dir", str(tmp_path / "plots"), "--progress", "false"]
@@ -111,7 +112,7 @@ def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     runs, curves = read_results(tmp_path / "results", "glue_", glue.RUN_COLUMNS, glue.CURVE_COLUMNS)
     assert sorted((r["task"], r["method"]) for r in runs) == sorted(
-        (t, m) for t in ("sst2", "mrpc", "stsb") for m in ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora"))
+        (t, m) for t in ("mrpc", "stsb") for m in ("fpft", "lora", "cola", "asymmetric_lora", "rac_lora"))
     hidden, layers, r = 32, 2, 2
     for row in runs:
         assert row["epochs"] == 4 and row["train_examples"] == 64 and row["dev_examples"] == 32
@@ -134,15 +135,15 @@ def test_glue_py_end_to_end_on_a_tiny_roberta(sources, tmp_path):
             else:
                 assert row[f"final_{m}"] is None and all(c[f"dev_{m}"] is None for c in mine)
     fpft = {r["task"]: r for r in runs if r["method"] == "fpft"}
-    assert fpft["sst2"]["trainable_params"] > 10 * max(r["trainable_params"] for r in runs if r["method"] != "fpft")
+    assert fpft["mrpc"]["trainable_params"] > 10 * max(r["trainable_params"] for r in runs if r["method"] != "fpft")
     assert "RAC-LoRA" not in done.stdout or "rac_lora" in done.stdout
-    assert all(f"{t} ({m})" in done.stdout for t, m in (("sst2", "accuracy"), ("mrpc", "accuracy"), ("mrpc", "f1"),
+    assert all(f"{t} ({m})" in done.stdout for t, m in (("mrpc", "accuracy"), ("mrpc", "f1"),
                                                          ("stsb", "pearson"), ("stsb", "spearman")))
     assert "rac_lora" in done.stdout
     for name in ("glue_dev_metric.png", "glue_dev_by_epoch.png"):
         assert (tmp_path / "plots" / name).stat().st_size > 10_000
     again = _glue(args)
-    assert again.returncode == 0 and "0 runs to train, 15 already recorded" in again.stderr + again.stdout
+    assert again.returncode == 0 and "0 runs to train, 10 already recorded" in again.stderr + again.stdout
 
 
 def test_glue_files_are_read_as_glue_writes_them(tmp_path):
