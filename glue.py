@@ -44,7 +44,7 @@ from plots import draw_glue
 from raclora.errors import DIVERGED, ConfigError, Diverged, check_loss
 from raclora.factors import RANDOM_INITS, ROLES
 from raclora.files import prepare_output_dir
-from raclora.methods import display_order, methods_reading
+from raclora.methods import METHODS, display_order, methods_reading
 from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_layers, lora_methods
 
 @dataclass(frozen=True)
@@ -521,12 +521,14 @@ def check_max_length(cfg, config, model) -> None:
                         f"allowed: --max_length from 2 to {top}")
 
 
-def lora_config(cfg):
-    """The PEFT LoraConfig of every LoRA run (the controller draws the factors: init_lora_weights=False)."""
+def lora_config(cfg, method: str | None = None):
+    """The PEFT LoraConfig of every LoRA run (the controller draws the factors: init_lora_weights=False), with
+    DoRA's layers (use_dora) for a DoRA ``method``."""
     from peft import LoraConfig
 
+    dora = method is not None and METHODS[method].adapter == "dora"
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
-                      lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS", init_lora_weights=False)
+                      lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS", init_lora_weights=False, use_dora=dora)
 
 
 def check_targets(cfg, config) -> None:
@@ -626,7 +628,7 @@ class GlueTrainer:
         model = AutoModelForSequenceClassification.from_pretrained(self.cfg.model, num_labels=task.num_labels)
         if method == "fpft":
             return model, None, (None, None), []
-        model = get_peft_model(model, lora_config(self.cfg))
+        model = get_peft_model(model, lora_config(self.cfg, method))
         chain = ChainController(model, method, self.cfg.sketch, self.cfg.random_init, seed=spec["seed"])
         cfg = self.cfg
         optimizer = chain.optimizer(cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)

@@ -52,9 +52,10 @@ class ChainError(ValueError):
 
 
 def lora_methods() -> list[str]:
-    """The registry's methods that act on LoRA's two factors as a sketch starts them (RandLoRA and DoRA, with layers
-    of their own, and PiSSA, whose factors start from the base weight, do not)."""
-    return [name for name, m in METHODS.items() if m.adapter == "lora" and m.init == "sketch"]
+    """The registry's methods that act on LoRA's two factors as a sketch starts them, DoRA's with its magnitudes (on
+    PEFT's ``use_dora`` layers); RandLoRA and AdaLoRA, with layers of their own, and PiSSA, whose factors start from
+    the base weight, do not."""
+    return [name for name, m in METHODS.items() if m.adapter in ("lora", "dora") and m.init == "sketch"]
 
 
 @dataclass
@@ -84,9 +85,7 @@ class ChainConfig:
         if self.method not in METHODS:
             raise ChainError(f"unknown method {self.method!r}; allowed: {', '.join(allowed)}")
         if self.method not in allowed:
-            why = {"dora": "DoRA's magnitudes are not driven by this controller yet: use PEFT's LoraConfig(use_dora="
-                           "True) without it",
-                   "randlora": "it has its own layer",
+            why = {"randlora": "it has its own layer",
                    "adalora": "it has its own layers and rank allocator: use PEFT's AdaLoraConfig and "
                               "AdaLoraModel.update_and_allocate without it"}.get(METHODS[self.method].adapter,
                                                              "its factors start from the base weight: use PEFT's "
@@ -141,10 +140,12 @@ def _read_json(path: Path, what: str) -> dict:
 
 class PeftFactors(FactorRoles):
     """One PEFT LoRA layer seen as the suite's adapter (what methods.Method drives: ``A``, ``B``,
-    ``zero_factor``, ``random_factor``, ``adapter_parameters``, ``merge``, ``reset``)."""
+    ``zero_factor``, ``random_factor``, ``adapter_parameters``, ``merge``, ``reset``); on a ``use_dora`` layer
+    (``dora``) also DoRA's magnitudes ``m`` (PEFT's ``lora_magnitude_vector``), which a merge folds into the base
+    weight and a reset re-starts as the new base weight's row norms (lora.DoRALinear's chain)."""
 
-    def __init__(self, name: str, layer: nn.Module, adapter: str, sketch: str, random_init: str):
-        self.name, self.layer, self.adapter = name, layer, adapter
+    def __init__(self, name: str, layer: nn.Module, adapter: str, sketch: str, random_init: str, dora: bool = False):
+        self.name, self.layer, self.adapter, self.dora = name, layer, adapter, dora
         self.random_init = random_init
         self.zero_name, self.random_name = ROLES[sketch]
 
@@ -160,20 +161,47 @@ class PeftFactors(FactorRoles):
     def scale(self) -> float:
         return self.layer.scaling[self.adapter]
 
+    @property
+    def m(self) -> nn.Parameter:  # (out,): DoRA's magnitudes
+        return self.layer.lora_magnitude_vector[self.adapter].weight
+
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
-        return self.A, self.B
+        return (self.A, self.B, self.m) if self.dora else (self.A, self.B)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in the base layer's layout (transposed for a Conv1D)."""
         return self.layer.get_delta_weight(self.adapter)
 
+    def _row_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's norm of a weight in the base layer's layout: one per output, as PEFT's get_weight_norm takes it."""
+        return self.layer.lora_magnitude_vector[self.adapter].get_weight_norm(
+            weight, torch.zeros_like(_out_in(weight, self.layer.fan_in_fan_out)), scaling=1.0)
+
+    def untouched(self) -> bool:
+        """Whether the layer adds nothing to its base weight: the zero factor is zero (DoRA: and m is the base
+        weight's row norms)."""
+        if self.zero_factor.any():
+            return False
+        return not self.dora or torch.equal(self.m, self._row_norms(self.layer.base_layer.weight))
+
     @torch.no_grad()
     def merge(self) -> None:
-        self.layer.base_layer.weight += self.delta_weight()
+        """W0 <- W0 + delta; DoRA: W0 <- m / ||W0 + delta|| * (W0 + delta), PEFT's merge of a use_dora layer."""
+        weight = self.layer.base_layer.weight
+        if not self.dora:
+            weight += self.delta_weight()
+            return
+        moved = weight + self.delta_weight()
+        scale = _out_in((self.m / self._row_norms(moved)).view(-1, 1), self.layer.fan_in_fan_out)
+        weight.copy_(scale * moved)
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None:
+        """The zero factor zeroed, the random one re-drawn (if asked); DoRA: m re-started as the base weight's row
+        norms, so the layer is its base layer again."""
         init_factor_(self.zero_factor, "zero", None)
+        if self.dora:
+            self.m.copy_(self._row_norms(self.layer.base_layer.weight))
         if resample_random:
             t = self.random_factor
             if generator is None or generator.device == t.device:
@@ -183,15 +211,23 @@ class PeftFactors(FactorRoles):
                                      self.random_init, generator))
 
 
+def _out_in(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """A base layer's weight (or a column of per-output numbers) in (out, in) layout and back: transposed for a
+    Conv1D (PEFT's ``fan_in_fan_out``), as PEFT's ``transpose`` does."""
+    return t.T if fan_in_fan_out else t
+
+
 def _refuse_merged(name: str, module: nn.Module) -> None:
     if getattr(module, "merged", False):
         raise ChainError(f"LoRA layer {name} is merged by PEFT (merge_adapter): a chain merge would add its "
                          "delta a second time; call model.unmerge_adapter() first")
 
 
-def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module, adapter: str, dora: bool = False) -> list[tuple[str, nn.Module]]:
     """The PEFT LoRA layers of ``model`` that hold ``adapter``, in module order; ChainError for a layer type
-    the controller does not handle (it handles PEFT's lora.Linear: nn.Linear and transformers' Conv1D)."""
+    the controller does not handle (it handles PEFT's lora.Linear: nn.Linear and transformers' Conv1D), and for
+    a layer whose ``use_dora`` is not ``dora`` (the method's: a DoRA method needs PEFT's DoRA layers, another
+    method plain ones)."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
@@ -205,9 +241,12 @@ def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
                              "lora.Linear (nn.Linear and Conv1D layers), not embeddings or convolutions: leave it "
                              "out of target_modules")
         _refuse_merged(name, module)
-        if module.use_dora.get(adapter, False):
-            raise ChainError(f"LoRA layer {name} uses DoRA, whose magnitude vector a merge would have to "
-                             "recompute; make the LoraConfig with use_dora=False")
+        if module.use_dora.get(adapter, False) and not dora:
+            raise ChainError(f"LoRA layer {name} uses DoRA, whose magnitudes only the DoRA methods drive (dora, "
+                             "cola_dora, rac_dora); make the LoraConfig with use_dora=False, or use one of those")
+        if dora and not module.use_dora.get(adapter, False):
+            raise ChainError(f"LoRA layer {name} has no DoRA magnitudes, which the DoRA methods train; make the "
+                             "LoraConfig with use_dora=True")
         out.append((name, module))
     return out
 
@@ -251,16 +290,17 @@ class ChainController:
                              f"gradient while {active!r} trains; call model.set_adapter({adapter!r}) first")
         adapter = active
         _check_init(model, adapter)
-        layers = lora_layers(model, adapter)
+        method = get_method(config.method)
+        layers = lora_layers(model, adapter, dora=method.adapter == "dora")
         if not layers:
             raise ChainError(f"the model has no PEFT LoRA layers (adapter {adapter!r}); wrap it first with "
                              "peft.get_peft_model(model, LoraConfig(...))")
         self.model, self.config, self.adapter = model, config, adapter
-        self.method = get_method(config.method)
+        self.method = method
         # a CPU generator: the same draws on every device and in every process (Trainer moves the model to its GPU
         # after the controller is built; a GPU's generator would also differ between GPU models)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(config.seed)
-        self.factors = [PeftFactors(name, layer, adapter, config.sketch, config.random_init)
+        self.factors = [PeftFactors(name, layer, adapter, config.sketch, config.random_init, method.adapter == "dora")
                         for name, layer in layers]
         ours = {id(p) for f in self.factors for p in f.adapter_parameters()}
         # what else PEFT leaves trainable (modules_to_save: a classifier head), trained as it is
@@ -324,7 +364,7 @@ class ChainController:
         ``step`` and ``epoch`` (the callback's) are recorded with the merge."""
         if not self.method.merges:
             return False
-        if all(not f.zero_factor.any() for f in self.factors):  # nothing trained since the last merge: a no-op
+        if all(f.untouched() for f in self.factors):  # nothing trained since the last merge: a no-op
             return False
         for f in self.factors:  # a layer PEFT merged meanwhile (merge_adapter) is refused
             _refuse_merged(f.name, f.layer)

@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from raclora.peft_chain import ChainCallback, ChainController, ChainError, lora_methods
+from raclora.methods import METHODS
 
 DT = torch.float64
 MLP_TARGETS = ["net.0", "net.3", "net.6"]  # the suite's MLP (784-16-16-5): its three Linear layers
@@ -41,10 +42,11 @@ def _task(dt=DT):
     return Task(split(200), split(60), split(60))
 
 
-def _peft(model, rank, scale, targets=None):
-    """PEFT LoRA on the model's Linear layers, with PEFT's scaling (alpha / r) set to our scale."""
+def _peft(model, rank, scale, targets=None, dora=False):
+    """PEFT LoRA on the model's Linear layers, with PEFT's scaling (alpha / r) set to our scale (DoRA's layers if
+    ``dora``)."""
     cfg = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=targets or MLP_TARGETS, lora_dropout=0.0,
-                     init_lora_weights=False)
+                     init_lora_weights=False, use_dora=dora)
     return get_peft_model(model, cfg)
 
 
@@ -73,7 +75,7 @@ def test_peft_with_the_controller_equals_our_engine(method, sketch):
     rec_ours = train(ours.model, ours.params, task, generator=ours_g, **train_kw, **ours.hooks)
 
     peft_g = torch.Generator().manual_seed(123)
-    model = _peft(copy.deepcopy(base), rank, scale)
+    model = _peft(copy.deepcopy(base), rank, scale, dora=METHODS[method].adapter == "dora")
     set_generator(model, peft_g)
     chain = ChainController(model, method, sketch, generator=peft_g)
     params, hooks = chain.training(**kw)
@@ -85,6 +87,8 @@ def test_peft_with_the_controller_equals_our_engine(method, sketch):
         for ours_w, peft_w in ((adapter.base.weight, layer.base_layer.weight), (adapter.base.bias, layer.base_layer.bias),
                                (adapter.A, layer.lora_A["default"].weight), (adapter.B, layer.lora_B["default"].weight)):
             torch.testing.assert_close(peft_w, ours_w, rtol=0, atol=1e-10, msg=f"{method} {sketch} {name}")
+        if chain.method.adapter == "dora":  # DoRA's magnitudes, PEFT's lora_magnitude_vector
+            torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight, adapter.m, rtol=0, atol=1e-10)
     assert [r["val_loss"] for r in rec_peft.curve] == pytest.approx([r["val_loss"] for r in rec_ours.curve], abs=1e-10)
     moved = model.base_model.model.get_submodule("net.0").base_layer.weight  # (train keeps the best epoch's weights)
     merged_by_best = any(r["merged"] for r in rec_peft.curve[:rec_peft.best_epoch])
@@ -92,20 +96,20 @@ def test_peft_with_the_controller_equals_our_engine(method, sketch):
 
 
 # --- per layer type: nn.Linear (the MLP) and GPT-2's Conv1D -------------------------------------------
-def _gpt2(dt=DT):
+def _gpt2(dt=DT, dora=False):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64)).to(dt)
     cfg = LoraConfig(r=2, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, init_lora_weights=False,
-                     lora_dropout=0.0)
+                     lora_dropout=0.0, use_dora=dora)
     return get_peft_model(model, cfg)
 
 
-def _mlp_peft():
+def _mlp_peft(dora=False):
     from models import set_generator
 
-    model = _peft(_mlp(), 2, 0.5)
+    model = _peft(_mlp(), 2, 0.5, dora=dora)
     set_generator(model, torch.Generator().manual_seed(0))  # the MLP's seeded dropout
     return model
 
@@ -294,6 +298,72 @@ def test_the_saved_model_and_adapter_reload_to_the_same_outputs(tmp_path):
     relinked = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(paths["base"], dtype=DT), paths["adapter"])
     torch.testing.assert_close(_out(relinked, "conv1d", inputs), want, rtol=0, atol=1e-10)
     torch.testing.assert_close(_out(model, "conv1d", inputs), want, rtol=0, atol=0)  # saving left it unchanged
+
+
+# --- DoRA on PEFT's use_dora layers -----------------------------------------------------------------------
+def _trained_looking(chain, seed):
+    """Stand-in for training: the zero factor and DoRA's magnitudes moved."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for f in chain.factors:
+            f.zero_factor.normal_(0, 0.1, generator=g)
+            f.m.mul_(1 + 0.1 * torch.randn(f.m.shape, generator=g, dtype=f.m.dtype))
+
+
+@pytest.mark.parametrize("kind,make", LAYER_KINDS)
+@pytest.mark.parametrize("method,sketch", [("rac_dora", "left"), ("rac_dora", "right"), ("cola_dora", "left")])
+def test_a_dora_chain_merge_keeps_the_function_and_restarts_the_magnitudes(kind, make, method, sketch):
+    """A DoRA link merged into the base weight (PEFT's DoRA merge, on nn.Linear and GPT-2's Conv1D) keeps the
+    model's function; the next link starts as its base layer (zero factor 0, m = the new weight's row norms); the
+    controller starts a model as its base, and trains the method's factors and m only."""
+    inputs = _inputs(kind)
+    model = make(dora=True)
+    with model.disable_adapter():  # (before the controller: leaving the block makes every adapter tensor trainable)
+        base_out = _out(model, kind, inputs)
+    chain = ChainController(model, method, sketch, seed=4)
+    with torch.no_grad():
+        for f in chain.factors:  # at the start each layer is its base layer: m = ||W0|| row by row
+            torch.testing.assert_close(f.m, f._row_norms(f.layer.base_layer.weight), rtol=0, atol=0)
+    torch.testing.assert_close(_out(model, kind, inputs), base_out, rtol=0, atol=1e-10)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    roles = {"rac_dora": [f"lora_{'A' if sketch == 'left' else 'B'}"], "cola_dora": ["lora_A", "lora_B"]}[method]
+    assert trained == {n for n in trained if any(r in n for r in roles + ["lora_magnitude_vector"])}
+    assert len(trained) == len(chain.factors) * (len(roles) + 1)
+    _trained_looking(chain, 9)
+    before = _out(model, kind, inputs)
+    assert not torch.allclose(before, base_out, atol=1e-4)
+    randoms = [f.random_factor.detach().clone() for f in chain.factors]
+    assert chain.merge() and chain.merges == 1
+    torch.testing.assert_close(_out(model, kind, inputs), before, rtol=0, atol=1e-10)
+    for f, r in zip(chain.factors, randoms):
+        assert float(f.zero_factor.detach().abs().sum()) == 0.0 and not torch.equal(f.random_factor, r)
+        torch.testing.assert_close(f.m, f._row_norms(f.layer.base_layer.weight), rtol=0, atol=0)
+    assert not chain.merge()  # nothing trained since: a no-op
+
+
+def test_a_saved_dora_chain_reloads_to_the_same_outputs(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    model = _gpt2(dora=True)
+    chain = ChainController(model, "rac_dora", "left", seed=0)
+    _trained_looking(chain, 5)  # two links: a merge, then a trained-looking last link
+    chain.merge()
+    _trained_looking(chain, 6)
+    inputs = _inputs("conv1d")
+    want = _out(model, "conv1d", inputs)
+    paths = chain.save(tmp_path)
+    merged = GPT2LMHeadModel.from_pretrained(paths["merged"], dtype=DT)
+    torch.testing.assert_close(_out(merged, "conv1d", inputs), want, rtol=0, atol=1e-10)
+    relinked = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(paths["base"], dtype=DT), paths["adapter"])
+    torch.testing.assert_close(_out(relinked, "conv1d", inputs), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method,dora,needle", [("rac_dora", False, "make the LoraConfig with use_dora=True"),
+                                               ("rac_lora", True, "make the LoraConfig with use_dora=False")])
+def test_a_method_on_layers_of_the_other_kind_is_refused_in_one_line(method, dora, needle):
+    with pytest.raises(ChainError) as e:
+        ChainController(_mlp_peft(dora=dora), method, "left")
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 # --- bad input -------------------------------------------------------------------------------------------
