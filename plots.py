@@ -488,7 +488,7 @@ def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "
 
 # --- the from-scratch study (scratch.py): drawn from results/scratch_runs.csv and scratch_curves.csv ---
 FORM_LABEL = {"full": "full rank", "lowrank": "low-rank, U(±1/√r) init", "lowrank_ae": "low-rank, two default Linears",
-              "lte": "LTE, {h} of rank r", "lora": "one LoRA head of rank {n}·r", "galore": "GaLore (rank-r Adam)"}
+              "lte": "LTE, {h} of rank {r}", "lora": "one LoRA head of rank {n}·{r}", "galore": "GaLore (rank-r Adam)"}
 FORM_STYLE = {"lowrank": "-", "lowrank_ae": ":", "lte": "-", "lora": "--", "galore": "-."}
 
 
@@ -522,8 +522,9 @@ def draw_scratch(runs: list[dict], curves: list[dict], plots_dir: str | os.PathL
     return [p for p in written if p is not None]
 
 
-def _form_label(form: str, heads) -> str:
-    return FORM_LABEL.get(form, form).format(h=_heads(heads), n=heads)
+def _form_label(form: str, heads, rank="r") -> str:
+    """A scratch form's legend (FORM_LABEL) for ``heads`` heads (LTE, LoRA) of rank ``rank`` (default: the letter r)."""
+    return FORM_LABEL.get(form, form).format(h=_heads(heads), n=heads, r=rank)
 
 
 def _heads(n) -> str:
@@ -546,10 +547,8 @@ GPT_COLORS = {"full": "Greys", "lowrank": "Blues", "lowrank_ae": "Purples", "lte
 def _gpt_config_label(form: str, rank, heads) -> str:
     if form == "full":
         return "full rank"
-    if form == "lte":
-        return f"LTE, {_heads(heads)} of rank {rank}"
-    if form == "lora":
-        return f"one LoRA head of rank {heads}·{rank}"
+    if form in ("lte", "lora"):  # the rank is in the label's own words
+        return _form_label(form, heads, rank)
     return f"{FORM_LABEL.get(form, form)}, r={rank}"
 
 
@@ -599,8 +598,7 @@ def _scratch_gpt(rows, by_run, text: str, stem: Path) -> list[Path]:
             by_rank = group(rs, ("rank",))
             ranks = sorted(k[0] for k in by_rank)
             stats = [mean_std([r["final_test_loss"] for r in by_rank[(k,)]]) for k in ranks]
-            what = {"lte": f"LTE, {_heads(heads)}", "lora": f"one LoRA head of rank {heads}·r"}.get(
-                form, FORM_LABEL.get(form, form))
+            what = _form_label(form, heads)
             ax.errorbar(ranks, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
                         color=f"C{i % 10}", ls=FORM_STYLE.get(form, "-"), marker="o", capsize=3, label=what)
         _rank_axis(ax, [r["rank"] for r in ranked], "rank r (per layer; LTE: per head)")

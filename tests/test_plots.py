@@ -466,6 +466,8 @@ def test_scratch_legends_count_heads_in_the_singular_for_one():
     assert _form_label("lte", "N") == "LTE, N heads of rank r"
     assert _form_label("lora", 4) == "one LoRA head of rank 4·r"
     assert _gpt_config_label("lte", 8, 1) == "LTE, 1 head of rank 8"
+    assert _gpt_config_label("lora", 8, 4) == "one LoRA head of rank 4·8"
+    assert _gpt_config_label("lowrank", 8, None) == "low-rank, U(±1/√r) init, r=8"
 
 
 def test_where_adalora_s_rank_went_is_a_line_per_layer_from_the_initial_rank(tmp_path, capsys):
