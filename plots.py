@@ -465,7 +465,8 @@ def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "
             epochs, m, s = _mean_curve(runs_layer, "kept")
             if rank in initial:  # every layer starts at the initial rank (epoch 0)
                 epochs, m, s = np.r_[0, epochs], np.r_[initial[rank], m], np.r_[0, s]
-            drawn |= _curve(ax, epochs, m, s, color=f"C{layer}", label=f"layer {layer + 1}", marker=".")
+            drawn |= _curve(ax, epochs, m, s, color=_layer_color(layer, layers), label=f"layer {layer + 1}",
+                            marker=".")
         ax.axhline(rank, color="black", ls="--", lw=1, label="target (mean over layers)")
         ax.set_title(f"target rank {rank}" + (f", initial {initial[rank]}" if rank in initial else ""))
         _integer_ticks(ax.xaxis)
@@ -474,7 +475,6 @@ def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "
         ax.set_ylabel("rank kept (triplets unmasked)")
         ax.set_ylim(bottom=-0.2)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     if not drawn:
         plt.close(fig)
         return _skip(path, "the curves file has no AdaLoRA ranks per epoch for these runs")
@@ -483,7 +483,23 @@ def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "
     fig.suptitle(_titled(tag, "Where AdaLoRA's rank went: rank kept per adapted layer (module order), mean ± std "
                               "over the seeds"))
     fig.tight_layout()
+    legend = {}  # every series once, below the panels (a line per layer: the panels stay readable)
+    for ax in axes.flat:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lbl, h)
+    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper center", ncol=min(len(legend), 8),
+               bbox_to_anchor=(0.5, 0.0))
     return _save(fig, path)
+
+
+def _layer_color(layer: int, layers: int):
+    """A colour for each of ``layers`` lines: tab10's for up to 10, tab20's for up to 20 (no two alike), then
+    viridis along the layers."""
+    if layers <= 10:
+        return f"C{layer}"
+    if layers <= 20:
+        return matplotlib.colormaps["tab20"](layer)
+    return matplotlib.colormaps["viridis"](layer / (layers - 1))
 
 
 # --- the from-scratch study (scratch.py): drawn from results/scratch_runs.csv and scratch_curves.csv ---
