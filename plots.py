@@ -346,9 +346,8 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
     curves = [c for c in curves if c["config_hash"] in keep]
     by_run = group(curves, ("config_hash",))
     ranks = sorted({r["rank"] for r in rows})
-    ncols = min(len(ranks), 2)
-    nrows = math.ceil(len(ranks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False, sharey=True)
+    fig, axes = _rank_panels(ranks, sharey=True)
+    ncols = axes.shape[1]
     fpft_runs = [r for r in runs if r["method"] == "fpft"]
     score = score_of(runs)
     drawn = False
@@ -372,18 +371,36 @@ def accuracy_vs_epoch(runs: list[dict], curves: list[dict], path: Path, tag: str
     if not drawn:
         plt.close(fig)
         return _skip(path, f"the curves file has no {score.curve} per epoch for these runs")
-    for ax in list(axes.flat)[len(ranks):]:
-        ax.set_visible(False)
+    _hide_unused(axes, len(ranks))
     what = "Test accuracy" if score is ACCURACY else "Validation loss"
     fig.suptitle(_titled(tag, f"{what} on task B per epoch (mean ± std over the seeds still running)"))
     fig.tight_layout()
-    legend = {}  # every series once, whichever panel has it
+    _legend_below(fig, axes, ncol=5)
+    return _save(fig, path)
+
+
+def _rank_panels(ranks: list, sharey: bool = False):
+    """(figure, axes) with a panel per rank, two to a row (the per-rank figures)."""
+    ncols = min(len(ranks), 2)
+    nrows = math.ceil(len(ranks) / ncols)
+    return plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False, sharey=sharey)
+
+
+def _hide_unused(axes, used: int) -> None:
+    """Hide the panels past the first ``used`` (a grid of two to a row with an odd count)."""
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+
+
+def _legend_below(fig, axes, ncol: int) -> None:
+    """One legend for the figure below its panels, every series once whichever panel has it (savefig's tight bbox
+    takes it in)."""
+    legend = {}
     for ax in axes.flat:
         for h, lbl in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lbl, h)
-    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper center", ncol=min(len(legend), 5),
-               bbox_to_anchor=(0.5, 0.0))  # below the panels; savefig's tight bbox takes it in
-    return _save(fig, path)
+    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper center", ncol=min(len(legend), ncol),
+               bbox_to_anchor=(0.5, 0.0))
 
 
 def _mean_curve(run_curves: list[list[dict]], key: str = "test_acc_b") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -446,9 +463,7 @@ def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "
         return None
     by_run = group([c for c in curves if c["config_hash"] in {r["config_hash"] for r in rows}], ("config_hash",))
     ranks = sorted({r["rank"] for r in rows})
-    ncols = min(len(ranks), 2)
-    nrows = math.ceil(len(ranks) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False)
+    fig, axes = _rank_panels(ranks)
     drawn, initial = False, {}
     for ax, rank in zip(axes.flat, ranks):
         per_run = [[(c["epoch"], _layer_ranks(c)) for c in sorted(by_run.get((r["config_hash"],), []),
@@ -478,17 +493,11 @@ def adalora_ranks(runs: list[dict], curves: list[dict], path: Path, tag: str = "
     if not drawn:
         plt.close(fig)
         return _skip(path, "the curves file has no AdaLoRA ranks per epoch for these runs")
-    for ax in list(axes.flat)[len(ranks):]:
-        ax.set_visible(False)
+    _hide_unused(axes, len(ranks))
     fig.suptitle(_titled(tag, "Where AdaLoRA's rank went: rank kept per adapted layer (module order), mean ± std "
                               "over the seeds"))
     fig.tight_layout()
-    legend = {}  # every series once, below the panels (a line per layer: the panels stay readable)
-    for ax in axes.flat:
-        for h, lbl in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lbl, h)
-    fig.legend(list(legend.values()), list(legend), fontsize=8, loc="upper center", ncol=min(len(legend), 8),
-               bbox_to_anchor=(0.5, 0.0))
+    _legend_below(fig, axes, ncol=8)  # (a line per layer: the panels stay readable)
     return _save(fig, path)
 
 

@@ -203,16 +203,16 @@ class Trainer:
         cfg = self.cfg
         gens = [torch.Generator(device=self.device).manual_seed(s["seed"]) for s in specs]
         ranks = [s["rank"] for s in specs]
-        method = None if specs[0]["method"] == "fpft" else get_method(specs[0]["method"])
+        method, settings = None if specs[0]["method"] == "fpft" else get_method(specs[0]["method"]), method_settings(cfg)
         # the scale of the layer's rank (AdaLoRA's initial rank, as PEFT's scaling / ranknum)
-        scales = [None if r is None else lora_scale(cfg.scaling, cfg.lora_alpha,
-                                                    method.layer_rank(r, **method_settings(cfg))) for r in ranks]
+        scales = [None if r is None else lora_scale(cfg.scaling, cfg.lora_alpha, method.layer_rank(r, **settings))
+                  for r in ranks]
         steps = cfg.max_epochs * math.ceil(len(self.tasks["B"].train) / cfg.batch_size)
         run = build_run(self.base, specs[0]["method"], specs[0]["sketch"], ranks, gens, scales,
                         random_init=cfg.random_init, stacked=stacked, targets=cfg.targets(), lr=cfg.lr,
                         total_steps=steps,
                         merge_every=cfg.merge_every, reset_optimizer_on_merge=cfg.reset_optimizer_on_merge,
-                        **method_settings(cfg))
+                        **settings)
         return run, gens
 
     def _alone(self, spec: dict) -> tuple[dict, list[dict]]:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora.factors import RANDOM_INITS, ROLES, FactorRoles, init_factor_
+from raclora.factors import RANDOM_INITS, ROLES, FactorRoles, init_factor_, magnitude_scaled, row_norms
 from raclora.files import atomic_write
 from raclora.methods import METHODS, get_method
 
@@ -173,9 +173,9 @@ class PeftFactors(FactorRoles):
         return self.layer.get_delta_weight(self.adapter)
 
     def _row_norms(self, weight: torch.Tensor) -> torch.Tensor:
-        """DoRA's norm of a weight in the base layer's layout: one per output, as PEFT's get_weight_norm takes it."""
-        return self.layer.lora_magnitude_vector[self.adapter].get_weight_norm(
-            weight, torch.zeros_like(_out_in(weight, self.layer.fan_in_fan_out)), scaling=1.0)
+        """DoRA's norm of a weight in the base layer's layout: one per output (factors.row_norms of its (out, in)
+        view, as PEFT's get_weight_norm takes it)."""
+        return row_norms(_out_in(weight, self.layer.fan_in_fan_out))
 
     def untouched(self) -> bool:
         """Whether the layer adds nothing to its base weight: the zero factor is zero (DoRA: and m is the base
@@ -191,9 +191,8 @@ class PeftFactors(FactorRoles):
         if not self.dora:
             weight += self.delta_weight()
             return
-        moved = weight + self.delta_weight()
-        scale = _out_in((self.m / self._row_norms(moved)).view(-1, 1), self.layer.fan_in_fan_out)
-        weight.copy_(scale * moved)
+        fio = self.layer.fan_in_fan_out  # the lab's DoRA weight (factors.magnitude_scaled) in PEFT's layout
+        weight.copy_(_out_in(magnitude_scaled(_out_in(weight + self.delta_weight(), fio), self.m), fio))
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator | None, resample_random: bool = True) -> None:
@@ -212,8 +211,8 @@ class PeftFactors(FactorRoles):
 
 
 def _out_in(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """A base layer's weight (or a column of per-output numbers) in (out, in) layout and back: transposed for a
-    Conv1D (PEFT's ``fan_in_fan_out``), as PEFT's ``transpose`` does."""
+    """A base layer's weight in (out, in) layout and back: transposed for a Conv1D (PEFT's ``fan_in_fan_out``), as
+    PEFT's ``transpose`` does."""
     return t.T if fan_in_fan_out else t
 
 
